@@ -1,0 +1,171 @@
+"""Typed values that cross the engine's boundary. No MLX here: the scheduler and the server use them."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an EOS token, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # the client went away or the server is shutting down
+    ERROR = "error"  # the engine failed on this request
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence picks its tokens and when it stops. Defaults are the OpenAI API's."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off (multiplicative, as in llama.cpp / HF)
+    repeat_last_n: int = 64  # window the penalties look back over; -1: whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20 alternatives per token
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass
+class GenerateRequest:
+    """What the server hands the engine: a tokenized prompt and how to continue it."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    keep_alive: float | None = None  # seconds; None: the model's default, <0: forever, 0: unload after
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's text (may be a partial UTF-8 sequence rendered with U+FFFD)
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
+
+
+@dataclass
+class RequestMetrics:
+    """Timings and counts of one request; durations in seconds."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    load_time: float = 0.0
+    queue_time: float = 0.0
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    ttft: float = 0.0
+    total_time: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_time if self.prefill_time > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.completion_tokens / self.decode_time if self.decode_time > 0 else 0.0
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's stream, as the async side sees it.
+
+    `text` is the newly decoded text (always whole UTF-8 characters, never part of a stop string);
+    `finish_reason` is set exactly once, on the last output, together with `metrics`.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_matched: str | int | None = None  # the stop string or token that ended the request
+    metrics: RequestMetrics | None = None
+    error: str | None = None  # set with FinishReason.ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ModelStatus:
+    """A model the registry knows of, loaded or not (from disk metadata, no weights read)."""
+
+    name: str
+    architecture: str
+    parameters: int
+    context_length: int
+    quantization: str  # e.g. "q4_1 (4-bit, group 32)", "f16", "none"
+    size_bytes: int  # on disk
+    modified_at: float  # unix time
+    family: str = ""
+    digest: str = ""
+    loaded: bool = False
+    weight_bytes: int = 0  # in memory, when loaded
+    weight_format: str = ""  # what the loader chose: "fp32 (dequantized)", "as stored", ...
+    expires_at: float | None = None  # unix time the model unloads when idle; None: never or not loaded
+    active_requests: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and /api/ps."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_bytes: int = 0
+    kv_budget_bytes: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+    steps: int = 0
+    mlx_active_bytes: int = 0
+    mlx_peak_bytes: int = 0
+    mlx_cache_bytes: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    loaded: list[ModelStatus] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine and its model registry need; the server fills it from Settings."""
+
+    models_dir: Path = Path("~/.mlxd/models")
+    default_model: str = "smollm2:135m"
+    keep_alive: float = 300.0  # seconds an idle model stays loaded; <0 forever
+    preload: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)
+    memory_limit: int = 0  # bytes for weights + KV; 0: a safe fraction of the device's memory
+    weights_on_cpu: str = "fp32"  # CPU backend: "fp32" (dequantize at load) or "as_stored"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256
+    max_context: int = 0  # 0: the model's own context length
+    prefix_cache_bytes: int = 256 * 1024 * 1024
+    kv_fraction: float = 0.5
