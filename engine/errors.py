@@ -17,6 +17,7 @@ __all__ = [
     "EngineShuttingDownError",
     "ImportFailedError",
     "InsufficientMemoryError",
+    "InvalidRequestError",
     "InvalidModelNameError",
     "ModelError",
     "ModelLoadError",
@@ -27,6 +28,14 @@ __all__ = [
 
 class EngineError(Exception):
     """Base of every error the engine reports to a caller. The message is safe to show a user."""
+
+
+class InvalidRequestError(EngineError):
+    """The request itself is wrong (an empty prompt, an unknown token id, ...)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        super().__init__(message)
 
 
 class QueueFullError(EngineError):

@@ -41,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20 alternatives per token
+    prompt_logprobs: bool = False  # score the prompt too: the first output carries prompt_logprobs
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +56,9 @@ class GenerateRequest:
     model: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    keep_alive: float | None = None  # seconds; None: the model's default, <0: forever, 0: unload after
+    keep_alive: float | None = (
+        None  # seconds; None: the model's default, <0: forever, 0: unload after
+    )
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -103,6 +106,9 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = (
+        None  # prompt tokens 1..n-1 (params.prompt_logprobs)
+    )
     finish_reason: FinishReason | None = None
     stop_matched: str | int | None = None  # the stop string or token that ended the request
     metrics: RequestMetrics | None = None
@@ -129,7 +135,9 @@ class ModelStatus:
     loaded: bool = False
     weight_bytes: int = 0  # in memory, when loaded
     weight_format: str = ""  # what the loader chose: "fp32 (dequantized)", "as stored", ...
-    expires_at: float | None = None  # unix time the model unloads when idle; None: never or not loaded
+    expires_at: float | None = (
+        None  # unix time the model unloads when idle; None: never or not loaded
+    )
     active_requests: int = 0
 
 

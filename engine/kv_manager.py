@@ -1,0 +1,41 @@
+"""KV memory accounting in tokens and bytes (no MLX): admit, free, report.
+
+A sequence reserves KV for its whole future at admission (prompt + max_tokens, capped by the
+context), so a running sequence never runs out of cache mid-stream and never has to be preempted.
+One KVManager is shared by every loaded model: they draw from one memory budget.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class KVManager:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._used = 0
+        self._by_seq: dict[str, int] = {}
+        self._lock = threading.Lock()  # read by the registry and /metrics from other threads
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def can_reserve(self, nbytes: int) -> bool:
+        return self._used + nbytes <= self.budget_bytes
+
+    def reserve(self, seq_id: str, nbytes: int) -> bool:
+        """Reserve `nbytes` for a sequence; False (and nothing reserved) if over budget."""
+        with self._lock:
+            if self._used + nbytes > self.budget_bytes:
+                return False
+            self._by_seq[seq_id] = self._by_seq.get(seq_id, 0) + nbytes
+            self._used += nbytes
+            return True
+
+    def free(self, seq_id: str) -> None:
+        with self._lock:
+            self._used -= self._by_seq.pop(seq_id, 0)
+
+    def __len__(self) -> int:
+        return len(self._by_seq)

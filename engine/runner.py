@@ -1,0 +1,200 @@
+"""Executes the scheduler's decisions over an MLX model: the engine's MLX side.
+
+Decoding sequences are rows of one batch whose per-layer caches are mlx-lm's BatchKVCache /
+BatchRotatingKVCache (left-padded; `extend` to join, `filter` to leave). A sequence prefills in
+chunks on its own per-layer caches and joins the batch once its first token is sampled. Every
+step is queued with `mx.async_eval` and read back one step later, so the next step's graph is
+built while this one computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.prefix_cache import PrefixCache
+from engine.sampling import RowState, SampleResult, sample
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
+from engine.types import TokenLogprob
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """The lazy outcome of one step: which sequence reads which row of which sample."""
+
+    samples: list[tuple[Sequence, SampleResult, int]] = field(default_factory=list)
+
+    def read(self) -> list[SampledToken]:
+        """Block until the step's tokens exist and return them (the only sync point)."""
+        out: list[SampledToken] = []
+        cache: dict[int, list[list]] = {}
+        for seq, res, row in self.samples:
+            lists = cache.get(id(res))
+            if lists is None:
+                lists = [a.tolist() for a in res.arrays()]
+                cache[id(res)] = lists
+            tok = SampledToken(seq, lists[0][row])
+            if res.logprobs is not None and seq.params.logprobs:
+                tok.logprob = lists[1][row]
+                if res.top_ids is not None and seq.params.top_logprobs:
+                    pairs = zip(lists[2][row], lists[3][row])
+                    best = sorted(pairs, key=lambda t: -t[1])[: seq.params.top_logprobs]
+                    tok.top = [(int(i), float(lp)) for i, lp in best]
+            out.append(tok)
+        return out
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        make_cache: Callable[[], list],
+        prefix_cache: PrefixCache | None = None,
+    ):
+        self.model = model
+        self.make_cache = make_cache
+        self.prefix_cache = prefix_cache
+        self.rows: list[str] = []  # sequence ids of the decode batch, in row order
+        self.batch: list | None = None  # per-layer batch caches
+        self.prefilling: dict[str, list] = {}  # per-layer caches of sequences still prefilling
+        self.states: dict[str, RowState] = {}
+        self.next_input: dict[str, tuple[mx.array, int]] = {}  # (sampled tokens, row) to feed next
+        self.seqs: dict[str, Sequence] = {}
+
+    # --- the step ---------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        self._release(out.finished)
+        result = StepResult()
+        decode = [s for s in out.scheduled if s.seq.id in self.next_input]
+        prefill = [s for s in out.scheduled if s.seq.id not in self.next_input]
+        if decode and self.batch is not None:
+            self._decode(decode, result)
+        for sched in prefill:
+            self._prefill(sched, result)
+        pending = [a for _, res, _ in result.samples for a in res.arrays()]
+        pending += [self.states[s.seq.id].key for s in out.scheduled if s.seq.id in self.states]
+        if pending:
+            mx.async_eval(pending)
+        return result
+
+    def _decode(self, scheduled: list[ScheduledSeq], result: StepResult) -> None:
+        # The whole batch runs (a row can't sit a step out); rows not scheduled (their
+        # max_tokens is reached, their finish not yet read) compute a token nobody reads.
+        inputs = mx.concatenate([self._input_of(sid) for sid in self.rows])[:, None]
+        logits = self.model(inputs, cache=self.batch)[:, -1, :]
+        res = sample(logits, [self.states[sid] for sid in self.rows])
+        wanted = {s.seq.id for s in scheduled}
+        for row, sid in enumerate(self.rows):
+            self.next_input[sid] = (res.tokens, row)
+            if sid in wanted:
+                result.samples.append((self.seqs[sid], res, row))
+
+    def _input_of(self, sid: str) -> mx.array:
+        tokens, row = self.next_input[sid]
+        return tokens[row : row + 1]
+
+    def _prefill(self, sched: ScheduledSeq, result: StepResult) -> None:
+        seq = sched.seq
+        start, end = sched.start, sched.start + sched.num_tokens
+        caches = self.prefilling.get(seq.id)
+        if caches is None:
+            caches = self._restore(seq, sched.cached)
+            if caches is None:  # the entry was evicted since admission: compute it all
+                caches, start = self.make_cache(), 0
+                seq.num_cached = seq.metrics.cached_tokens = 0
+            self.prefilling[seq.id] = caches
+            self.seqs[seq.id] = seq
+            self.states[seq.id] = RowState.create(seq.params, seq.prompt_ids)
+        chunk = seq.prompt_ids[start:end]
+        logits = self.model(mx.array([chunk], dtype=mx.int32), cache=caches)
+        if not sched.samples:
+            mx.async_eval([c.state[0] for c in caches if not c.empty()])
+            return
+        res = sample(logits[:, -1, :], [self.states[seq.id]])
+        result.samples.append((seq, res, 0))
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(seq.prompt_ids, caches)
+        self._join(seq.id, caches, res.tokens)
+
+    def _restore(self, seq: Sequence, cached: int) -> list | None:
+        if not cached:
+            return self.make_cache()
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.restore(seq.prompt_ids, cached)
+
+    def _join(self, sid: str, caches: list, first_token: mx.array) -> None:
+        del self.prefilling[sid]
+        merged = [type(c).merge([c]) for c in caches]
+        if self.batch is None:
+            self.batch = merged
+        else:
+            for b, m in zip(self.batch, merged):
+                b.extend(m)
+        self.rows.append(sid)
+        self.next_input[sid] = (first_token, 0)
+
+    # --- leaving ----------------------------------------------------------------------------
+    def _release(self, finished: list[Sequence]) -> None:
+        gone = {s.id for s in finished}
+        if not gone:
+            return
+        for seq in finished:
+            self.prefilling.pop(seq.id, None)
+            self.states.pop(seq.id, None)
+            self.next_input.pop(seq.id, None)
+            self.seqs.pop(seq.id, None)
+        keep = [i for i, sid in enumerate(self.rows) if sid not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if self.prefix_cache is not None and self.batch is not None:
+            self._keep_prefixes([s for s in finished if s.id in self.rows])
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.batch = None
+            return
+        idx = mx.array(keep, dtype=mx.int32)
+        for c in self.batch:
+            c.filter(idx)
+
+    def _keep_prefixes(self, finished: list[Sequence]) -> None:
+        # A finished conversation's KV serves its next turn (multi-turn chats resend it all).
+        assert self.prefix_cache is not None and self.batch is not None
+        for seq in finished:
+            row = self.rows.index(seq.id)
+            if not all(hasattr(c, "extract") for c in self.batch):
+                return
+            caches = [c.extract(row) for c in self.batch]
+            tokens = seq.all_token_ids()
+            n = min(len(tokens), min(c.offset for c in caches))
+            self.prefix_cache.insert(tokens[:n], caches)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.rows) + len(self.prefilling)
+
+    def kv_bytes(self) -> int:
+        total = sum(c.nbytes for c in self.batch) if self.batch else 0
+        for caches in self.prefilling.values():
+            total += sum(c.nbytes for c in caches)
+        return total
+
+
+def token_logprob(tok: SampledToken, text_of: Callable[[int], str]) -> TokenLogprob | None:
+    if tok.logprob is None:
+        return None
+    return TokenLogprob(
+        tok.token, text_of(tok.token), tok.logprob, [(i, text_of(i), lp) for i, lp in tok.top]
+    )

@@ -1,0 +1,115 @@
+"""The scheduler alone, with a fake runner: pure Python, milliseconds."""
+
+import pytest
+
+from engine.errors import QueueFullError
+from engine.kv_manager import KVManager
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.types import FinishReason, GenerateRequest, SamplingParams
+
+
+def seq(rid: str, n_prompt: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(GenerateRequest(rid, "m", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)))
+
+
+def make(budget=8, max_seqs=4, kv=10**6, waiting=8, lookup=lambda t: 0) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=waiting,
+                          kv_bytes_per_token=1, context_length=1000)
+    return Scheduler(cfg, KVManager(kv), lookup)
+
+
+def fake_run(s: Scheduler, token: int = 7) -> dict[str, int]:
+    """Schedule one step and 'sample' a token for each sequence that samples; returns the plan."""
+    out = s.schedule()
+    plan = {x.seq.id: x.num_tokens for x in out.scheduled}
+    for x in out.scheduled:
+        if x.samples:
+            s.append_token(x.seq, token, eos_ids={0})
+    return plan
+
+
+def test_chunked_prefill_shares_budget_with_decodes():
+    s = make(budget=8)
+    s.add(seq("a", 3, max_tokens=10))
+    assert fake_run(s) == {"a": 3}  # whole prompt fits
+    s.add(seq("b", 20))
+    # a decodes 1 token; b takes the remaining 7 of the budget, then 7, then 6
+    assert fake_run(s) == {"a": 1, "b": 7}
+    assert fake_run(s) == {"a": 1, "b": 7}
+    assert fake_run(s) == {"a": 1, "b": 6}
+    assert fake_run(s) == {"a": 1, "b": 1}
+
+
+def test_fifo_admission_and_seq_cap():
+    s = make(budget=100, max_seqs=2)
+    for r in "abc":
+        s.add(seq(r, 2, max_tokens=2))
+    assert set(fake_run(s)) == {"a", "b"}
+    assert [x.id for x in s.waiting] == ["c"]
+    fake_run(s)  # a and b reach max_tokens and finish
+    assert set(fake_run(s)) == {"c"}
+
+
+def test_kv_budget_blocks_admission_until_freed():
+    s = make(budget=100, kv=10)
+    s.add(seq("a", 4, max_tokens=4))  # reserves 8
+    s.add(seq("b", 2, max_tokens=2))  # needs 4: waits
+    assert set(fake_run(s)) == {"a"}
+    while s.running:
+        fake_run(s)
+    assert s.kv.used_bytes == 0
+    assert set(fake_run(s)) == {"b"}
+
+
+def test_request_larger_than_kv_budget_fails_instead_of_waiting():
+    s = make(kv=5)
+    big = seq("big", 10)
+    s.add(big)
+    out = s.schedule()
+    assert big.finish_reason is FinishReason.ERROR and big in out.finished
+    assert not s.waiting and s.rejections["memory"] == 1
+
+
+def test_queue_bound():
+    s = make(waiting=2)
+    s.add(seq("a", 1))
+    s.add(seq("b", 1))
+    with pytest.raises(QueueFullError):
+        s.add(seq("c", 1))
+    assert s.rejections["queue_full"] == 1
+
+
+def test_eos_and_abort_free_kv():
+    s = make(budget=100)
+    a, b = seq("a", 3, max_tokens=50), seq("b", 3, max_tokens=50)
+    s.add(a)
+    s.add(b)
+    fake_run(s)
+    out = s.schedule()
+    s.append_token(out.scheduled[0].seq, 0, eos_ids={0})  # EOS for a
+    assert a.finish_reason is FinishReason.STOP
+    s.abort("b")
+    assert b.finish_reason is FinishReason.ABORT
+    assert s.kv.used_bytes == 0 and not s.running
+    released = s.schedule().finished
+    assert {x.id for x in released} == {"a", "b"}
+
+
+def test_prefix_lookup_skips_cached_tokens_but_computes_the_last():
+    s = make(budget=100, lookup=lambda toks: len(toks))  # everything cached
+    a = seq("a", 10)
+    s.add(a)
+    assert fake_run(s) == {"a": 1}
+    assert a.num_cached == 9 and a.metrics.cached_tokens == 9
+
+
+def test_shared_prefix_waits_for_the_prefill_in_progress():
+    s = make(budget=40)
+    s.add(seq("a", 100))
+    s.add(seq("b", 100))  # same tokens 1..100
+    assert fake_run(s) == {"a": 40}
+    assert [x.id for x in s.waiting] == ["b"]  # b waits to reuse a's KV
+    fake_run(s)
+    fake_run(s)  # a finishes its prefill
+    assert "b" in fake_run(s)
