@@ -190,8 +190,7 @@ class AsyncEngine(EngineAPI):
     def _unload_all(self) -> None:
         for name in list(self.cores):
             self._drop_core(name)
-        for m in list(self.registry.loaded()):
-            self.registry.unload(m.name, force=True)
+        self.registry.unload_all()
 
     # --- the engine thread's loop body ----------------------------------------------------------
     def _step_all(self) -> bool:
@@ -210,9 +209,9 @@ class AsyncEngine(EngineAPI):
 
     def _housekeeping(self) -> None:
         self.registry.evict_expired()
-        loaded = {m.name for m in self.registry.loaded()}
-        for name in list(self.cores):
-            if name not in loaded:
+        loaded = {m.name: m.model for m in self.registry.loaded()}
+        for name, core in list(self.cores.items()):
+            if loaded.get(name) is not core.runner.model and not core.has_work:
                 self._drop_core(name)
 
     def _drop_core(self, name: str) -> None:
@@ -222,7 +221,7 @@ class AsyncEngine(EngineAPI):
 
     def _core_for(self, loaded: Any) -> EngineCore:
         core = self.cores.get(loaded.name)
-        if core is not None:
+        if core is not None and core.runner.model is loaded.model:
             return core
         ctx = loaded.context_length
         if self.config.max_context:
@@ -383,8 +382,10 @@ class AsyncEngine(EngineAPI):
                     )
                     yield self._final(rid, text, out, out.finish_reason, stop, load_time)
                     return
-                if text or out.logprobs:
-                    yield RequestOutput(rid, text, out.token_ids, out.logprobs)
+                if text or out.logprobs or out.prompt_logprobs:
+                    yield RequestOutput(
+                        rid, text, out.token_ids, out.logprobs, prompt_logprobs=out.prompt_logprobs
+                    )
         finally:
             if not done:
                 self._thread.post(lambda: self._abort_on_thread(rid))
@@ -401,7 +402,15 @@ class AsyncEngine(EngineAPI):
         metrics = out.metrics or RequestMetrics()
         metrics.load_time = load_time
         return RequestOutput(
-            rid, text, out.token_ids, out.logprobs, reason, stop, metrics, out.error
+            rid,
+            text,
+            out.token_ids,
+            out.logprobs,
+            prompt_logprobs=out.prompt_logprobs,
+            finish_reason=reason,
+            stop_matched=stop,
+            metrics=metrics,
+            error=out.error,
         )
 
     def _abort_on_thread(self, request_id: str) -> None:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.runner import ModelRunner, SampledToken, StepResult, token_logprob
+from engine.runner import ModelRunner, StepResult, token_logprob
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.types import FinishReason, RequestMetrics, TokenLogprob
@@ -18,6 +18,7 @@ class StepOutput:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
@@ -41,6 +42,7 @@ class EngineCore:
         self.emit = emit
         self.token_text = token_text
         self._in_flight: StepResult | None = None
+        self._prompt_scores: dict[str, list[TokenLogprob]] = {}  # held until the first token
         self.steps = 0
 
     @property
@@ -51,6 +53,7 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def abort(self, seq_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        self._prompt_scores.pop(seq_id, None)
         seq = self.scheduler.abort(seq_id, reason)
         if seq is not None and reason is not FinishReason.ABORT:
             self.emit(seq, StepOutput([], finish_reason=reason, metrics=seq.metrics))
@@ -59,17 +62,20 @@ class EngineCore:
         out = self.scheduler.schedule()
         result = self.runner.execute(out)  # queued with async_eval, not yet computed
         self._report_rejected(out.finished)
-        previous, self._in_flight = self._in_flight, (result if result.samples else None)
+        previous, self._in_flight = self._in_flight, (None if result.empty else result)
         if previous is not None:
-            self.update(previous.read())  # step n's tokens, read while step n+1 computes
+            self.update(previous)  # step n's tokens, read while step n+1 computes
         if self._in_flight is not None and not self.scheduler.running:
-            self.update(self._in_flight.read())  # nothing follows it: read it now
+            self.update(self._in_flight)  # nothing follows it: read it now
             self._in_flight = None
         self.steps += 1
 
-    def update(self, tokens: list[SampledToken]) -> None:
+    def update(self, result: StepResult) -> None:
+        for scores in result.prompt_scores:
+            held = self._prompt_scores.setdefault(scores.seq.id, [])
+            held.extend(lp for t in scores.read() if (lp := token_logprob(t, self.token_text)))
         now = time.monotonic()
-        for tok in tokens:
+        for tok in result.read():
             seq = tok.seq
             if seq.finish_reason is not None:
                 seq.in_flight -= 1
@@ -82,11 +88,13 @@ class EngineCore:
             seq.metrics.completion_tokens = len(seq.output_ids)
             lp = token_logprob(tok, self.token_text)
             done = seq.finish_reason
+            scoring_only = seq.params.max_tokens == 0  # the token was sampled only to end prefill
             self.emit(
                 seq,
                 StepOutput(
-                    [tok.token],
-                    [lp] if lp is not None else None,
+                    [] if scoring_only else [tok.token],
+                    [lp] if lp is not None and not scoring_only else None,
+                    prompt_logprobs=self._prompt_scores.pop(seq.id, None),
                     finish_reason=done,
                     metrics=seq.metrics if done else None,
                 ),

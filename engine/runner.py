@@ -31,10 +31,37 @@ class SampledToken:
 
 
 @dataclass
+class PromptScores:
+    """Log-probabilities of prompt tokens start+1 .. start+n under a prefill chunk (lazy)."""
+
+    seq: Sequence
+    token_ids: list[int]
+    logprobs: mx.array  # [n]
+    top_ids: mx.array | None = None  # [n, K]
+    top_logprobs: mx.array | None = None
+
+    def read(self) -> list[SampledToken]:
+        lps = self.logprobs.tolist()
+        tops = (self.top_ids.tolist(), self.top_logprobs.tolist()) if self.top_ids is not None else None
+        out = []
+        for i, (tid, lp) in enumerate(zip(self.token_ids, lps)):
+            top = []
+            if tops is not None:
+                top = sorted(zip(tops[0][i], tops[1][i]), key=lambda t: -t[1])
+            out.append(SampledToken(self.seq, tid, lp, [(int(a), float(b)) for a, b in top]))
+        return out
+
+
+@dataclass
 class StepResult:
     """The lazy outcome of one step: which sequence reads which row of which sample."""
 
     samples: list[tuple[Sequence, SampleResult, int]] = field(default_factory=list)
+    prompt_scores: list[PromptScores] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.samples and not self.prompt_scores
 
     def read(self) -> list[SampledToken]:
         """Block until the step's tokens exist and return them (the only sync point)."""
@@ -84,6 +111,7 @@ class ModelRunner:
         for sched in prefill:
             self._prefill(sched, result)
         pending = [a for _, res, _ in result.samples for a in res.arrays()]
+        pending += [p.logprobs for p in result.prompt_scores]
         pending += [self.states[s.seq.id].key for s in out.scheduled if s.seq.id in self.states]
         if pending:
             mx.async_eval(pending)
@@ -119,6 +147,8 @@ class ModelRunner:
             self.states[seq.id] = RowState.create(seq.params, seq.prompt_ids)
         chunk = seq.prompt_ids[start:end]
         logits = self.model(mx.array([chunk], dtype=mx.int32), cache=caches)
+        if seq.params.prompt_logprobs:
+            self._score_prompt(seq, start, logits[0], result)
         if not sched.samples:
             mx.async_eval([c.state[0] for c in caches if not c.empty()])
             return
@@ -127,6 +157,21 @@ class ModelRunner:
         if self.prefix_cache is not None:
             self.prefix_cache.insert(seq.prompt_ids, caches)
         self._join(seq.id, caches, res.tokens)
+
+    def _score_prompt(self, seq: Sequence, start: int, logits: mx.array, result: StepResult) -> None:
+        # Position i predicts token i+1; the chunk's last position may predict past the prompt.
+        targets = seq.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        lp = logits[: len(targets)].astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
+        scores = PromptScores(seq, targets, chosen)
+        k = seq.params.top_logprobs
+        if k:
+            scores.top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+            scores.top_logprobs = mx.take_along_axis(lp, scores.top_ids, axis=-1)
+        result.prompt_scores.append(scores)
 
     def _restore(self, seq: Sequence, cached: int) -> list | None:
         if not cached:

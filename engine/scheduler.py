@@ -144,7 +144,9 @@ class Scheduler:
             return False
         seq.kv_reserved = self._kv_tokens(seq)
         # Reuse KV of an earlier prompt; at least the last prompt token is computed for logits.
-        seq.num_cached = min(self.prefix_lookup(seq.prompt_ids), seq.num_prompt - 1)
+        # Scoring the prompt needs its logits, so cached KV can't stand in for it.
+        cached = 0 if seq.params.prompt_logprobs else self.prefix_lookup(seq.prompt_ids)
+        seq.num_cached = min(cached, seq.num_prompt - 1)
         seq.num_computed = seq.num_cached
         seq.metrics.cached_tokens = seq.num_cached
         seq.status = RequestStatus.RUNNING
@@ -167,8 +169,11 @@ class Scheduler:
         seq.in_flight -= 1
         if seq.status is RequestStatus.FINISHED:
             return  # sampled in flight after an abort or stop: dropped
-        seq.output_ids.append(token)
         p = seq.params
+        if p.max_tokens == 0:  # scoring a prompt: the sampled token is not part of the answer
+            self.finish(seq, FinishReason.LENGTH)
+            return
+        seq.output_ids.append(token)
         if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self.finish(seq, FinishReason.STOP)
         elif len(seq.output_ids) >= p.max_tokens or seq.num_prompt + len(seq.output_ids) >= (

@@ -115,3 +115,21 @@ def test_kv_budget_queues_then_admits(llama_model):
     assert out == Harness(llama_model).run(reqs)
     assert {f.finish_reason for f in h.finals.values()} <= {FinishReason.STOP, FinishReason.LENGTH}
     assert h.kv.used_bytes == 0
+
+
+def test_prompt_scoring_matches_a_direct_forward(llama_model):
+    import mlx.core as mx
+
+    p = prompts(1, seed=8)[0] + prompts(1, seed=9)[0]
+    params = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=True, logprobs=True, top_logprobs=2)
+    h = Harness(llama_model, budget=8)  # several prefill chunks
+    h.run([GenerateRequest("score", "m", p, params)])
+    final = h.finals["score"]
+    assert final.finish_reason is FinishReason.LENGTH and h.outputs["score"] == []
+    scores = final.prompt_logprobs
+    assert [s.token_id for s in scores] == p[1:]
+    logits = llama_model(mx.array([p]))[0].astype(mx.float32)
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    expected = [lp[i, p[i + 1]].item() for i in range(len(p) - 1)]
+    assert all(abs(a.logprob - b) < 1e-3 for a, b in zip(scores, expected))
+    assert all(len(s.top) == 2 and s.top[0][2] >= s.top[1][2] for s in scores)
