@@ -81,6 +81,10 @@ class EngineAPI:
         """Every model on disk (no weights read), with loaded state."""
         raise NotImplementedError
 
+    def knows_model(self, name: str) -> bool:
+        """On disk, or a bundled model the registry can import offline (the default one)."""
+        return self.registry.knows(name)
+
     def model_status(self, name: str) -> ModelStatus:
         """One model's status; raises ModelNotFoundError / InvalidModelNameError."""
         raise NotImplementedError
@@ -152,8 +156,9 @@ class AsyncEngine(EngineAPI):
         self.cores: dict[str, EngineCore] = {}
         self._owner: dict[str, tuple[str, EngineCore]] = {}  # request id -> (model, core)
         self._sinks: dict[str, Callable[[StepOutput], None]] = {}
-        self._thread = EngineThread(self._step_all, self._housekeeping)
+        self._thread = EngineThread(self._step_all, self._housekeeping, _settle_mlx)
         self._accepting = True
+        self._shutdown: asyncio.Future[None] | None = None
         self.rejections: dict[str, int] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -162,6 +167,7 @@ class AsyncEngine(EngineAPI):
         return self._thread.alive and self._accepting
 
     async def start(self) -> None:
+        self.registry.apply_mlx_limits()
         self._thread.start()
         await asyncio.to_thread(self._ensure_default)
         for name in self.config.preload:
@@ -174,6 +180,12 @@ class AsyncEngine(EngineAPI):
             log.warning("default model %s unavailable: %s", self.config.default_model, e)
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
+        # Idempotent: a signal handler and the lifespan may both ask; both await one drain.
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain_and_stop(drain_timeout))
+        await asyncio.shield(self._shutdown)
+
+    async def _drain_and_stop(self, drain_timeout: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + drain_timeout
         while self._owner and time.monotonic() < deadline:
@@ -181,7 +193,7 @@ class AsyncEngine(EngineAPI):
         if self._thread.alive:
             await self._thread.call(self._abort_everything)
             await self._thread.call(self._unload_all)
-        self._thread.stop()
+        await asyncio.to_thread(self._thread.stop)
 
     def _abort_everything(self) -> None:
         for core in self.cores.values():
@@ -265,6 +277,10 @@ class AsyncEngine(EngineAPI):
 
     def list_models(self) -> list[ModelStatus]:
         return [self._status(e) for e in self.registry.list_models()]
+
+    def knows_model(self, name: str) -> bool:
+        """On disk, or a bundled model the registry can import offline (the default one)."""
+        return self.registry.knows(name)
 
     def model_status(self, name: str) -> ModelStatus:
         return self._status(self.registry.resolve(name))
@@ -460,3 +476,11 @@ class AsyncEngine(EngineAPI):
             rejections=rejections,
             loaded=self.running_models(),
         )
+
+
+def _settle_mlx() -> None:
+    """Wait for queued MLX work before the engine thread ends: work still running when the
+    interpreter exits tears down MLX's worker threads mid-task (std::terminate)."""
+    import mlx.core as mx
+
+    mx.synchronize()

@@ -17,9 +17,15 @@ IDLE_TICK = 1.0  # seconds between idle housekeeping rounds (keep_alive expiry)
 
 
 class EngineThread:
-    def __init__(self, step_all: Callable[[], bool], housekeeping: Callable[[], None]):
+    def __init__(
+        self,
+        step_all: Callable[[], bool],
+        housekeeping: Callable[[], None],
+        on_exit: Callable[[], None] = lambda: None,
+    ):
         self._step_all = step_all  # steps every model with work; False when none had any
         self._housekeeping = housekeeping
+        self._on_exit = on_exit
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -33,7 +39,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
         self._inbox.put(lambda: None)
         if self._thread is not None:
@@ -92,3 +98,5 @@ class EngineThread:
         except BaseException as e:  # the engine is dead: /health says so
             self.failed = e
             log.exception("engine thread failed")
+        finally:
+            self._on_exit()

@@ -35,7 +35,12 @@ def _candidates() -> list[tuple[str, str]]:
     for prefix in prefixes:
         for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
             out.append(("mkl", path))
-    system_dirs = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
+    system_dirs = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ]
     for d in system_dirs:
         for pattern in ("openblas-pthread/libblas.so.3", "libopenblas.so.0", "libopenblas.so"):
             out.append(("openblas", os.path.join(d, pattern)))

@@ -35,3 +35,11 @@ class InsufficientMemoryError(ModelError):
 
 class ImportFailedError(ModelError):
     """A GGUF import or a pull failed (unsupported architecture, corrupt file, offline hub)."""
+
+
+class ModelInUseError(ModelError):
+    """The model has requests in flight (delete refused)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"model '{name}' is in use; try again when its requests finish")

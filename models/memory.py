@@ -1,0 +1,68 @@
+"""How much memory the device offers, which backend runs, and what the KV cache of a model costs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+
+DEFAULT_FRACTION = 0.75  # of system (CPU) or recommended working set (Metal) memory
+
+
+def device_kind() -> str:
+    """ "metal", "cuda" or "cpu": where MLX runs by default."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "gpu"
+
+
+def system_memory_bytes() -> int:
+    """Physical RAM from sysconf (no psutil); 0 if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def device_memory_bytes() -> int:
+    """Memory the device can use: the recommended working set (Metal), its memory size (CUDA),
+    or system RAM (CPU)."""
+    if device_kind() != "cpu":
+        try:
+            info = mx.device_info()
+            size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if size:
+                return int(size)
+        except (RuntimeError, AttributeError):
+            pass
+    return system_memory_bytes()
+
+
+def default_memory_limit(fraction: float = DEFAULT_FRACTION) -> int:
+    """The memory limit used when the setting is 0: a safe fraction of the device's memory."""
+    return int(device_memory_bytes() * fraction)
+
+
+def dtype_size(name: str | None) -> int:
+    """Bytes per element of a config's torch_dtype name (fp32 when unknown)."""
+    return {"float16": 2, "bfloat16": 2, "float32": 4}.get(name or "", 4)
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
+    """Keys plus values of one token over all layers: layers x kv heads x head dim x 2 x dtype size."""
+    cfg = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    layers = int(cfg.get("num_hidden_layers", 0))
+    heads = int(cfg.get("num_attention_heads", 1))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // max(heads, 1)))
+    return layers * kv_heads * head_dim * 2 * dtype_bytes
+
+
+def active_bytes() -> int:
+    """Bytes MLX has allocated right now (exact)."""
+    return int(mx.get_active_memory())

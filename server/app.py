@@ -1,0 +1,130 @@
+"""The FastAPI application: middleware, routers, /health, and `serve()` for the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from engine.async_engine import EngineAPI
+from server.auth import APIKeyMiddleware
+from server.errors import install_error_handlers
+from server.metrics import install_metrics
+from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.ollama.hostcheck import HostCheckMiddleware
+from server.ollama.router import router as ollama_router
+from server.openai.router import router as openai_router
+from server.settings import Settings, engine_config
+from server.sse import KEEPALIVE_SECONDS
+
+log = logging.getLogger("mlxd.server")
+
+
+def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
+    """Build the app around `engine`; the lifespan starts it and shuts it down.
+
+    Handlers reach their dependencies through `request.app.state`: `engine`, `settings` and
+    `keepalive_seconds` (SSE keep-alive interval; tests shorten it).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="mlxd", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.keepalive_seconds = KEEPALIVE_SECONDS
+    install_error_handlers(app)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> JSONResponse:
+        # Reads one attribute: never waits on a load or on the engine thread.
+        if engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
+
+    # Added innermost first: requests pass CORS -> request id -> body limit -> auth -> routes.
+    if settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Like Ollama: bound to loopback, refuse other Host headers (DNS-rebinding from web pages).
+    app.add_middleware(HostCheckMiddleware, bind_host=settings.host)
+    install_metrics(app, engine)  # GET /metrics + counts/logs; inside RequestId, reusing its id
+    app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a busy port is reported before any model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> int:
+    """Run the real server until interrupted; returns the process exit code."""
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine  # the real engine: only `serve` needs it
+    from server.logging_setup import configure_logging
+    from server.shutdown import GracefulServer
+
+    configure_logging(settings.log_level)  # the level of mlxd's own loggers, request lines included
+
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(
+                f"mlxd: port {settings.port} on {settings.host} is already in use", file=sys.stderr
+            )
+        else:
+            print(
+                f"mlxd: cannot listen on {settings.host}:{settings.port}: {e.strerror}",
+                file=sys.stderr,
+            )
+        return 1
+    app = create_app(settings, AsyncEngine(engine_config(settings)))
+    config = uvicorn.Config(
+        app, log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=15
+    )
+    # SIGTERM/SIGINT drain the engine at once and exit 0 (see server/shutdown.py).
+    server = GracefulServer(config, app.state.engine, settings.drain_timeout)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0 if server.started else 1

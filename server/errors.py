@@ -1,0 +1,245 @@
+"""The only place that maps exceptions to HTTP error responses, in each API's shape.
+
+OpenAI shape: {"error": {"message", "type", "param", "code"}}; Ollama shape: {"error": "<message>"}.
+The shape is chosen by path: /api/* is Ollama's, everything else OpenAI's. No response ever carries a
+traceback, a filesystem path or a memory address: unexpected exceptions become a generic 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import (
+    ContextLengthError,
+    EngineError,
+    EngineShuttingDownError,
+    ImportFailedError,
+    InsufficientMemoryError,
+    InvalidModelNameError,
+    ModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    QueueFullError,
+)
+
+log = logging.getLogger("mlxd.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error with everything an API response needs. Raise it from any handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.retry_after = retry_after
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map any exception to an APIError; unknown ones become a generic 500 (logged, not shown)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, InvalidModelNameError):
+        return APIError(400, str(exc), param="model", code="invalid_model_name")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, QueueFullError):
+        msg = str(exc) or "the server is overloaded; retry later"
+        return APIError(429, msg, code="queue_full", retry_after=exc.retry_after)
+    if isinstance(exc, InsufficientMemoryError):
+        msg = str(exc) or "not enough memory to serve this request; retry later"
+        return APIError(503, msg, code="insufficient_memory", retry_after=exc.retry_after)
+    if isinstance(exc, EngineShuttingDownError):
+        return APIError(503, str(exc), code="shutting_down", retry_after=exc.retry_after)
+    if isinstance(exc, ModelLoadError):
+        return APIError(503, str(exc), param="model", code="model_load_failed", retry_after=5)
+    if isinstance(exc, ImportFailedError):
+        return APIError(400, str(exc) or "import failed", code="import_failed")
+    if isinstance(exc, ModelError | EngineError):
+        # Their messages are written to be shown to users (see engine/errors.py).
+        return APIError(500, str(exc) or type(exc).__name__, code="engine_error")
+    log.error("unhandled error", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error")
+
+
+def is_ollama_path(path: str) -> bool:
+    return path == "/api" or path.startswith("/api/")
+
+
+def error_response(path: str, exc: BaseException) -> JSONResponse:
+    """The JSON error response for `exc`, in the shape of the API that `path` belongs to."""
+    err = from_exception(exc)
+    body = err.ollama_body() if is_ollama_path(path) else err.openai_body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers())
+
+
+# --- request validation ----------------------------------------------------------------------
+
+
+_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes"}
+
+
+def _is_schema_tag(item: str) -> bool:
+    """pydantic inserts union members and validators into locations ('prompt', 'list[int]', 0)."""
+    return item in _TAGS or "[" in item or item.startswith(("function-", "constrained-", "tagged-"))
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as an OpenAI `param`: ('messages', 0, 'content') -> messages[0].content."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body":
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and not _is_schema_tag(item):
+            parts.append(f".{item}" if parts else item)
+    return "".join(parts) or None
+
+
+def validation_error(errors: list[Mapping[str, Any]]) -> APIError:
+    """A 400 for the first of pydantic's errors, naming the offending field."""
+    if not errors:
+        return APIError(400, "invalid request body")
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    param = _param(loc)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "request body is not valid JSON", code="invalid_json")
+    if kind == "missing":
+        return APIError(
+            400,
+            f"missing required parameter: '{param}'",
+            param=param,
+            code="missing_required_parameter",
+        )
+    msg = str(first.get("msg", "invalid value"))
+    where = f"'{param}'" if param else "request body"
+    return APIError(400, f"invalid value for {where}: {msg}", param=param, code="invalid_value")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; non-UTF-8, malformed JSON or a non-object is a 400."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8", code="invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(
+            400, f"request body is not valid JSON: {e.msg} at position {e.pos}", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(data: dict[str, Any], schema: type[M]) -> M:
+    """`data` as `schema`; the first validation failure is a 400 naming the field."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False, include_input=False)) from None
+
+
+def parse_body(raw: bytes, schema: type[M]) -> M:
+    """Decode a JSON request body into `schema`; every failure is a 400 APIError with `param` set."""
+    return validate(read_json(raw), schema)
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through error_response (FastAPI's 422 and {"detail"} shapes never leak)."""
+
+    async def on_any(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(request.url.path, validation_error(list(exc.errors())))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            err = APIError(
+                404, f"no route for {request.method} {request.url.path}", code="not_found"
+            )
+        elif exc.status_code == 405:
+            err = APIError(
+                405,
+                f"method {request.method} not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
+        else:
+            err = APIError(exc.status_code, str(exc.detail))
+        resp = error_response(request.url.path, err)
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    app.add_exception_handler(APIError, on_any)
+    app.add_exception_handler(EngineError, on_any)
+    app.add_exception_handler(ModelError, on_any)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_any)

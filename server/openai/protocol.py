@@ -1,0 +1,113 @@
+"""Pydantic schemas of the OpenAI requests mlxd accepts.
+
+Unknown fields are ignored (clients send many harmless ones); fields that would change the meaning
+of a request and that mlxd does not implement are rejected by `unsupported_field()` with a 400
+naming them. Responses are plain dicts built in chat.py / completions.py (validated against the
+OpenAI spec in tests).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+Float = Annotated[float, Field(strict=True)]  # ints are accepted, strings are not
+TokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Schema):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Schema):
+    """Fields chat and completions share."""
+
+    model: StrictStr = Field(min_length=1)
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[Float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = None
+    user: StrictStr | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    # Extensions (vLLM / llama.cpp spelling).
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    min_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] | None = None
+
+
+class TextPart(_Schema):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    # Parts are validated in chat.py so a non-text part gets a message naming it.
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+
+
+Prompt = StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    echo: StrictBool | None = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    suffix: StrictStr | None = None
+
+
+# Fields whose presence changes what the client expects; never silently ignored.
+_UNSUPPORTED_CHAT = (
+    "tools",
+    "functions",
+    "audio",
+    "prediction",
+    "web_search_options",
+)
+
+
+def unsupported_field(body: dict[str, Any], chat: bool) -> str | None:
+    """The first field in `body` that mlxd cannot honour, or None."""
+    if chat:
+        for name in _UNSUPPORTED_CHAT:
+            if body.get(name) not in (None, [], {}):
+                return name
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            return "tool_choice"
+        if body.get("function_call") not in (None, "none", "auto"):
+            return "function_call"
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            return "response_format"
+        modalities = body.get("modalities")
+        if modalities is not None and modalities != ["text"]:
+            return "modalities"
+    else:
+        if body.get("suffix") not in (None, ""):
+            return "suffix"
+        best_of, n = body.get("best_of"), body.get("n") or 1
+        if best_of is not None and best_of != n and best_of != 1:
+            return "best_of"
+    return None

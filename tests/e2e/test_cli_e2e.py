@@ -1,0 +1,102 @@
+"""`mlxd run` end to end: one-shot (in-process engine, no server) and interactive through a pty."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "smollm2:135m"
+
+
+def _env(models_dir: Path) -> dict[str, str]:
+    # A port nothing listens on: the CLI must fall back to the in-process engine.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MLXD_MODELS": str(models_dir), "MLXD_PORT": "1"}
+
+
+def test_run_one_shot_answers(smollm2_dir: Path):
+    cmd = [sys.executable, "-m", "server.cli", "run", MODEL, "What is the capital of France?"]
+    r = subprocess.run(
+        [*cmd, "--temperature", "0"],
+        cwd=ROOT,
+        env=_env(smollm2_dir.parent),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_user_error_is_one_line(smollm2_dir: Path):
+    cmd = [sys.executable, "-m", "server.cli", "rm", "no-such-model:1"]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=_env(smollm2_dir.parent), capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+
+
+class Pty:
+    """A child process on a pseudo-terminal, read until expected text appears."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave
+        )
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, text: str, timeout: float = 300.0, start: int = 0) -> str:
+        """Wait until `text` appears in the output after offset `start`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[start:]:
+            left = deadline - time.monotonic()
+            if (
+                left <= 0
+                or self.proc.poll() is not None
+                and not select.select([self.master], [], [], 0)[0]
+            ):
+                raise AssertionError(f"did not see {text!r}; output so far:\n{self.seen[-2000:]}")
+            ready, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:  # the child closed the terminal
+                    pass
+        return self.seen
+
+    def send(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        os.close(self.master)
+
+
+def test_run_interactive_through_a_pty(smollm2_dir: Path):
+    argv = [sys.executable, "-m", "server.cli", "run", MODEL, "--temperature", "0"]
+    term = Pty(argv, _env(smollm2_dir.parent))
+    try:
+        term.expect(">>> ")
+        mark = len(term.seen)
+        term.send("What is the capital of France?")
+        term.expect(">>> ", timeout=300, start=mark)
+        assert "Paris" in term.seen[mark:]
+        term.send("/bye")
+        assert term.proc.wait(timeout=60) == 0
+    finally:
+        term.close()

@@ -1,0 +1,219 @@
+"""/metrics exposition, request ids and request logs, against the FakeEngine (no MLX)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import EngineError, QueueFullError
+from engine.types import GenerateRequest, SamplingParams
+from server.metrics import install_metrics
+from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script
+
+
+def make_app(engine: FakeEngine) -> FastAPI:
+    """A minimal streaming route shaped like the real handlers: get_model -> generate -> stream."""
+    app = FastAPI()
+
+    @app.post("/v1/stream")
+    async def stream(request: Request) -> object:
+        body = await request.json()
+        handle = await engine.get_model(body.get("model", FAKE_MODEL))
+        ids = handle.tokenizer.encode(body.get("prompt", "hi"))
+        req = GenerateRequest(
+            request_id=request.state.request_id,
+            model=handle.name,
+            prompt_token_ids=ids,
+            params=SamplingParams(max_tokens=body.get("max_tokens", 64)),
+        )
+        outputs = engine.generate(req)
+        try:
+            first = await outputs.__anext__()
+        except QueueFullError as e:
+            return JSONResponse({"error": str(e)}, status_code=429)
+        except EngineError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+
+        async def body_iter():
+            yield first.text
+            async for out in outputs:
+                yield out.text
+
+        return StreamingResponse(body_iter(), media_type="text/plain")
+
+    @app.get("/own-id")
+    async def own_id() -> JSONResponse:
+        return JSONResponse({}, headers={"X-Request-Id": "handler-set"})
+
+    install_metrics(app, engine)
+    return app
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(Script(text="abcdef"))
+
+
+@pytest.fixture
+async def client(engine: FakeEngine):
+    app = make_app(engine)
+    await engine.start()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+async def scrape(client: httpx.AsyncClient) -> str:
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return r.text
+
+
+async def test_every_family_is_exposed(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/stream", json={})
+    text = await scrape(client)
+    for family in (
+        "mlxd_requests_total",
+        "mlxd_request_duration_seconds_bucket",
+        "mlxd_time_to_first_token_seconds_bucket",
+        "mlxd_inter_token_latency_seconds_bucket",
+        "mlxd_prompt_tokens_total",
+        "mlxd_cached_prompt_tokens_total",
+        "mlxd_generated_tokens_total",
+        "mlxd_running_sequences",
+        "mlxd_waiting_sequences",
+        "mlxd_kv_cache_bytes",
+        "mlxd_kv_cache_budget_bytes",
+        "mlxd_prefix_cache_hit_rate",
+        "mlxd_prefix_cache_bytes",
+        "mlxd_model_weight_bytes",
+        "mlxd_mlx_active_bytes",
+        "mlxd_mlx_peak_bytes",
+        "mlxd_mlx_cache_bytes",
+        "mlxd_model_load_seconds_count",
+        "mlxd_engine_up",
+    ):
+        assert re.search(rf"^{family}(\{{| )", text, re.M), family
+
+
+async def test_series_move_with_concurrent_streams(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    gate = asyncio.Event()
+    engine.script = Script(text="abcdef", gate=gate, cached_tokens=2)
+    tasks = [
+        asyncio.create_task(client.post("/v1/stream", json={"prompt": "xyz"})) for _ in range(3)
+    ]
+    while len(engine.active) < 3:  # the streams are admitted and parked at the gate
+        await asyncio.sleep(0)
+    assert sample(await scrape(client), "mlxd_running_sequences") == 3
+    gate.set()
+    responses = await asyncio.gather(*tasks)
+    assert [r.text for r in responses] == ["abcdef"] * 3
+    text = await scrape(client)
+    assert sample(text, "mlxd_running_sequences") == 0
+    ok = {"endpoint": "/v1/stream", "model": FAKE_MODEL, "outcome": "stop"}
+    assert sample(text, "mlxd_requests_total", **ok) == 3
+    assert sample(text, "mlxd_generated_tokens_total", model=FAKE_MODEL) == 18
+    assert sample(text, "mlxd_prompt_tokens_total", model=FAKE_MODEL) == 12  # BOS + 3 chars, x3
+    assert sample(text, "mlxd_cached_prompt_tokens_total", model=FAKE_MODEL) == 6
+    assert sample(text, "mlxd_time_to_first_token_seconds_count", model=FAKE_MODEL) == 3
+    assert sample(text, "mlxd_inter_token_latency_seconds_count", model=FAKE_MODEL) == 15
+    assert sample(text, "mlxd_model_weight_bytes", model=FAKE_MODEL) == 4_000_000
+    # The first get_model loaded the model; later calls found it loaded.
+    assert sample(text, "mlxd_model_load_seconds_count", model=FAKE_MODEL) == 1
+
+
+async def test_queue_full_counts_a_rejection(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.script = Script(reject=QueueFullError("the queue is full"))
+    r = await client.post("/v1/stream", json={})
+    assert r.status_code == 429
+    text = await scrape(client)
+    assert sample(text, "mlxd_rejections_total", reason="queue_full") == 1
+    rejected = {"endpoint": "/v1/stream", "model": FAKE_MODEL, "outcome": "rejected"}
+    assert sample(text, "mlxd_requests_total", **rejected) == 1
+    assert sample(text, "mlxd_generated_tokens_total", model=FAKE_MODEL) == 0
+
+
+async def test_context_rejection_and_unknown_model_label(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/stream", json={"max_tokens": 10_000})
+    assert r.status_code == 400
+    text = await scrape(client)
+    assert sample(text, "mlxd_rejections_total", reason="context") == 1
+
+
+async def test_leaving_early_counts_an_abort(engine: FakeEngine) -> None:
+    metrics = install_metrics(FastAPI(), engine)
+    req = GenerateRequest(
+        request_id="r1",
+        model=FAKE_MODEL,
+        prompt_token_ids=[1, 5],
+        params=SamplingParams(max_tokens=16),
+    )
+    outputs = engine.generate(req)
+    async for _ in outputs:
+        break
+    await outputs.aclose()
+    assert engine.aborted == ["r1"]  # the wrapper passed the abort on to the engine
+    text = metrics.render().decode()
+    aborted = {"endpoint": "internal", "model": FAKE_MODEL, "outcome": "abort"}
+    assert sample(text, "mlxd_requests_total", **aborted) == 1
+    assert sample(text, "mlxd_time_to_first_token_seconds_count", model=FAKE_MODEL) == 1
+
+
+async def test_request_id_header(client: httpx.AsyncClient) -> None:
+    a = await client.get("/metrics")
+    b = await client.get("/metrics")
+    assert a.headers["x-request-id"] != b.headers["x-request-id"]
+    assert (await client.get("/metrics", headers={"X-Request-Id": "abc-123"})).headers[
+        "x-request-id"
+    ] == "abc-123"
+    bad = await client.get("/metrics", headers={"X-Request-Id": "a b<>" * 100})
+    assert bad.headers["x-request-id"].startswith("req-")
+    own = await client.get("/own-id")
+    assert own.headers.get_list("x-request-id") == ["handler-set"]
+
+
+async def test_one_log_line_per_request(client: httpx.AsyncClient) -> None:
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("mlxd.access")
+    handler = Collect(level=logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        r = await client.post("/v1/stream", json={}, headers={"X-Request-Id": "log-1"})
+        await client.get("/metrics")  # scrapes stay out of the INFO log
+    finally:
+        logger.removeHandler(handler)
+    assert r.status_code == 200
+    assert len(lines) == 1
+    line = lines[0]
+    assert "request_id=log-1" in line
+    assert f'model="{FAKE_MODEL}"' in line or f"model={FAKE_MODEL}" in line
+    assert "completion_tokens=6" in line and "outcome=stop" in line and "status=200" in line

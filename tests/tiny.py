@@ -1,0 +1,126 @@
+"""Build tiny random models on disk in the HF / MLX layout, for fast tests of the whole load path.
+
+`make_tiny_model(dir)` writes config.json, model.safetensors (random fp32 weights, or MLX 4/8-bit
+quantized with `bits=`), a real byte-level BPE tokenizer.json trained in-process (any text
+encodes), tokenizer_config.json with a ChatML template, and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+import models  # noqa: F401  (BLAS before mlx)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ENDOFTEXT, IM_START, IM_END = 0, 1, 2
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny model for tests",
+    "The capital of France is Paris. One two three four five.",
+]
+
+
+@lru_cache(maxsize=4)
+def tiny_tokenizer_json(vocab: int = 300) -> str:
+    """A byte-level BPE tokenizer (as tokenizer.json text) with ChatML specials at ids 0..2."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tk_models
+
+    tok = Tokenizer(tk_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok.to_str()
+
+
+def _config(arch: str, layers: int, hidden: int, vocab: int) -> dict:
+    heads = 4
+    cfg = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": hidden * 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "head_dim": hidden // heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "eos_token_id": IM_END,
+        "torch_dtype": "float32",
+    }
+    if arch == "llama":
+        cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    elif arch == "qwen3":
+        cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    elif arch == "gemma3":
+        cfg.update(
+            model_type="gemma3_text",
+            architectures=["Gemma3ForCausalLM"],
+            sliding_window=8,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=hidden // heads,
+        )
+    else:
+        raise ValueError(f"unknown tiny arch {arch}")
+    return cfg
+
+
+def make_tiny_model(
+    dir: str | Path,
+    arch: str = "llama",
+    layers: int = 2,
+    hidden: int = 64,
+    vocab: int = 300,
+    seed: int = 0,
+    bits: int | None = None,
+) -> Path:
+    """Write a tiny random model folder at `dir` and return it. bits=4|8 stores MLX quantized
+    weights (group 32) with a "quantization" config, as an MLX hub repo would."""
+    out = Path(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_json = tiny_tokenizer_json(vocab)
+    real_vocab = len(json.loads(tok_json)["model"]["vocab"])
+    cfg = _config(arch, layers, hidden, max(vocab, real_vocab))
+    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    if hasattr(model, "sanitize"):
+        model.sanitize({})  # gemma3 drops its lm_head when tied
+    if bits is not None:
+        nn.quantize(model, group_size=32, bits=bits)
+        cfg["quantization"] = {"group_size": 32, "bits": bits}
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "tokenizer.json").write_text(tok_json)
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+    gen = {"eos_token_id": [IM_END, ENDOFTEXT]}
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return out

@@ -1,0 +1,182 @@
+"""The load generator's statistics and its client, against a tiny in-process OpenAI SSE server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bench.cli import main
+from bench.compare import format_comparison, format_result
+from bench.loadgen import (
+    BenchResult,
+    LoadConfig,
+    LoadGenerator,
+    RequestResult,
+    percentile,
+    summarize,
+)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 50) == 0.0
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile(list(range(1, 101)), 95) == pytest.approx(95.05)
+    assert percentile([1.0, 2.0], 100) == 2.0
+
+
+def test_itls_spread_multi_token_chunks() -> None:
+    r = RequestResult(ok=True, ttft=0.1, chunk_times=[0.1, 0.2, 0.4], output_tokens=3)
+    assert r.itls == pytest.approx([0.1, 0.2])
+    # 5 tokens in 3 chunks: each later chunk carried 2 tokens, so a gap is two token times.
+    r = RequestResult(ok=True, ttft=0.1, chunk_times=[0.1, 0.3, 0.5], output_tokens=5)
+    assert r.itls == pytest.approx([0.1, 0.1])
+    assert RequestResult(ok=True, chunk_times=[0.5], output_tokens=1).itls == []
+
+
+def test_summarize_aggregates_tokens_per_second_and_errors() -> None:
+    results = [
+        RequestResult(ok=True, ttft=0.1, chunk_times=[0.1, 0.2], output_tokens=2, latency=0.2),
+        RequestResult(ok=True, ttft=0.3, chunk_times=[0.3, 0.7], output_tokens=2, latency=0.7),
+        RequestResult(ok=False, error="HTTP 503: busy", latency=0.01),
+    ]
+    lv = summarize(4, results, duration=2.0)
+    assert (lv.requests, lv.errors, lv.output_tokens) == (3, 1, 4)
+    assert lv.tokens_per_s == pytest.approx(2.0)
+    assert lv.ttft_p50 == pytest.approx(0.2)
+    assert lv.itl_p50 == pytest.approx(0.25)
+    assert lv.error_sample == "HTTP 503: busy"
+
+
+class FakeOpenAI:
+    """Streams `tokens` one-word chunks; optionally reports usage, fails, or sends an error frame."""
+
+    def __init__(self, tokens: int = 5, usage: bool = True):
+        self.tokens, self.usage = tokens, usage
+        self.in_flight = self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self.fail_status: int | None = None
+        self.error_frame = False
+        self.app = FastAPI()
+        self.app.get("/v1/models")(self.models)
+        self.app.post("/v1/chat/completions")(self.chat)
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+
+    async def chat(self, request: Request) -> object:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.fail_status:
+            return JSONResponse({"error": {"message": "busy"}}, status_code=self.fail_status)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        for _ in range(20):  # let the other workers' requests arrive
+            await asyncio.sleep(0)
+
+        async def events():
+            try:
+                for i in range(self.tokens):
+                    chunk = {"choices": [{"index": 0, "delta": {"content": f" w{i}"}}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if self.error_frame:
+                    yield 'data: {"error": {"message": "engine failed"}}\n\n'
+                if self.usage:
+                    usage = {"prompt_tokens": 9, "completion_tokens": self.tokens}
+                    yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                self.in_flight -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def client(self) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, base_url="http://fake")
+
+
+async def test_levels_count_tokens_and_respect_concurrency() -> None:
+    fake = FakeOpenAI(tokens=5)
+    cfg = LoadConfig(base_url="http://fake", concurrency=[1, 4], requests=8, warmup=1)
+    async with fake.client() as client:
+        result = await LoadGenerator(cfg, client).run("fake")
+    assert result.model == "fake-model"
+    assert [lv.concurrency for lv in result.levels] == [1, 4]
+    assert all(lv.requests == 8 and lv.errors == 0 for lv in result.levels)
+    assert all(lv.output_tokens == 40 for lv in result.levels)
+    assert all(lv.tokens_per_s > 0 and lv.ttft_p50 > 0 for lv in result.levels)
+    assert fake.max_in_flight == 4
+    assert len(fake.bodies) == 1 + 8 + 8  # warm-up + two levels
+    body = fake.bodies[-1]
+    assert body["stream"] is True and body["max_tokens"] == 64 and body["model"] == "fake-model"
+
+
+async def test_tokens_counted_by_chunks_without_usage() -> None:
+    fake = FakeOpenAI(tokens=3, usage=False)
+    cfg = LoadConfig(base_url="http://fake", concurrency=[2], requests=2, warmup=0)
+    async with fake.client() as client:
+        result = await LoadGenerator(cfg, client).run()
+    assert result.levels[0].output_tokens == 6
+
+
+async def test_errors_are_counted_not_raised() -> None:
+    fake = FakeOpenAI()
+    fake.fail_status = 503
+    cfg = LoadConfig(base_url="http://fake", concurrency=[2], requests=3, warmup=0, model="m")
+    async with fake.client() as client:
+        result = await LoadGenerator(cfg, client).run()
+    lv = result.levels[0]
+    assert (lv.errors, lv.output_tokens) == (3, 0)
+    assert lv.error_sample.startswith("HTTP 503")
+    fake.fail_status, fake.error_frame = None, True
+    async with fake.client() as client:
+        result = await LoadGenerator(cfg, client).run()
+    assert result.levels[0].errors == 3
+    assert result.levels[0].error_sample == "engine failed"
+
+
+async def test_shared_prefix_sends_one_system_prompt_and_times_cold_and_warm() -> None:
+    fake = FakeOpenAI()
+    cfg = LoadConfig(
+        base_url="http://fake", concurrency=[2], requests=2, warmup=1, shared_prefix=True
+    )
+    async with fake.client() as client:
+        result = await LoadGenerator(cfg, client).run()
+    warmup, measured = fake.bodies[0], fake.bodies[1:]
+    assert warmup["messages"][0]["role"] == "user"  # the warm-up must not prime the prefix
+    systems = {b["messages"][0]["content"] for b in measured}
+    assert len(systems) == 1 and len(systems.pop()) > 3000  # ~1,000 tokens, one shared prefix
+    assert len({b["messages"][1]["content"] for b in measured}) == len(measured)  # unique asks
+    assert result.prefix_cold_ttft is not None and result.prefix_warm_ttft is not None
+
+
+def _result(label: str, tps: float, ttft: float) -> BenchResult:
+    lv = summarize(
+        4, [RequestResult(ok=True, ttft=ttft, chunk_times=[ttft], output_tokens=1)], 1 / tps
+    )
+    return BenchResult(label, f"http://{label}", "m", {}, [lv])
+
+
+def test_comparison_table_has_both_runs_and_ratios() -> None:
+    table = format_comparison(_result("ours", 40.0, 0.1), _result("theirs", 10.0, 0.4))
+    assert "tok/s ours" in table and "tok/s theirs" in table
+    assert "4.00x" in table  # throughput ratio
+    assert "0.25x" in table  # TTFT ratio
+    assert "ours" in format_result(_result("ours", 40.0, 0.1))
+
+
+def test_cli_reports_an_unreachable_server_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    code = main(["--url", "http://127.0.0.1:9", "--concurrency", "1", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("mlxd bench:")
+
+
+def test_cli_rejects_bad_levels() -> None:
+    with pytest.raises(SystemExit):
+        main(["--concurrency", "0,4"])
