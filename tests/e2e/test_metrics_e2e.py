@@ -20,8 +20,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    yield from start_server(tmp_path, MLXD_MAX_NUM_SEQS="2", MLXD_MAX_WAITING="1")
+def server(tmp_path: Path, smollm2_dir: Path) -> Iterator[ServerProcess]:
+    yield from start_server(
+        tmp_path, smollm2_dir.parent, MLXD_MAX_NUM_SEQS="2", MLXD_MAX_WAITING="1"
+    )
 
 
 async def test_series_move_under_concurrent_streams(server: ServerProcess) -> None:

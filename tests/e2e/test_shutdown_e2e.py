@@ -1,7 +1,7 @@
 """SIGTERM during 8 active streams: each completes or ends with an error frame; exit 0 in time.
 
-Starts the real server (`python -m server.cli serve`) with the real default model. The models
-directory is $MLXD_MODELS or the configured default, so the first run imports the model.
+Starts the real server (`python -m server.cli serve`) with the real default model, from the
+session's imported copy (the `smollm2_dir` fixture).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class ServerProcess:
         return str(httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"][0]["id"])
 
 
-def start_server(tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(env=env)
+def start_server(tmp_path: Path, models_dir: Path, **env: str) -> Iterator[ServerProcess]:
+    server = ServerProcess(env={"MLXD_MODELS": str(models_dir), **env})
     try:
         server.start(tmp_path / "server.log")
         yield server
@@ -154,8 +154,8 @@ async def stream_chat(
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    yield from start_server(tmp_path)
+def server(tmp_path: Path, smollm2_dir: Path) -> Iterator[ServerProcess]:
+    yield from start_server(tmp_path, smollm2_dir.parent)
 
 
 async def test_sigterm_drains_active_streams_and_exits_zero(server: ServerProcess) -> None:
