@@ -3,6 +3,7 @@ so a seeded request draws the same tokens whatever else shares the batch."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -45,19 +46,33 @@ def needs_history(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
-    return p.greedy and not needs_history(p) and not p.logit_bias
-
-
 def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
-    """Pick one token per row of `logits` [B, V]; advances each row's key and history."""
+    """Pick one token per row of `logits` [B, V]; advances each row's key and history.
+
+    Vectorized across rows, and frugal with whole-vocabulary work: exp and sort over 49k+ columns
+    are slow on some backends (MLX's CPU exp runs ~20 ns an element), so top-k rows draw from
+    their k candidates only and min_p is a threshold in logit space."""
     logits = logits.astype(mx.float32)
+    if any(needs_history(r.params) or r.params.logit_bias for r in rows):
+        logits = mx.stack([_apply_processors(logits[i], r) for i, r in enumerate(rows)])
     want_logprobs = any(r.params.logprobs for r in rows)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if want_logprobs else None
-    if all(_plain_greedy(r.params) for r in rows):
-        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
-    else:
-        tokens = mx.concatenate([_sample_row(logits[i], r) for i, r in enumerate(rows)])
+    tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if drawn:
+        picked = _draw(
+            logits[mx.array(drawn)] if len(drawn) < len(rows) else logits, [rows[i] for i in drawn]
+        )
+        if len(drawn) == len(rows):
+            tokens = picked
+        else:
+            pos = {row: j for j, row in enumerate(drawn)}
+            tokens = mx.concatenate(
+                [
+                    picked[pos[i] : pos[i] + 1] if i in pos else tokens[i : i + 1]
+                    for i in range(len(rows))
+                ]
+            )
     for i, r in enumerate(rows):
         if r.history:
             r.history.append(tokens[i : i + 1])
@@ -72,15 +87,40 @@ def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
     return result
 
 
-def _sample_row(logits: mx.array, row: RowState) -> mx.array:
-    p = row.params
-    logits = _apply_processors(logits, row)
-    if p.greedy:
-        return mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
-    logits = logits / p.temperature
-    logits = _filter(logits, p)
-    row.key, sub = mx.random.split(row.key)
-    return mx.random.categorical(logits, key=sub)[None].astype(mx.int32)
+def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
+    """Temperature, top_k, min_p, top_p, then a Gumbel-max draw with each row's own key."""
+    V = logits.shape[-1]
+    x = logits / mx.array([[r.params.temperature] for r in rows], dtype=mx.float32)
+    ks = [r.params.top_k if 0 < r.params.top_k < V else 0 for r in rows]
+    ids = None  # candidate ids when every row is top-k limited: work on k columns, not V
+    if all(ks):
+        kmax = max(ks)
+        ids = mx.argpartition(-x, kth=kmax - 1, axis=-1)[:, :kmax]
+        x = mx.take_along_axis(x, ids, axis=-1)
+        order = mx.argsort(-x, axis=-1)  # small: kmax columns
+        ids, x = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(x, order, axis=-1)
+        x = mx.where(mx.arange(kmax)[None, :] < mx.array(ks)[:, None], x, -mx.inf)
+    elif any(ks):  # mixed rows: a threshold at each row's k-th largest value
+        kmax = max(ks)
+        top = mx.sort(mx.topk(x, kmax, axis=-1), axis=-1)[:, ::-1]
+        kth = mx.take_along_axis(top, mx.array([[max(k, 1) - 1] for k in ks]), axis=-1)
+        kth = mx.where(mx.array(ks)[:, None] > 0, kth, -mx.inf)
+        x = mx.where(x < kth, -mx.inf, x)
+    min_ps = [r.params.min_p for r in rows]
+    if any(min_ps):  # p < min_p * p_max  <=>  x < x_max + log(min_p)
+        floor = mx.array([[math.log(m) if m > 0 else -math.inf] for m in min_ps])
+        x = mx.where(x < x.max(axis=-1, keepdims=True) + floor, -mx.inf, x)
+    top_ps = [r.params.top_p for r in rows]
+    if any(p < 1.0 for p in top_ps):
+        x = _top_p(x, mx.array([[p] for p in top_ps], dtype=mx.float32), ids is not None)
+    noise = []
+    for r in rows:
+        r.key, sub = mx.random.split(r.key)
+        noise.append(mx.random.gumbel(shape=(x.shape[-1],), key=sub))
+    choice = mx.argmax(x + mx.stack(noise), axis=-1)
+    if ids is not None:
+        choice = mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(mx.int32)
 
 
 def _apply_processors(logits: mx.array, row: RowState) -> mx.array:
@@ -105,22 +145,23 @@ def _apply_processors(logits: mx.array, row: RowState) -> mx.array:
     return logits
 
 
-def _filter(logits: mx.array, p: SamplingParams) -> mx.array:
-    """top_k, then top_p and min_p, as masks on the temperature-scaled logits."""
-    neg_inf = mx.array(-float("inf"), dtype=logits.dtype)
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = mx.sort(logits)[-p.top_k]
-        logits = mx.where(logits < kth, neg_inf, logits)
-    if p.min_p > 0.0:
-        probs = mx.softmax(logits, axis=-1)
-        logits = mx.where(probs < p.min_p * probs.max(), neg_inf, logits)
-    if p.top_p < 1.0:
-        probs = mx.softmax(logits, axis=-1)
-        order = mx.argsort(-probs)
-        sorted_probs = probs[order]
-        cum = mx.cumsum(sorted_probs)
-        # keep the smallest set whose mass reaches top_p (the first token always stays)
-        keep_sorted = (cum - sorted_probs) < p.top_p
-        keep = keep_sorted[mx.argsort(order)]  # back to vocabulary order
-        logits = mx.where(keep, logits, neg_inf)
-    return logits
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p(x: mx.array, top_p: mx.array, sorted_desc: bool) -> mx.array:
+    """Keep each row's smallest set of tokens whose probability reaches top_p (the first stays).
+
+    Over a whole vocabulary the cut is found among the 1,024 most likely tokens (a partition,
+    not a sort of 49k+ columns); a row so flat that those hold less than top_p keeps everything."""
+    if sorted_desc:
+        xs = x
+    else:
+        m = min(TOP_P_CANDIDATES, x.shape[-1])
+        xs = mx.take_along_axis(x, mx.argpartition(-x, kth=m - 1, axis=-1)[:, :m], axis=-1)
+        xs = -mx.sort(-xs, axis=-1)
+    probs = mx.exp(xs - mx.logsumexp(x, axis=-1, keepdims=True))
+    cum = mx.cumsum(probs, axis=-1)
+    keep = (cum - probs) < top_p
+    cut = mx.where(keep, xs, mx.inf).min(axis=-1, keepdims=True)
+    cut = mx.where(cum[:, -1:] >= top_p, cut, -mx.inf)
+    return mx.where(x < cut, -mx.inf, x)
