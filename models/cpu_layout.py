@@ -27,6 +27,16 @@ class TransposedLinear(nn.Module):
         y = x @ self.weight_t
         return y + self.bias if "bias" in self else y
 
+    # `weight` reads and writes in nn.Linear's [out, in] layout, for code that inspects layers.
+    @property
+    def weight(self) -> mx.array:
+        return self.weight_t.T
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "weight" and isinstance(value, mx.array):
+            name, value = "weight_t", mx.contiguous(value.T)
+        super().__setattr__(name, value)
+
 
 class TransposedEmbedding(nn.Module):
     """An embedding whose table is stored [dims, vocab]: `as_linear` (a tied lm_head, the largest
@@ -41,6 +51,10 @@ class TransposedEmbedding(nn.Module):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return x @ self.weight_t
+
+    @property
+    def weight(self) -> mx.array:
+        return self.weight_t.T
 
 
 def transpose_for_cpu(model: nn.Module) -> int:

@@ -34,7 +34,10 @@ def test_quantized_model_fp32_vs_as_stored(tmp_path: Path) -> None:
     assert stored.weight_format.startswith("as stored (4-bit")
     assert fp32.weight_bytes > 3 * stored.weight_bytes
     params = fp32.model.parameters()
-    assert params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].dtype == mx.float32
+    q_proj = fp32.model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == mx.float32 and q_proj.weight.shape == (64, 64)
+    if "weight_t" in params["model"]["layers"][0]["self_attn"]["q_proj"]:  # the CPU layout
+        assert q_proj.weight_t.shape == (64, 64)
     ids = mx.array([fp32.tokenizer.encode("the quick brown fox")])
     a, b = fp32.model(ids), stored.model(ids)
     assert mx.allclose(a, b, atol=1e-3, rtol=1e-3).item()  # same numbers, different format
