@@ -83,7 +83,7 @@ class EngineAPI:
 
     def knows_model(self, name: str) -> bool:
         """On disk, or a bundled model the registry can import offline (the default one)."""
-        return self.registry.knows(name)
+        raise NotImplementedError
 
     def model_status(self, name: str) -> ModelStatus:
         """One model's status; raises ModelNotFoundError / InvalidModelNameError."""
@@ -280,7 +280,7 @@ class AsyncEngine(EngineAPI):
 
     def knows_model(self, name: str) -> bool:
         """On disk, or a bundled model the registry can import offline (the default one)."""
-        return self.registry.knows(name)
+        return bool(self.registry.knows(name))
 
     def model_status(self, name: str) -> ModelStatus:
         return self._status(self.registry.resolve(name))

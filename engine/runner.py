@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,8 +42,10 @@ class PromptScores:
     top_logprobs: mx.array | None = None
 
     def read(self) -> list[SampledToken]:
-        lps = self.logprobs.tolist()
-        tops = (self.top_ids.tolist(), self.top_logprobs.tolist()) if self.top_ids is not None else None
+        lps: list[Any] = self.logprobs.tolist()  # type: ignore[assignment]
+        tops: tuple[Any, Any] | None = None
+        if self.top_ids is not None and self.top_logprobs is not None:
+            tops = (self.top_ids.tolist(), self.top_logprobs.tolist())
         out = []
         for i, (tid, lp) in enumerate(zip(self.token_ids, lps)):
             top = []
@@ -66,11 +69,11 @@ class StepResult:
     def read(self) -> list[SampledToken]:
         """Block until the step's tokens exist and return them (the only sync point)."""
         out: list[SampledToken] = []
-        cache: dict[int, list[list]] = {}
+        cache: dict[int, list[Any]] = {}
         for seq, res, row in self.samples:
             lists = cache.get(id(res))
             if lists is None:
-                lists = [a.tolist() for a in res.arrays()]
+                lists = [a.tolist() for a in res.arrays()]  # type: ignore[misc]
                 cache[id(res)] = lists
             tok = SampledToken(seq, lists[0][row])
             if res.logprobs is not None and seq.params.logprobs:
@@ -104,6 +107,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         self._release(out.finished)
         result = StepResult()
+        for sched in out.scheduled:  # prompts whose KV is all cached but the last token's
+            if sched.seq.id not in self.next_input and sched.seq.id not in self.prefilling:
+                if sched.start == sched.seq.num_prompt - 1:
+                    self._join(sched.seq, self._start(sched))
         decode = [s for s in out.scheduled if s.seq.id in self.next_input]
         prefill = [s for s in out.scheduled if s.seq.id not in self.next_input]
         if decode and self.batch is not None:
@@ -134,31 +141,55 @@ class ModelRunner:
         return tokens[row : row + 1]
 
     def _prefill(self, sched: ScheduledSeq, result: StepResult) -> None:
+        # A prefill computes KV only, never logits (the lm_head over every prompt position is
+        # the largest matmul of a small model): the last prompt token is fed by the decode
+        # batch, which samples the first token along with everyone else's next one.
         seq = sched.seq
+        caches = self.prefilling.get(seq.id) or self._start(sched)
         start, end = sched.start, sched.start + sched.num_tokens
-        caches = self.prefilling.get(seq.id)
-        if caches is None:
-            caches = self._restore(seq, sched.cached)
-            if caches is None:  # the entry was evicted since admission: compute it all
-                caches, start = self.make_cache(), 0
-                seq.num_cached = seq.metrics.cached_tokens = 0
-            self.prefilling[seq.id] = caches
-            self.seqs[seq.id] = seq
-            self.states[seq.id] = RowState.create(seq.params, seq.prompt_ids)
-        chunk = seq.prompt_ids[start:end]
-        logits = self.model(mx.array([chunk], dtype=mx.int32), cache=caches)
+        hidden = self.model(mx.array([seq.prompt_ids[start:end]], dtype=mx.int32), cache=caches)
         if seq.params.prompt_logprobs:
-            self._score_prompt(seq, start, logits[0], result)
-        if not sched.samples:
+            self._score_prompt(seq, start, hidden[0], result)
+        if end == seq.num_prompt - 1:
+            self._join(seq, caches)
+        else:
+            self.prefilling[seq.id] = caches
             mx.async_eval([c.state[0] for c in caches if not c.empty()])
-            return
-        res = sample(logits[:, -1, :], [self.states[seq.id]])
-        result.samples.append((seq, res, 0))
-        if self.prefix_cache is not None:
-            self.prefix_cache.insert(seq.prompt_ids, caches)
-        self._join(seq.id, caches, res.tokens)
 
-    def _score_prompt(self, seq: Sequence, start: int, logits: mx.array, result: StepResult) -> None:
+    def _start(self, sched: ScheduledSeq) -> list:
+        """A sequence's own caches at its first step, holding KV up to `sched.start`."""
+        seq = sched.seq
+        self.seqs[seq.id] = seq
+        self.states[seq.id] = RowState.create(seq.params, seq.prompt_ids)
+        if sched.cached and self.prefix_cache is not None:
+            restored = self.prefix_cache.restore(seq.prompt_ids, sched.cached)
+            if restored is not None:
+                return restored
+        if sched.cached:  # the entry was evicted since admission: compute the prefix again
+            seq.num_cached = seq.metrics.cached_tokens = 0
+            caches = self.make_cache()
+            if sched.start:
+                self.model(mx.array([seq.prompt_ids[: sched.start]], dtype=mx.int32), cache=caches)
+            return caches
+        return self.make_cache()
+
+    def _join(self, seq: Sequence, caches: list) -> None:
+        """Move a prefilled sequence into the decode batch; its last prompt token goes next."""
+        self.prefilling.pop(seq.id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(seq.prompt_ids[:-1], caches)
+        merged = [type(c).merge([c]) for c in caches]
+        if self.batch is None:
+            self.batch = merged
+        else:
+            for b, m in zip(self.batch, merged):
+                b.extend(m)
+        self.rows.append(seq.id)
+        self.next_input[seq.id] = (mx.array(seq.prompt_ids[-1:], dtype=mx.int32), 0)
+
+    def _score_prompt(
+        self, seq: Sequence, start: int, logits: mx.array, result: StepResult
+    ) -> None:
         # Position i predicts token i+1; the chunk's last position may predict past the prompt.
         targets = seq.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
         if not targets:
@@ -172,24 +203,6 @@ class ModelRunner:
             scores.top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
             scores.top_logprobs = mx.take_along_axis(lp, scores.top_ids, axis=-1)
         result.prompt_scores.append(scores)
-
-    def _restore(self, seq: Sequence, cached: int) -> list | None:
-        if not cached:
-            return self.make_cache()
-        if self.prefix_cache is None:
-            return None
-        return self.prefix_cache.restore(seq.prompt_ids, cached)
-
-    def _join(self, sid: str, caches: list, first_token: mx.array) -> None:
-        del self.prefilling[sid]
-        merged = [type(c).merge([c]) for c in caches]
-        if self.batch is None:
-            self.batch = merged
-        else:
-            for b, m in zip(self.batch, merged):
-                b.extend(m)
-        self.rows.append(sid)
-        self.next_input[sid] = (first_token, 0)
 
     # --- leaving ----------------------------------------------------------------------------
     def _release(self, finished: list[Sequence]) -> None:
@@ -211,7 +224,7 @@ class ModelRunner:
             self.batch = None
             return
         idx = mx.array(keep, dtype=mx.int32)
-        for c in self.batch:
+        for c in self.batch or []:
             c.filter(idx)
 
     def _keep_prefixes(self, finished: list[Sequence]) -> None:

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from models.cpu_layout import transpose_for_cpu
+from models.cpu_layout import fast_activations, transpose_for_cpu
 from models.errors import ModelLoadError
 from models.memory import device_kind, kv_bytes_per_token
 from models.tokenizer import Tokenizer
@@ -197,6 +197,7 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
         if dequant:
             _to_fp32(model)
             transpose_for_cpu(model)  # fast small-M GEMMs for batched decoding: cpu_layout.py
+            fast_activations(model)  # SwiGLU without MLX's slow CPU exp: cpu_layout.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval
         raise ModelLoadError(name, f"its weights cannot be read ({type(e).__name__})") from None

@@ -50,13 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             known = sorted(s.name for s in engine.list_models())
             listing = ", ".join(known) if known else "none (try `mlxd pull` or `mlxd import`)"
             return _fail(f"unknown model '{args.model}'; known models: {listing}", EXIT_USAGE)
-    code = serve(settings)
-    # The engine has drained and stopped; skip interpreter teardown, where native libraries'
-    # static destructors (MLX, the BLAS's thread pool) can abort a clean exit with SIGABRT.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    return serve(settings)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -169,5 +163,16 @@ def _describe(e: Exception) -> str:
         return "unexpected error"
 
 
+def entry() -> None:
+    """The `mlxd` command: main(), then exit without interpreter teardown. Any engine has
+    drained and stopped by then, and native libraries' static destructors (MLX's workers, the
+    BLAS thread pool) can otherwise abort a clean exit with SIGABRT."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

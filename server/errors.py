@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -150,7 +150,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return "".join(parts) or None
 
 
-def validation_error(errors: list[Mapping[str, Any]]) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """A 400 for the first of pydantic's errors, naming the offending field."""
     if not errors:
         return APIError(400, "invalid request body")

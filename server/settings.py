@@ -97,7 +97,9 @@ def _apply_toml(s: Settings, path: Path) -> None:
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings; `overrides` are flags (None values are ignored)."""
     s = Settings()
-    if DEFAULT_CONFIG.exists():  # absent in a non-editable install: the dataclass holds the same defaults
+    if (
+        DEFAULT_CONFIG.exists()
+    ):  # absent in a non-editable install: the dataclass holds the same defaults
         _apply_toml(s, DEFAULT_CONFIG)
     if config:
         _apply_toml(s, Path(config).expanduser())

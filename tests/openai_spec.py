@@ -26,7 +26,9 @@ from referencing.jsonschema import DRAFT202012
 
 # A copy of the OpenAI spec's chat, completions and models operations, kept with the tests.
 SPEC_PATH = Path(
-    os.environ.get("MLXD_OPENAI_SPEC", Path(__file__).parent / "data" / "openai-openapi-subset.json")
+    os.environ.get(
+        "MLXD_OPENAI_SPEC", Path(__file__).parent / "data" / "openai-openapi-subset.json"
+    )
 )
 SPEC_URI = "urn:mlxd:openai-spec"
 

@@ -31,7 +31,12 @@ def test_readme_chat_example_answers(live_server: str):
 
 def test_readme_ollama_examples_answer(live_server: str):
     blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
-    lines = [ln for b in blocks for ln in b.splitlines() if ln.startswith("curl http://127.0.0.1:11434/api/generate")]
+    lines = [
+        ln
+        for b in blocks
+        for ln in b.splitlines()
+        if ln.startswith("curl http://127.0.0.1:11434/api/generate")
+    ]
     assert lines, "no /api/generate example in the README"
     cmd = lines[0].replace("http://127.0.0.1:11434", live_server)
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)

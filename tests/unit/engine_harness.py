@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import models  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 from mlx_lm.models import gemma3_text, llama
 from mlx_lm.models.cache import make_prompt_cache
 
+import models  # noqa: F401  (BLAS before mlx)
 from engine.core import EngineCore, StepOutput
 from engine.kv_manager import KVManager
 from engine.prefix_cache import PrefixCache
@@ -58,15 +57,27 @@ def tiny_gemma3(seed: int = 0, window: int = 8) -> gemma3_text.Model:
 
 
 class Harness:
-    def __init__(self, model, budget: int = 16, max_num_seqs: int = 32, prefix_bytes: int = 10**8,
-                 kv_budget: int = 10**9, context_length: int = 1000, max_kv_size: int | None = None):
+    def __init__(
+        self,
+        model,
+        budget: int = 16,
+        max_num_seqs: int = 32,
+        prefix_bytes: int = 10**8,
+        kv_budget: int = 10**9,
+        context_length: int = 1000,
+        max_kv_size: int | None = None,
+    ):
         self.outputs: dict[str, list[int]] = {}
         self.finals: dict[str, StepOutput] = {}
         self.kv = KVManager(kv_budget)
         self.prefix = PrefixCache(prefix_bytes, min_tokens=4) if prefix_bytes else None
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                            kv_bytes_per_token=1, context_length=context_length),
+            SchedulerConfig(
+                max_num_batched_tokens=budget,
+                max_num_seqs=max_num_seqs,
+                kv_bytes_per_token=1,
+                context_length=context_length,
+            ),
             self.kv,
             self.prefix.lookup if self.prefix else (lambda t: 0),
         )
@@ -78,8 +89,12 @@ class Harness:
         if out.finish_reason is not None:
             self.finals[seq.id] = out
 
-    def run(self, requests: list[GenerateRequest], every: int | None = None,
-            abort_at: dict[str, int] | None = None) -> dict[str, list[int]]:
+    def run(
+        self,
+        requests: list[GenerateRequest],
+        every: int | None = None,
+        abort_at: dict[str, int] | None = None,
+    ) -> dict[str, list[int]]:
         """Add one request every `every` steps (all at once if None) and step until idle."""
         pending = list(requests)
         step = 0

@@ -2,6 +2,7 @@
 
 from engine.detokenizer import Detokenizer
 
+
 # A byte-level toy vocabulary: token i is one byte; decode replaces broken UTF-8 with U+FFFD.
 def decode(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
@@ -23,7 +24,7 @@ def test_multibyte_characters_are_held_until_complete():
 
 def test_incomplete_tail_becomes_replacement_char_at_flush():
     d = Detokenizer(decode)
-    assert d.add(list("ok".encode()) + ["€".encode()[0]]) == ""  # text ends mid-character
+    assert d.add(list(b"ok") + ["€".encode()[0]]) == ""  # text ends mid-character
     assert d.flush() == "ok\ufffd"
 
 

@@ -23,8 +23,16 @@ def greedy(i: int, p: list[int], **kw) -> GenerateRequest:
 
 
 def seeded(i: int, p: list[int]) -> GenerateRequest:
-    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, min_p=0.01,
-                            seed=1000 + i, repetition_penalty=1.2, presence_penalty=0.3)
+    params = SamplingParams(
+        max_tokens=10,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.01,
+        seed=1000 + i,
+        repetition_penalty=1.2,
+        presence_penalty=0.3,
+    )
     return GenerateRequest(f"s{i}", "m", p, params)
 
 
@@ -56,13 +64,20 @@ def test_seeded_sampling_reproduces_in_any_batch(llama_model):
 def test_prefix_cache_reuses_and_matches(llama_model):
     shared = prompts(1, seed=2)[0] * 3  # a long common "system prompt"
     first = greedy(0, shared + [5, 6, 7])
-    second = GenerateRequest("r1", "m", shared + [8, 9], SamplingParams(max_tokens=8, temperature=0))
+    second = GenerateRequest(
+        "r1", "m", shared + [8, 9], SamplingParams(max_tokens=8, temperature=0)
+    )
     h = Harness(llama_model)
     h.run([first])
     h.run([second])
     assert h.finals["r1"].metrics.cached_tokens >= len(shared)
     cold = Harness(llama_model, prefix_bytes=0).run([second])
     assert h.outputs["r1"] == cold["r1"]
+    # The same prompt again: all of it but the last token is cached; it goes straight to decode.
+    again = GenerateRequest("r2", "m", second.prompt_token_ids, second.params)
+    h.run([again])
+    assert h.finals["r2"].metrics.cached_tokens == len(second.prompt_token_ids) - 1
+    assert h.outputs["r2"] == cold["r1"]
 
 
 def test_abort_frees_everything(llama_model):
@@ -121,7 +136,9 @@ def test_prompt_scoring_matches_a_direct_forward(llama_model):
     import mlx.core as mx
 
     p = prompts(1, seed=8)[0] + prompts(1, seed=9)[0]
-    params = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=True, logprobs=True, top_logprobs=2)
+    params = SamplingParams(
+        max_tokens=0, temperature=0, prompt_logprobs=True, logprobs=True, top_logprobs=2
+    )
     h = Harness(llama_model, budget=8)  # several prefill chunks
     h.run([GenerateRequest("score", "m", p, params)])
     final = h.finals["score"]

@@ -112,3 +112,26 @@ def test_weights_not_matching_config(tiny_model_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ModelLoadError) as err:
         load_model(tiny_model_dir, "mismatch")
     _assert_clean(err.value, "mismatch", tmp_path)
+
+
+def test_cpu_layout_keeps_the_numbers(tmp_path: Path) -> None:
+    """Transposed weights and the polynomial-exp SwiGLU give the same logits as mlx-lm's modules."""
+    from models.cpu_layout import (
+        FastSwiGLUMLP,
+        TransposedLinear,
+        _exp,
+        fast_activations,
+        transpose_for_cpu,
+    )
+
+    x = mx.linspace(-80, 80, 10001)
+    assert (mx.abs(_exp(x) - mx.exp(x)) / mx.exp(x)).max().item() < 1e-5
+    lm = load_model(make_tiny_model(tmp_path / "t"), "t", "as_stored")
+    ids = mx.array([lm.tokenizer.encode("the quick brown fox jumps")])
+    ref = lm.model(ids)
+    assert transpose_for_cpu(lm.model) > 0 and fast_activations(lm.model) == 2
+    layer = lm.model.model.layers[0]
+    assert isinstance(layer.mlp, FastSwiGLUMLP) and isinstance(
+        layer.mlp.gate_proj, TransposedLinear
+    )
+    assert mx.allclose(lm.model(ids), ref, atol=1e-4).item()

@@ -3,10 +3,9 @@
 import math
 from collections import Counter
 
-import models  # noqa: F401
-
 import mlx.core as mx
 
+import models  # noqa: F401
 from engine.sampling import RowState, sample
 from engine.types import SamplingParams
 
