@@ -60,8 +60,13 @@ class EngineCore:
 
     def step(self) -> None:
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)  # queued with async_eval, not yet computed
+        result = self.runner.execute(out)  # queued with async_eval
         self._report_rejected(out.finished)
+        if not self.runner.pipelined:
+            if not result.empty:
+                self.update(result)
+            self.steps += 1
+            return
         previous, self._in_flight = self._in_flight, (None if result.empty else result)
         if previous is not None:
             self.update(previous)  # step n's tokens, read while step n+1 computes

@@ -21,9 +21,9 @@ class Sequence:
     Token accounting (the scheduler's whole view of progress):
       tokens = prompt + output (known ids) + `in_flight` sampled tokens whose ids the engine thread
       has not read yet (steps are pipelined: step n+1 is queued before step n's tokens are read).
-      `num_computed` counts tokens whose KV is in the cache. Tokens still to compute: while
-      prefilling, the prompt up to its last token (that one is decoded with the batch, whose
-      logits give the first sampled token); then num_tokens - num_computed, 1 a step.
+      `num_computed` counts tokens whose KV is in the cache. Tokens still to compute =
+      num_tokens - num_computed: the prompt's remainder while prefilling, 1 while decoding.
+      A chunk that reaches the prompt's end samples: its last token is decoded in the batch.
     """
 
     request: GenerateRequest
@@ -60,9 +60,6 @@ class Sequence:
 
     @property
     def to_compute(self) -> int:
-        # A prefill stops one token short: the last prompt token is decoded with the batch.
-        if self.prefilling:
-            return self.num_prompt - 1 - self.num_computed
         return self.num_tokens - self.num_computed
 
     @property
@@ -72,13 +69,12 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.num_prompt - 1
+        return self.num_computed < self.num_prompt
 
     @property
     def done_generating(self) -> bool:
-        """No more tokens need sampling: max_tokens reached (counting those in flight). A
-        max_tokens of 0 (scoring a prompt) still samples once: that step ends its prefill."""
-        return self.num_generated >= max(self.params.max_tokens, 1)
+        """No more tokens need sampling: max_tokens reached (counting those in flight)."""
+        return self.num_generated >= self.params.max_tokens
 
     def all_token_ids(self) -> list[int]:
         return [*self.request.prompt_token_ids, *self.output_ids]

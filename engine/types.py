@@ -172,7 +172,7 @@ class EngineConfig:
     memory_limit: int = 0  # bytes for weights + KV; 0: a safe fraction of the device's memory
     weights_on_cpu: str = "fp32"  # CPU backend: "fp32" (dequantize at load) or "as_stored"
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     max_waiting: int = 256
     max_context: int = 0  # 0: the model's own context length
     prefix_cache_bytes: int = 256 * 1024 * 1024

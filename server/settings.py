@@ -40,7 +40,7 @@ class Settings:
     weights_on_cpu: str = "fp32"
     # [engine]
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     max_waiting: int = 256
     max_context: int = 0
     prefix_cache_bytes: int = 256 * 1024 * 1024

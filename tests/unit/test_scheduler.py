@@ -10,21 +10,12 @@ from engine.types import FinishReason, GenerateRequest, SamplingParams
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(
-        GenerateRequest(
-            rid, "m", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)
-        )
-    )
+    return Sequence(GenerateRequest(rid, "m", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)))
 
 
 def make(budget=8, max_seqs=4, kv=10**6, waiting=8, lookup=lambda t: 0) -> Scheduler:
-    cfg = SchedulerConfig(
-        max_num_seqs=max_seqs,
-        max_num_batched_tokens=budget,
-        max_waiting=waiting,
-        kv_bytes_per_token=1,
-        context_length=1000,
-    )
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=waiting,
+                          kv_bytes_per_token=1, context_length=1000)
     return Scheduler(cfg, KVManager(kv), lookup)
 
 
@@ -41,13 +32,12 @@ def fake_run(s: Scheduler, token: int = 7) -> dict[str, int]:
 def test_chunked_prefill_shares_budget_with_decodes():
     s = make(budget=8)
     s.add(seq("a", 3, max_tokens=10))
-    assert fake_run(s) == {"a": 2}  # the prompt but its last token, which is decoded:
-    assert fake_run(s) == {"a": 1}  # its logits give the first sampled token
+    assert fake_run(s) == {"a": 3}  # whole prompt fits
     s.add(seq("b", 20))
-    # a decodes 1 token; b's 19 prefill tokens take the remaining 7 of the budget, 7, then 5
+    # a decodes 1 token; b takes the remaining 7 of the budget, then 7, then 6
     assert fake_run(s) == {"a": 1, "b": 7}
     assert fake_run(s) == {"a": 1, "b": 7}
-    assert fake_run(s) == {"a": 1, "b": 5}
+    assert fake_run(s) == {"a": 1, "b": 6}
     assert fake_run(s) == {"a": 1, "b": 1}
 
 
@@ -57,7 +47,6 @@ def test_fifo_admission_and_seq_cap():
         s.add(seq(r, 2, max_tokens=2))
     assert set(fake_run(s)) == {"a", "b"}
     assert [x.id for x in s.waiting] == ["c"]
-    fake_run(s)
     fake_run(s)  # a and b reach max_tokens and finish
     assert set(fake_run(s)) == {"c"}
 
