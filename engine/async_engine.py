@@ -235,18 +235,21 @@ class AsyncEngine(EngineAPI):
         core = self.cores.get(loaded.name)
         if core is not None and core.runner.model is loaded.model:
             return core
-        ctx = loaded.context_length
-        if self.config.max_context:
-            ctx = min(ctx, self.config.max_context)
+        # max_context caps the KV kept, not the conversation: past it a rotating cache keeps
+        # the most recent tokens and generation goes on.
+        window = self.config.max_context
+        window = window if 0 < window < loaded.context_length else 0
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_waiting=self.config.max_waiting,
             kv_bytes_per_token=loaded.kv_bytes_per_token(),
-            context_length=ctx,
+            context_length=loaded.context_length,
+            kv_window=window,
         )
         prefix = PrefixCache(self.config.prefix_cache_bytes)
-        runner = ModelRunner(loaded.model, loaded.make_cache, prefix)
+        make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
+        runner = ModelRunner(loaded.model, make_cache, prefix)
         scheduler = Scheduler(scheduler_config, self.kv, prefix.lookup)
         tok = loaded.tokenizer
         core = EngineCore(

@@ -43,7 +43,12 @@ class SampleResult:
 
 
 def needs_history(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    return bool(
+        p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or p.logits_processors
+    )
 
 
 def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
@@ -129,6 +134,10 @@ def _apply_processors(logits: mx.array, row: RowState) -> mx.array:
         ids = mx.array(list(p.logit_bias.keys()), dtype=mx.int32)
         bias = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
         logits = logits.at[ids].add(bias)
+    if p.logits_processors:
+        every = mx.concatenate(row.history)
+        for proc in p.logits_processors:
+            logits = proc(every, logits[None])[0]
     if row.history:
         hist = mx.concatenate(row.history)
         if p.repeat_last_n > 0:

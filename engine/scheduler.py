@@ -47,6 +47,7 @@ class SchedulerConfig:
     max_waiting: int = 256
     kv_bytes_per_token: int = 1
     context_length: int = 2048
+    kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)
 
 
 class Scheduler:
@@ -131,7 +132,8 @@ class Scheduler:
         return ScheduledSeq(seq, n, start, samples)
 
     def _kv_tokens(self, seq: Sequence) -> int:
-        return min(seq.num_prompt + seq.params.max_tokens, self.config.context_length)
+        tokens = min(seq.num_prompt + seq.params.max_tokens, self.config.context_length)
+        return min(tokens, self.config.kv_window) if self.config.kv_window else tokens
 
     def _admit(self, seq: Sequence) -> bool:
         need = self._kv_tokens(seq) * self.config.kv_bytes_per_token

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):
@@ -41,6 +43,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20 alternatives per token
+    # Per-request hooks, mlx-lm's signature: (token_ids: mx.array, logits: mx.array[1, V]) ->
+    # logits. token_ids holds the prompt and the tokens so far. Structured output plugs in here.
+    logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
     prompt_logprobs: bool = False  # score the prompt too: the first output carries prompt_logprobs
 
     @property

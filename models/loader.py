@@ -78,11 +78,12 @@ class LoadedModel:
     kv_dtype_bytes: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def make_cache(self) -> list:
-        """A fresh per-layer KV cache (rotating for sliding-window layers)."""
+    def make_cache(self, max_kv_size: int | None = None) -> list:
+        """A fresh per-layer KV cache: rotating for sliding-window layers, and for every layer
+        when `max_kv_size` caps the KV kept (architectures with their own cache layout keep it)."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        return make_prompt_cache(self.model)
+        return make_prompt_cache(self.model, max_kv_size)
 
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token costs over all layers, in the model's activation dtype."""

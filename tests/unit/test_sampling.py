@@ -67,3 +67,18 @@ def test_repetition_penalty_and_logit_bias():
     assert sample(mx.array([[2.0, 1.0, 0.0]]), [row]).tokens.item() == 1  # 0 was seen
     row = RowState.create(SamplingParams(temperature=0, logit_bias={2: 10.0}), [])
     assert sample(mx.array([[2.0, 1.0, 0.0]]), [row]).tokens.item() == 2
+
+
+def test_logits_processor_hook_sees_history_and_steers():
+    seen = []
+
+    def only_token_3(tokens, logits):
+        seen.append(tokens.tolist())
+        mask = mx.full(logits.shape, -mx.inf)
+        mask[..., 3] = 0.0
+        return logits + mask
+
+    row = RowState.create(SamplingParams(temperature=1.0, logits_processors=[only_token_3]), [7, 8])
+    out = [sample(mx.array([LOGITS]), [row]).tokens.item() for _ in range(3)]
+    assert out == [3, 3, 3]
+    assert seen[0] == [7, 8] and seen[2] == [7, 8, 3, 3]

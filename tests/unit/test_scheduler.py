@@ -10,12 +10,21 @@ from engine.types import FinishReason, GenerateRequest, SamplingParams
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(GenerateRequest(rid, "m", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)))
+    return Sequence(
+        GenerateRequest(
+            rid, "m", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)
+        )
+    )
 
 
 def make(budget=8, max_seqs=4, kv=10**6, waiting=8, lookup=lambda t: 0) -> Scheduler:
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=waiting,
-                          kv_bytes_per_token=1, context_length=1000)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_waiting=waiting,
+        kv_bytes_per_token=1,
+        context_length=1000,
+    )
     return Scheduler(cfg, KVManager(kv), lookup)
 
 
