@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.async_engine import EngineAPI, ModelHandle
+from engine.detokenizer import Detokenizer
 from engine.errors import ContextLengthError, InvalidModelNameError, ModelNotFoundError
 from engine.types import (
     EngineStats,
@@ -228,7 +229,8 @@ class FakeEngine(EngineAPI):
             await script.gate.wait()
         if script.first_delay:
             await asyncio.sleep(script.first_delay)
-        emitted, held = "", ""  # held: a tail that may start a stop string (the engine's contract)
+        # The engine's own detokenizer holds back what may start a stop string.
+        detok = Detokenizer(tok.decode, None, params.stop)
         for i, ch in enumerate(text):
             if script.error_after is not None and i >= script.error_after:
                 yield self._last(
@@ -236,27 +238,33 @@ class FakeEngine(EngineAPI):
                 )
                 return
             if i >= params.max_tokens:
-                yield self._last(rid, request, i, FinishReason.LENGTH, start, script, text=held)
-                return
-            held += ch
-            hit = _stop_hit(held, params.stop)
-            if hit is not None:
-                tail = held[: held.index(hit)]
                 yield self._last(
-                    rid, request, i + 1, FinishReason.STOP, start, script, text=tail, stop=hit
+                    rid, request, i, FinishReason.LENGTH, start, script, text=detok.flush()
                 )
                 return
-            keep = _partial_stop_len(held, params.stop)
-            out_text, held = held[: len(held) - keep], held[len(held) - keep :]
+            ids = tok.encode(ch, add_special_tokens=False)
+            out_text = detok.add(ids)
+            if detok.stopped is not None:
+                yield self._last(
+                    rid,
+                    request,
+                    i + 1,
+                    FinishReason.STOP,
+                    start,
+                    script,
+                    text=out_text,
+                    stop=detok.stopped,
+                )
+                return
             if i and script.token_delay:
                 await asyncio.sleep(script.token_delay)
-            ids = tok.encode(ch, add_special_tokens=False)
             lp = [_logprob(ids[0], ch, params.top_logprobs)] if params.logprobs else None
-            emitted += out_text
             yield RequestOutput(request_id=rid, text=out_text, token_ids=ids, logprobs=lp)
         reason = script.finish_reason
         eos = EOS_ID if reason == FinishReason.STOP else None
-        yield self._last(rid, request, len(text), reason, start, script, text=held, stop=eos)
+        yield self._last(
+            rid, request, len(text), reason, start, script, text=detok.flush(), stop=eos
+        )
 
     def _last(
         self,
@@ -306,23 +314,6 @@ class FakeEngine(EngineAPI):
             running=len(self.active),
             loaded=[m.status for m in self.models.values() if m.status.loaded],
         )
-
-
-def _stop_hit(text: str, stops: list[str]) -> str | None:
-    """The stop string that occurs earliest in `text`, if any."""
-    hits = [(text.index(s), s) for s in stops if s and s in text]
-    return min(hits)[1] if hits else None
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def _logprob(token_id: int, text: str, top: int) -> TokenLogprob:
