@@ -66,6 +66,7 @@ class Harness:
         kv_budget: int = 10**9,
         context_length: int = 1000,
         max_kv_size: int | None = None,
+        pipelined: bool | None = None,
     ):
         self.outputs: dict[str, list[int]] = {}
         self.finals: dict[str, StepOutput] = {}
@@ -81,7 +82,9 @@ class Harness:
             self.kv,
             self.prefix.lookup if self.prefix else (lambda t: 0),
         )
-        self.runner = ModelRunner(model, lambda: make_prompt_cache(model, max_kv_size), self.prefix)
+        self.runner = ModelRunner(
+            model, lambda: make_prompt_cache(model, max_kv_size), self.prefix, pipelined
+        )
         self.core = EngineCore(self.scheduler, self.runner, {EOS}, self._emit)
 
     def _emit(self, seq: Sequence, out: StepOutput) -> None:

@@ -36,14 +36,16 @@ def seeded(i: int, p: list[int]) -> GenerateRequest:
     return GenerateRequest(f"s{i}", "m", p, params)
 
 
-def test_batched_equals_single_greedy(llama_model):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["read-now", "read-a-step-late"])
+def test_batched_equals_single_greedy(llama_model, pipelined):
     ps = prompts(6)
     alone = {}
     for i, p in enumerate(ps):
-        alone.update(Harness(llama_model).run([greedy(i, p)]))
+        alone.update(Harness(llama_model, pipelined=pipelined).run([greedy(i, p)]))
     # Requests join every 3 steps and leave at different lengths, prompts are chunked by a
     # 16-token budget shared with the running decodes.
-    batched = Harness(llama_model).run([greedy(i, p) for i, p in enumerate(ps)], every=3)
+    h = Harness(llama_model, pipelined=pipelined)
+    batched = h.run([greedy(i, p) for i, p in enumerate(ps)], every=3)
     assert batched == alone
     assert all(len(v) == 10 + i for i, v in enumerate(alone.values()))
 
@@ -80,8 +82,9 @@ def test_prefix_cache_reuses_and_matches(llama_model):
     assert h.outputs["r2"] == cold["r1"]
 
 
-def test_abort_frees_everything(llama_model):
-    h = Harness(llama_model, budget=64)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["read-now", "read-a-step-late"])
+def test_abort_frees_everything(llama_model, pipelined):
+    h = Harness(llama_model, budget=64, pipelined=pipelined)
     reqs = [greedy(i, p) for i, p in enumerate(prompts(20, seed=3))]
     h.run(reqs, abort_at={r.request_id: 2 + i % 5 for i, r in enumerate(reqs)})
     assert not h.scheduler.running and not h.scheduler.waiting
