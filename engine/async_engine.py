@@ -25,9 +25,15 @@ from typing import Any
 
 from engine.core import EngineCore, StepOutput
 from engine.detokenizer import Detokenizer
+from engine.doctor import doctor
 from engine.embeddings import embed_tokens
 from engine.engine_thread import EngineThread
-from engine.errors import ContextLengthError, EngineShuttingDownError, InvalidRequestError
+from engine.errors import (
+    ContextLengthError,
+    EngineShuttingDownError,
+    InvalidRequestError,
+    ModelError,
+)
 from engine.kv_manager import KVManager
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
@@ -168,14 +174,39 @@ class AsyncEngine(EngineAPI):
 
     async def start(self) -> None:
         self.registry.apply_mlx_limits()
+        report = await asyncio.to_thread(doctor, True)
+        blas = report.blas_name + (f" ({report.blas_note})" if report.blas_note else "")
+        log.info(
+            "MLX %s on %s; BLAS %s; fp32 matmul %.0f GFLOP/s; memory limit %.1f GB (KV %.1f GB)",
+            report.mlx_version,
+            report.device,
+            blas,
+            report.gflops or 0.0,
+            self.registry.memory_limit / 1e9,
+            self.kv.budget_bytes / 1e9,
+        )
         self._thread.start()
         await asyncio.to_thread(self._ensure_default)
         for name in self.config.preload:
             await self.get_model(name)
 
     def _ensure_default(self) -> None:
+        name = self.config.default_model
         try:
-            self.registry.ensure_default(self.config.default_model)
+            self.registry.resolve(name)
+            return
+        except ModelError:
+            log.info("importing the bundled model %s into %s ...", name, self.config.models_dir)
+        step = [0]
+
+        def progress(done: int, total: int, what: str) -> None:
+            pct = 100 * done // max(total, 1)
+            if pct >= step[0] + 25 or done == total:  # a line every quarter
+                step[0] = pct
+                log.info("importing %s: %d%% (%d/%d tensors)", name, pct, done, total)
+
+        try:
+            self.registry.ensure_default(name, progress)
         except Exception as e:  # serving other models still works; say why the default is missing
             log.warning("default model %s unavailable: %s", self.config.default_model, e)
 
@@ -295,7 +326,7 @@ class AsyncEngine(EngineAPI):
         self._check_accepting()
 
         def load() -> Any:
-            loaded = self.registry.acquire(name, keep_alive)
+            loaded = self._acquire(name, keep_alive)
             self.registry.release(loaded.name, keep_alive)
             self._core_for(loaded)
             return loaded
@@ -337,8 +368,23 @@ class AsyncEngine(EngineAPI):
         if not self._accepting:
             raise EngineShuttingDownError()
 
+    def _acquire(self, name: str, keep_alive: float | None) -> Any:
+        """The registry's acquire, with a log line when it had to load the weights."""
+        before = self.registry.load_count
+        t0 = time.monotonic()
+        loaded = self.registry.acquire(name, keep_alive)
+        if self.registry.load_count != before:
+            log.info(
+                "loaded %s in %.1f s: %s, %.0f MB",
+                loaded.name,
+                time.monotonic() - t0,
+                loaded.weight_format,
+                loaded.weight_bytes / 1e6,
+            )
+        return loaded
+
     def _submit(self, req: GenerateRequest, sink: Callable[[StepOutput], None]) -> Any:
-        loaded = self.registry.acquire(req.model, req.keep_alive)
+        loaded = self._acquire(req.model, req.keep_alive)
         try:
             core = self._core_for(loaded)
             ctx = core.scheduler.config.context_length
