@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
 from server.metrics import install_metrics

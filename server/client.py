@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from server.errors import from_exception
 from server.ollama import management as mgmt
 from server.ollama.generation import chat_events, generate_events

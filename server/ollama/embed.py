@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from server.errors import APIError
 from server.ollama.options import ns, parse_keep_alive
 

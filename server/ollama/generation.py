@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from engine.async_engine import EngineAPI, ModelHandle
+from engine.api import EngineAPI, ModelHandle
 from engine.errors import ContextLengthError
 from engine.types import FinishReason, GenerateRequest, RequestOutput
 from server.errors import APIError

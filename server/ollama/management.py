@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from engine.types import ModelStatus
 from server.errors import APIError
 from server.ollama.options import timestamp

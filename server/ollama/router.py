@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from server.errors import APIError
 from server.ollama import management as mgmt
 from server.ollama.embed import (

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.async_engine import ModelHandle
+from engine.api import ModelHandle
 from engine.types import GenerateRequest, RequestMetrics, RequestOutput
 from server.errors import APIError, from_exception, read_json, validate
 from server.openai import common

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from engine.async_engine import EngineAPI
+from engine.api import EngineAPI
 from engine.types import (
     FinishReason,
     GenerateRequest,

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.async_engine import ModelHandle
+from engine.api import ModelHandle
 from engine.types import GenerateRequest, RequestMetrics, RequestOutput, TokenLogprob
 from server.errors import APIError, from_exception, read_json, validate
 from server.openai import common

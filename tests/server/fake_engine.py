@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.async_engine import EngineAPI, ModelHandle
+from engine.api import EngineAPI, ModelHandle
 from engine.detokenizer import Detokenizer
 from engine.errors import ContextLengthError, InvalidModelNameError, ModelNotFoundError
 from engine.types import (
@@ -40,7 +40,7 @@ DEFAULT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% end
 
 
 class FakeTokenizer:
-    """Character-level tokenizer with the interface engine/async_engine.py documents."""
+    """Character-level tokenizer with the interface engine/api.py documents."""
 
     def __init__(self, chat_template: str | None = DEFAULT_TEMPLATE):
         self.chat_template = chat_template
