@@ -17,7 +17,7 @@ from server.openai.logprobs import chat_logprobs
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, unsupported_field
 from server.sse import sse_response, sse_stream
 
-FINGERPRINT = "fp_mlxd"
+FINGERPRINT = common.FINGERPRINT
 _ROLES = {"developer": "system", "function": "tool"}  # what common chat templates understand
 
 
@@ -177,15 +177,7 @@ async def chat_events(
     job: ChatJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
 ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a streamed chat completion (sse.py frames them)."""
-    base = {
-        "id": job.id,
-        "object": "chat.completion.chunk",
-        "created": common.created(),
-        "model": job.model,
-        "system_fingerprint": FINGERPRINT,
-    }
-    if job.include_usage:
-        base["usage"] = None
+    base = common.stream_base("chat.completion.chunk", job.id, job.model, job.include_usage)
 
     def chunk(
         i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
@@ -208,10 +200,8 @@ async def chat_events(
             yield chunk(i, {"content": out.text}, lp=lp)
         if out.finished:
             metrics[i] = out.metrics
-            last = chunk(i, {}, common.finish_reason(out.finish_reason))
-            timing = common.timings([out.metrics])
-            if timing:
-                last["x_timings"] = timing
-            yield last
+            yield common.with_timings(
+                chunk(i, {}, common.finish_reason(out.finish_reason)), out.metrics
+            )
     if job.include_usage:
         yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}

@@ -325,3 +325,28 @@ def engine_of(request: Request) -> EngineAPI:
 
 def settings_of(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
+
+
+FINGERPRINT = "fp_mlxd"
+
+
+def stream_base(obj: str, job_id: str, model: str, include_usage: bool) -> dict[str, Any]:
+    """The fields every chunk of one stream repeats; usage is null until the final usage chunk."""
+    base: dict[str, Any] = {
+        "id": job_id,
+        "object": obj,
+        "created": created(),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
+    if include_usage:
+        base["usage"] = None
+    return base
+
+
+def with_timings(chunk: dict[str, Any], metrics: RequestMetrics | None) -> dict[str, Any]:
+    """A choice's last chunk carries its `x_timings`."""
+    timing = timings([metrics])
+    if timing:
+        chunk["x_timings"] = timing
+    return chunk

@@ -172,15 +172,7 @@ async def completion_events(
     job: CompletionJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
 ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a streamed completion (same object shape as the non-streamed one)."""
-    base = {
-        "id": job.id,
-        "object": "text_completion",
-        "created": common.created(),
-        "model": job.model,
-        "system_fingerprint": FINGERPRINT,
-    }
-    if job.include_usage:
-        base["usage"] = None
+    base = common.stream_base("text_completion", job.id, job.model, job.include_usage)
 
     def chunk(i: int, text: str, lp: Any = None, finish: str | None = None) -> dict[str, Any]:
         return {
@@ -203,10 +195,7 @@ async def completion_events(
             yield chunk(i, out.text, lp)
         if out.finished:
             metrics[i] = out.metrics
-            last = chunk(i, "", finish=common.finish_reason(out.finish_reason))
-            timing = common.timings([out.metrics])
-            if timing:
-                last["x_timings"] = timing
-            yield last
+            finish = common.finish_reason(out.finish_reason)
+            yield common.with_timings(chunk(i, "", finish=finish), out.metrics)
     if job.include_usage:
         yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}
