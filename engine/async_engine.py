@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -61,7 +62,7 @@ class AsyncEngine(EngineAPI):
         self._thread = EngineThread(self._step_all, self._housekeeping, _settle_mlx)
         self._accepting = True
         self._shutdown: asyncio.Future[None] | None = None
-        self.rejections: dict[str, int] = {}
+        self._snapshot = EngineStats(kv_budget_bytes=self.kv.budget_bytes)
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -144,9 +145,12 @@ class AsyncEngine(EngineAPI):
                 log.exception("step failed for model %s", name)
                 core.abort_all(FinishReason.ERROR)
                 self._drop_core(name)
+        if busy:
+            self._snapshot = self._take_snapshot()
         return busy
 
     def _housekeeping(self) -> None:
+        self._snapshot = self._take_snapshot()
         self.registry.evict_expired()
         loaded = {m.name: m.model for m in self.registry.loaded()}
         for name, core in list(self.cores.items()):
@@ -397,12 +401,11 @@ class AsyncEngine(EngineAPI):
 
         return await self._thread.call(run)
 
-    def stats(self) -> EngineStats:
-        import mlx.core as mx
-
+    def _take_snapshot(self) -> EngineStats:
+        """Counts read on the engine thread between steps; stats() serves the latest copy."""
         cores = list(self.cores.values())
         prefix = [c.runner.prefix_cache for c in cores if c.runner.prefix_cache is not None]
-        rejections: dict[str, int] = dict(self.rejections)
+        rejections: dict[str, int] = {}
         for c in cores:
             for k, v in c.scheduler.rejections.items():
                 rejections[k] = rejections.get(k, 0) + v
@@ -415,10 +418,18 @@ class AsyncEngine(EngineAPI):
             prefix_cache_hits=sum(p.hits for p in prefix),
             prefix_cache_queries=sum(p.queries for p in prefix),
             steps=sum(c.steps for c in cores),
+            rejections=rejections,
+        )
+
+    def stats(self) -> EngineStats:
+        import mlx.core as mx
+
+        snap = self._snapshot
+        return dataclasses.replace(
+            snap,
             mlx_active_bytes=mx.get_active_memory(),
             mlx_peak_bytes=mx.get_peak_memory(),
             mlx_cache_bytes=mx.get_cache_memory(),
-            rejections=rejections,
             loaded=self.running_models(),
         )
 
