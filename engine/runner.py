@@ -2,9 +2,10 @@
 
 Decoding sequences are rows of one batch whose per-layer caches are mlx-lm's BatchKVCache /
 BatchRotatingKVCache (left-padded; `extend` to join, `filter` to leave). A sequence prefills in
-chunks on its own per-layer caches and joins the batch once its first token is sampled. On a GPU every
-step is queued with `mx.async_eval` and read back one step later, so the next step's graph is
-built while this one computes.
+chunks (new prompts of one step together) up to its last prompt token, then joins the batch,
+whose decode of that token samples its first. On a GPU every step is queued with
+`mx.async_eval` and read back one step later, so the next step's graph is built while this one
+computes.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ class ModelRunner:
         caches = self.prefilling.get(seq.id) or self._start(sched)
         start, end = sched.start, min(sched.start + sched.num_tokens, seq.num_prompt - 1)
         if end > start:
-            hidden = self.model(mx.array([seq.prompt_ids[start:end]], dtype=mx.int32), cache=caches)
+            # Lazy: the logits are computed only when the prompt is scored.
+            logits = self.model(mx.array([seq.prompt_ids[start:end]], dtype=mx.int32), cache=caches)
             if seq.params.prompt_logprobs:
-                self._score_prompt(seq, start, hidden[0], result)
+                self._score_prompt(seq, start, logits[0], result)
         if sched.samples:
             self._join(seq, caches)
         else:
