@@ -71,7 +71,12 @@ class PrefixCache:
                 return  # an entry already covers this prefix
             if len(other) < n and key[: len(other)] == other:
                 self._drop(other)  # the new entry covers the old one
-        entry = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in caches]
+        # Copies, evaluated: a view, or a copy not yet computed, keeps its source's whole buffer
+        # (a step-allocated cache, or a batch's) alive for as long as the entry lives.
+        entry = [
+            (mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])) for c in caches
+        ]
+        mx.async_eval([a for kv in entry for a in kv])
         size = sum(k.nbytes + v.nbytes for k, v in entry)
         if size > self.budget_bytes:
             return

@@ -1,0 +1,49 @@
+"""The prefix cache holds exactly the bytes it accounts for, and serves what it holds."""
+
+import gc
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+import models  # noqa: F401
+from engine.prefix_cache import PrefixCache
+
+
+def test_entries_do_not_keep_their_sources_alive():
+    # A prompt's KV taken lazily out of a large batch cache: once the batch is gone, only the
+    # entry's own bytes may remain (a lazy copy would pin the whole batch buffer).
+    gc.collect()
+    base = mx.get_active_memory()
+    batch = [BatchKVCache([0] * 16) for _ in range(4)]
+    for c in batch:
+        c.update_and_fetch(mx.random.normal((16, 2, 200, 32)), mx.random.normal((16, 2, 200, 32)))
+    mx.eval([c.keys for c in batch] + [c.values for c in batch])
+    pc = PrefixCache(10**9, min_tokens=4)
+    pc.insert(list(range(50)), [c.extract(3) for c in batch])
+    del batch, c
+    gc.collect()
+    mx.synchronize()
+    held = mx.get_active_memory() - base
+    assert pc.nbytes == 4 * 2 * (2 * 50 * 32 * 4)
+    assert held <= 2 * pc.nbytes  # the 16 x 200-token batch buffers (~13 MB) were freed
+
+
+def test_lookup_restore_and_lru_budget():
+    def caches(n: int, fill: float) -> list[KVCache]:
+        out = []
+        for _ in range(2):
+            c = KVCache()
+            c.update_and_fetch(mx.full((1, 1, n, 4), fill), mx.full((1, 1, n, 4), fill))
+            out.append(c)
+        return out
+
+    one_entry = 2 * 2 * 20 * 4 * 4  # layers x (k, v) x tokens x dims x fp32
+    pc = PrefixCache(budget_bytes=one_entry + 10, min_tokens=4)
+    pc.insert(list(range(20)), caches(20, 1.0))
+    assert pc.lookup(list(range(12)) + [99]) == 12
+    restored = pc.restore(list(range(12)) + [99], 12)
+    assert restored is not None and restored[0].offset == 12
+    assert restored[0].keys.shape[2] == 12 and restored[0].keys[0, 0, 0, 0].item() == 1.0
+    pc.insert(list(range(100, 120)), caches(20, 2.0))  # over budget: the older entry goes
+    assert pc.lookup(list(range(12))) == 0 and pc.lookup(list(range(100, 110))) == 10
+    assert pc.nbytes == one_entry
