@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from engine.types import SamplingParams
+from models.fast_math import fast_exp_fused
 
 
 @dataclass
@@ -93,7 +94,7 @@ def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
 
 
 def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
-    """Temperature, top_k, min_p, top_p, then a Gumbel-max draw with each row's own key."""
+    """Temperature, top_k, min_p, top_p, then a draw with each row's own key."""
     V = logits.shape[-1]
     x = logits / mx.array([[r.params.temperature] for r in rows], dtype=mx.float32)
     ks = [r.params.top_k if 0 < r.params.top_k < V else 0 for r in rows]
@@ -118,11 +119,16 @@ def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
     top_ps = [r.params.top_p for r in rows]
     if any(p < 1.0 for p in top_ps):
         x = _top_p(x, mx.array([[p] for p in top_ps], dtype=mx.float32), ids is not None)
-    noise = []
+    # Inverse-CDF draw: one uniform per row from the row's own key, against the cumulative of
+    # exp(x - max). The polynomial exp keeps this cheap where MLX's exp is slow (CPU).
+    uniforms = []
     for r in rows:
         r.key, sub = mx.random.split(r.key)
-        noise.append(mx.random.gumbel(shape=(x.shape[-1],), key=sub))
-    choice = mx.argmax(x + mx.stack(noise), axis=-1)
+        uniforms.append(mx.random.uniform(shape=(1,), key=sub))
+    probs = fast_exp_fused(x - x.max(axis=-1, keepdims=True))
+    cdf = mx.cumsum(probs, axis=-1)
+    target = mx.concatenate(uniforms)[:, None] * cdf[:, -1:]
+    choice = mx.minimum((cdf <= target).sum(axis=-1), x.shape[-1] - 1)
     if ids is not None:
         choice = mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     return choice.astype(mx.int32)
