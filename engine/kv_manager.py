@@ -21,9 +21,6 @@ class KVManager:
     def used_bytes(self) -> int:
         return self._used
 
-    def can_reserve(self, nbytes: int) -> bool:
-        return self._used + nbytes <= self.budget_bytes
-
     def reserve(self, seq_id: str, nbytes: int) -> bool:
         """Reserve `nbytes` for a sequence; False (and nothing reserved) if over budget."""
         with self._lock:

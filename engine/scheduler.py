@@ -144,7 +144,6 @@ class Scheduler:
                 seq.mark_finished(FinishReason.ERROR)
                 self._to_release.append(seq)
             return False
-        seq.kv_reserved = self._kv_tokens(seq)
         # Reuse KV of an earlier prompt; at least the last prompt token is computed for logits.
         # Scoring the prompt needs its logits, so cached KV can't stand in for it.
         cached = 0 if seq.params.prompt_logprobs else self.prefix_lookup(seq.prompt_ids)

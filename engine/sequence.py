@@ -33,7 +33,6 @@ class Sequence:
     in_flight: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    kv_reserved: int = 0  # tokens of KV reserved for this sequence
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     admitted_at: float = 0.0
     first_token_at: float = 0.0

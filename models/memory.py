@@ -48,11 +48,6 @@ def default_memory_limit(fraction: float = DEFAULT_FRACTION) -> int:
     return int(device_memory_bytes() * fraction)
 
 
-def dtype_size(name: str | None) -> int:
-    """Bytes per element of a config's torch_dtype name (fp32 when unknown)."""
-    return {"float16": 2, "bfloat16": 2, "float32": 4}.get(name or "", 4)
-
-
 def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
     """Keys plus values of one token over all layers: layers x kv heads x head dim x 2 x dtype size."""
     cfg = config.get("text_config", config) if "num_hidden_layers" not in config else config
@@ -61,8 +56,3 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // max(heads, 1)))
     return layers * kv_heads * head_dim * 2 * dtype_bytes
-
-
-def active_bytes() -> int:
-    """Bytes MLX has allocated right now (exact)."""
-    return int(mx.get_active_memory())

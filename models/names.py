@@ -51,12 +51,6 @@ def normalize_name(name: str) -> str:
     return f"{family}:{tag}"
 
 
-def display_name(name: str) -> str:
-    """The short form users see: `family` for the `latest` tag, else `family:tag`."""
-    family, tag = parse_name(name)
-    return family if tag == DEFAULT_TAG else f"{family}:{tag}"
-
-
 def name_to_folder(name: str) -> str:
     """Folder name of a model: `smollm2:135m` -> `smollm2--135m`, `foo` -> `foo` (tag latest)."""
     family, tag = parse_name(name)

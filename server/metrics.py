@@ -97,12 +97,6 @@ _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
 )
 
 
-def current_request_id() -> str | None:
-    """The id of the HTTP request being served in this context, if any."""
-    rec = _current.get()
-    return rec.request_id if rec else None
-
-
 def _status_outcome(status: int) -> str:
     if status >= 500:
         return "server_error"
@@ -159,17 +153,6 @@ class Metrics:
         r.register(EngineCollector(engine))
 
     # --- the recorder API ----------------------------------------------------------------------
-    def observe_request(
-        self, endpoint: str, model: str, outcome: str, metrics: RequestMetrics | None = None,
-        duration: float | None = None,
-    ) -> None:  # fmt: skip
-        """Count one finished request; add its token counts and timings when known."""
-        self.requests.labels(endpoint, model, outcome).inc()
-        if duration is not None:
-            self.latency.labels(endpoint, model).observe(duration)
-        if metrics is not None:
-            self.observe_tokens(model, metrics)
-
     def observe_tokens(self, model: str, m: RequestMetrics) -> None:
         """Add one request's prompt, cached and generated token counts."""
         self.prompt_tokens.labels(model).inc(m.prompt_tokens)
