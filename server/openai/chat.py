@@ -17,7 +17,6 @@ from server.openai.logprobs import chat_logprobs
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, unsupported_field
 from server.sse import sse_response, sse_stream
 
-FINGERPRINT = common.FINGERPRINT
 _ROLES = {"developer": "system", "function": "tool"}  # what common chat templates understand
 
 
@@ -143,11 +142,7 @@ async def create_chat_completion(request: Request) -> Response:
 def chat_body(job: ChatJob, results: list[common.ChoiceResult]) -> dict[str, Any]:
     metrics = [r.metrics for r in results]
     body = {
-        "id": job.id,
-        "object": "chat.completion",
-        "created": common.created(),
-        "model": job.model,
-        "system_fingerprint": FINGERPRINT,
+        **common.envelope("chat.completion", job.id, job.model),
         "choices": [
             {
                 "index": r.index,
@@ -159,10 +154,7 @@ def chat_body(job: ChatJob, results: list[common.ChoiceResult]) -> dict[str, Any
         ],
         "usage": job_usage(job, metrics, [len(r.token_ids) for r in results]),
     }
-    timing = common.timings(metrics)
-    if timing:
-        body["x_timings"] = timing
-    return body
+    return common.with_timings(body, metrics)
 
 
 def job_usage(
@@ -177,7 +169,7 @@ async def chat_events(
     job: ChatJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
 ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a streamed chat completion (sse.py frames them)."""
-    base = common.stream_base("chat.completion.chunk", job.id, job.model, job.include_usage)
+    base = common.envelope("chat.completion.chunk", job.id, job.model, job.include_usage)
 
     def chunk(
         i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
@@ -201,7 +193,7 @@ async def chat_events(
         if out.finished:
             metrics[i] = out.metrics
             yield common.with_timings(
-                chunk(i, {}, common.finish_reason(out.finish_reason)), out.metrics
+                chunk(i, {}, common.finish_reason(out.finish_reason)), [out.metrics]
             )
     if job.include_usage:
         yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}

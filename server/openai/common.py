@@ -330,8 +330,9 @@ def settings_of(request: Request) -> Settings:
 FINGERPRINT = "fp_mlxd"
 
 
-def stream_base(obj: str, job_id: str, model: str, include_usage: bool) -> dict[str, Any]:
-    """The fields every chunk of one stream repeats; usage is null until the final usage chunk."""
+def envelope(obj: str, job_id: str, model: str, include_usage: bool = False) -> dict[str, Any]:
+    """The fields a response object, and every chunk of a stream, starts with (a stream's usage
+    is null until its final usage chunk)."""
     base: dict[str, Any] = {
         "id": job_id,
         "object": obj,
@@ -344,9 +345,9 @@ def stream_base(obj: str, job_id: str, model: str, include_usage: bool) -> dict[
     return base
 
 
-def with_timings(chunk: dict[str, Any], metrics: RequestMetrics | None) -> dict[str, Any]:
-    """A choice's last chunk carries its `x_timings`."""
-    timing = timings([metrics])
+def with_timings(body: dict[str, Any], metrics: list[RequestMetrics | None]) -> dict[str, Any]:
+    """Add the `x_timings` extension (a response, or a choice's last chunk)."""
+    timing = timings(metrics)
     if timing:
-        chunk["x_timings"] = timing
-    return chunk
+        body["x_timings"] = timing
+    return body

@@ -17,7 +17,7 @@ from engine.api import ModelHandle
 from engine.types import GenerateRequest, RequestMetrics, RequestOutput, TokenLogprob
 from server.errors import APIError, from_exception, read_json, validate
 from server.openai import common
-from server.openai.chat import FINGERPRINT, unsupported
+from server.openai.chat import unsupported
 from server.openai.logprobs import completion_logprobs
 from server.openai.protocol import CompletionRequest, unsupported_field
 from server.sse import sse_response, sse_stream
@@ -144,18 +144,11 @@ def completion_body(job: CompletionJob, results: list[common.ChoiceResult]) -> d
         )
     metrics = [r.metrics for r in results]
     body = {
-        "id": job.id,
-        "object": "text_completion",
-        "created": common.created(),
-        "model": job.model,
-        "system_fingerprint": FINGERPRINT,
+        **common.envelope("text_completion", job.id, job.model),
         "choices": choices,
         "usage": job_usage(job, metrics, [len(r.token_ids) for r in results]),
     }
-    timing = common.timings(metrics)
-    if timing:
-        body["x_timings"] = timing
-    return body
+    return common.with_timings(body, metrics)
 
 
 def job_usage(
@@ -172,7 +165,7 @@ async def completion_events(
     job: CompletionJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
 ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a streamed completion (same object shape as the non-streamed one)."""
-    base = common.stream_base("text_completion", job.id, job.model, job.include_usage)
+    base = common.envelope("text_completion", job.id, job.model, job.include_usage)
 
     def chunk(i: int, text: str, lp: Any = None, finish: str | None = None) -> dict[str, Any]:
         return {
@@ -196,6 +189,6 @@ async def completion_events(
         if out.finished:
             metrics[i] = out.metrics
             finish = common.finish_reason(out.finish_reason)
-            yield common.with_timings(chunk(i, "", finish=finish), out.metrics)
+            yield common.with_timings(chunk(i, "", finish=finish), [out.metrics])
     if job.include_usage:
         yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}
