@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from engine.api import EngineAPI
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
+from server.hostcheck import HostCheckMiddleware
 from server.metrics import install_metrics
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from server.ollama.hostcheck import HostCheckMiddleware
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
 from server.settings import Settings, engine_config

@@ -16,9 +16,11 @@ import httpx
 
 from engine.api import EngineAPI
 from server.errors import from_exception
+from server.jobs import job_events
 from server.ollama import management as mgmt
-from server.ollama.generation import chat_events, generate_events
+from server.ollama.generation import prepare_chat, prepare_generate
 from server.ollama.schemas import ChatBody, CreateBody, GenerateBody
+from server.settings import Settings
 
 Event = dict[str, Any]
 log = logging.getLogger("mlxd.cli")
@@ -147,8 +149,9 @@ class LocalClient:
     only touch the registry.
     """
 
-    def __init__(self, engine: EngineAPI):
+    def __init__(self, engine: EngineAPI, settings: Settings):
         self.engine = engine
+        self.settings = settings
         self._started = False
 
     async def _start(self) -> None:
@@ -181,11 +184,28 @@ class LocalClient:
         except Exception as exc:
             raise ClientError(from_exception(exc).message) from None
 
+    async def _job(self, prepared: tuple[Any, Any] | Event) -> AsyncIterator[Event]:
+        if isinstance(prepared, dict):  # an empty prompt loaded or unloaded the model
+            yield prepared
+            return
+        async for event in job_events(self.engine, *prepared):
+            yield event
+
     def chat(self, body: Event) -> AsyncIterator[Event]:
-        return self._events(lambda: chat_events(self.engine, ChatBody.model_validate(body)))
+        async def run() -> AsyncIterator[Event]:
+            req = ChatBody.model_validate(body)
+            async for event in self._job(await prepare_chat(self.engine, self.settings, req)):
+                yield event
+
+        return self._events(run)
 
     def generate(self, body: Event) -> AsyncIterator[Event]:
-        return self._events(lambda: generate_events(self.engine, GenerateBody.model_validate(body)))
+        async def run() -> AsyncIterator[Event]:
+            req = GenerateBody.model_validate(body)
+            async for event in self._job(await prepare_generate(self.engine, self.settings, req)):
+                yield event
+
+        return self._events(run)
 
     def pull(self, name: str) -> AsyncIterator[Event]:
         return self._events(lambda: mgmt.pull_events(self.engine, name))
@@ -232,4 +252,5 @@ async def connect(settings: Any = None, prefer_server: bool = True) -> Client:
     from engine.async_engine import AsyncEngine
     from server.settings import engine_config, load_settings
 
-    return LocalClient(AsyncEngine(engine_config(settings or load_settings())))
+    settings = settings or load_settings()
+    return LocalClient(AsyncEngine(engine_config(settings)), settings)

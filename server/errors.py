@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,6 +86,16 @@ class APIError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
+def context_error(exc: ContextLengthError, param: str | None = "messages") -> APIError:
+    """The 400 for a prompt plus completion budget that does not fit the model's context."""
+    return APIError(
+        400,
+        f"{exc} Please reduce the length of the prompt or the completion.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 def from_exception(exc: BaseException) -> APIError:
     """Map any exception to an APIError; unknown ones become a generic 500 (logged, not shown)."""
     if isinstance(exc, APIError):
@@ -95,7 +105,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, InvalidModelNameError):
         return APIError(400, str(exc), param="model", code="invalid_model_name")
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return context_error(exc)
     if isinstance(exc, QueueFullError):
         msg = str(exc) or "the server is overloaded; retry later"
         return APIError(429, msg, code="queue_full", retry_after=exc.retry_after)
@@ -115,14 +125,24 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-def is_ollama_path(path: str) -> bool:
-    return path == "/api" or path.startswith("/api/")
+API = Literal["openai", "ollama"]  # an error shape (and a stream framing, see server/jobs.py)
+
+
+def api_of_path(path: str) -> API:
+    """/api/* and / are Ollama's; everything else (/v1, /health, /metrics) answers as OpenAI."""
+    return "ollama" if path in ("/", "/api") or path.startswith("/api/") else "openai"
+
+
+def error_body(api: API, exc: BaseException) -> dict[str, Any]:
+    """`exc` as `api`'s JSON error object (a response body, or a stream's last frame)."""
+    err = from_exception(exc)
+    return err.ollama_body() if api == "ollama" else err.openai_body()
 
 
 def error_response(path: str, exc: BaseException) -> JSONResponse:
     """The JSON error response for `exc`, in the shape of the API that `path` belongs to."""
     err = from_exception(exc)
-    body = err.ollama_body() if is_ollama_path(path) else err.openai_body()
+    body = error_body(api_of_path(path), err)
     return JSONResponse(body, status_code=err.status, headers=err.headers())
 
 

@@ -101,17 +101,33 @@ async def ndjson_stream(
     events: AsyncIterator[dict[str, Any]],
     error_body: ErrorBody,
     keepalive: float | None = None,
+    heartbeat: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     """Frame `events` as NDJSON lines; an exception becomes one last `{"error": ...}` line.
 
-    With `keepalive`, an empty line is sent after that many silent seconds (NDJSON readers skip
-    blank lines; Ollama's clients do).
+    With `keepalive` and a `heartbeat` object, that object is sent after that many silent
+    seconds. It must be a harmless line of the stream (an empty fragment): Ollama's clients
+    json-parse every line, a blank one included, so NDJSON has no comment to send instead.
     """
+    interval = keepalive if heartbeat is not None else None
     try:
-        async for item in with_keepalive(events, keepalive):
-            yield b"\n" if item is None else ndjson_line(item)
+        async for item in with_keepalive(events, interval):
+            yield ndjson_line(heartbeat if item is None else item)  # type: ignore[arg-type]
     except Exception as exc:
         yield ndjson_line(error_body(exc))
+
+
+def framed_response(
+    kind: str,
+    events: AsyncIterator[dict[str, Any]],
+    error_body: ErrorBody,
+    keepalive: float | None,
+    heartbeat: dict[str, Any] | None = None,
+) -> StreamingResponse:
+    """`events` as a streamed response: kind "sse" (OpenAI) or "ndjson" (Ollama)."""
+    if kind == "sse":
+        return sse_response(sse_stream(events, error_body, keepalive))
+    return ndjson_response(ndjson_stream(events, error_body, keepalive, heartbeat))
 
 
 def sse_response(

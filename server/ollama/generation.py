@@ -1,24 +1,24 @@
-"""/api/chat and /api/generate as async streams of Ollama-shaped dicts.
+"""/api/chat and /api/generate: each body -> a Job (server/jobs.py runs it) and a renderer for
+Ollama's NDJSON fragments and final object. An empty prompt loads or unloads the model instead.
 
-Each `*_events` generator raises (APIError, engine errors) before its first item when the
-request is rejected, so the router can still answer with a status code; after that, a failure
-raises from the iteration and the router ends the NDJSON stream with an `{"error": ...}` line.
-The CLI's in-process mode iterates the same generators.
+`prepare_*` raise (APIError, engine errors) when the request is rejected; the runner keeps the
+status code for failures before the first output and ends the stream with an `{"error": ...}`
+line after it. The CLI's in-process mode runs the same jobs (`job_events`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from engine.api import EngineAPI, ModelHandle
-from engine.errors import ContextLengthError
 from engine.types import FinishReason, GenerateRequest, RequestOutput
-from server.errors import APIError
+from server.errors import API, APIError
+from server.jobs import Choice, Job, JobResult
+from server.limits import check_context, check_messages, stop_list
 from server.ollama.options import (
     final_stats,
     parse_keep_alive,
@@ -28,6 +28,7 @@ from server.ollama.options import (
 )
 from server.ollama.prompt import chat_prompt, generate_prompt
 from server.ollama.schemas import ChatBody, GenerateBody
+from server.settings import Settings
 
 Event = dict[str, Any]
 
@@ -60,17 +61,6 @@ async def load_or_unload(engine: EngineAPI, model: str, keep_alive: float | None
     return {"model": model, "created_at": timestamp(), "done": True, "done_reason": reason}
 
 
-@dataclass
-class _Run:
-    """One generation: the loaded model, its tokenized prompt and what we measured around it."""
-
-    handle: ModelHandle
-    prompt_ids: list[int]
-    started: float
-    load_time: float
-    generated: list[int] = field(default_factory=list)
-
-
 async def _load(
     engine: EngineAPI, model: str, keep_alive: float | None
 ) -> tuple[ModelHandle, float]:
@@ -79,47 +69,40 @@ async def _load(
     return handle, time.monotonic() - t
 
 
-async def _outputs(
-    engine: EngineAPI, run: _Run, model: str, options: dict[str, Any], keep_alive: float | None
-) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one run; errors and aborts raise."""
-    budget = token_budget(options, len(run.prompt_ids), run.handle.context_length)
-    if budget.max_tokens <= 0 and budget.context_length > 0:
-        raise ContextLengthError(len(run.prompt_ids), 1, budget.context_length)
+def _job(
+    settings: Settings,
+    handle: ModelHandle,
+    ids: list[int],
+    options: dict[str, Any],
+    keep_alive: float | None,
+    started: float,
+    load_time: float,
+) -> Job:
+    stop_list(settings, options.get("stop"), param="options.stop")
+    budget = token_budget(options, len(ids), handle.context_length)
+    if budget.context_length > 0:
+        check_context(len(ids), max(budget.max_tokens, 1), budget.context_length, "prompt")
     request = GenerateRequest(
         request_id=f"ollama-{uuid.uuid4().hex}",
-        model=model,
-        prompt_token_ids=run.prompt_ids,
+        model=handle.name,
+        prompt_token_ids=ids,
         params=sampling_params(options, budget.max_tokens),
         keep_alive=keep_alive,
     )
-    # Leaving early (client gone, error) closes the stream, which aborts the engine request.
-    stream = cast(AsyncGenerator[RequestOutput, None], engine.generate(request))
-    async with aclosing(stream) as outputs:
-        async for out in outputs:
-            if out.finish_reason is FinishReason.ERROR:
-                raise APIError(500, out.error or "generation failed")
-            if out.finish_reason is FinishReason.ABORT:
-                raise APIError(503, "the request was aborted")
-            run.generated.extend(out.token_ids)
-            yield out
+    return Job(request.request_id, handle.name, [request], started=started, load_time=load_time)
 
 
-def _final(out: RequestOutput, run: _Run) -> Event:
-    reason = out.finish_reason.value if isinstance(out.finish_reason, FinishReason) else "stop"
-    stats = final_stats(out.metrics, time.monotonic() - run.started, run.load_time)
-    return {"done": True, "done_reason": reason, **stats}
-
-
-async def chat_events(engine: EngineAPI, body: ChatBody) -> AsyncIterator[Event]:
-    """Stream /api/chat: message fragments, then a final object with done_reason and timings."""
+async def prepare_chat(
+    engine: EngineAPI, settings: Settings, body: ChatBody
+) -> tuple[Job, OllamaRenderer] | Event:
+    """A Job and its renderer; or, for no messages, the load/unload answer."""
     images = any(m.images for m in body.messages)
     check_unsupported(body.model, body.format, body.think, body.tools, images)
+    check_messages(settings, len(body.messages))
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.messages:
         event = await load_or_unload(engine, body.model, keep_alive)
-        yield {**event, "message": {"role": "assistant", "content": ""}}
-        return
+        return {**event, "message": {"role": "assistant", "content": ""}}
     started = time.monotonic()
     handle, load_time = await _load(engine, body.model, keep_alive)
     messages = [
@@ -128,24 +111,20 @@ async def chat_events(engine: EngineAPI, body: ChatBody) -> AsyncIterator[Event]
     ]
     prompt = chat_prompt(handle.tokenizer, messages)
     ids = handle.tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens)
-    run = _Run(handle, ids, started, load_time)
-    async for out in _outputs(engine, run, body.model, body.options, keep_alive):
-        head = {"model": body.model, "created_at": timestamp()}
-        if out.text:
-            yield {**head, "message": {"role": "assistant", "content": out.text}, "done": False}
-        if out.finished:
-            yield {**head, "message": {"role": "assistant", "content": ""}, **_final(out, run)}
+    job = _job(settings, handle, ids, body.options, keep_alive, started, load_time)
+    return job, OllamaRenderer(job, body.model, "chat")
 
 
-async def generate_events(engine: EngineAPI, body: GenerateBody) -> AsyncIterator[Event]:
-    """Stream /api/generate: response fragments, then a final object (with `context` unless raw)."""
+async def prepare_generate(
+    engine: EngineAPI, settings: Settings, body: GenerateBody
+) -> tuple[Job, OllamaRenderer] | Event:
+    """A Job and its renderer; or, for an empty prompt, the load/unload answer."""
     check_unsupported(
         body.model, body.format, body.think, images=bool(body.images), suffix=body.suffix
     )
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.prompt and not body.context:
-        yield {**await load_or_unload(engine, body.model, keep_alive), "response": ""}
-        return
+        return {**await load_or_unload(engine, body.model, keep_alive), "response": ""}
     started = time.monotonic()
     handle, load_time = await _load(engine, body.model, keep_alive)
     prompt = generate_prompt(handle.tokenizer, body.prompt, body.system, body.template, body.raw)
@@ -154,31 +133,52 @@ async def generate_events(engine: EngineAPI, body: GenerateBody) -> AsyncIterato
         ids += handle.tokenizer.encode(
             prompt.text, add_special_tokens=prompt.add_special_tokens and not ids
         )
-    run = _Run(handle, ids, started, load_time)
-    async for out in _outputs(engine, run, body.model, body.options, keep_alive):
-        head = {"model": body.model, "created_at": timestamp()}
+    job = _job(settings, handle, ids, body.options, keep_alive, started, load_time)
+    return job, OllamaRenderer(job, body.model, "generate", context=not body.raw)
+
+
+@dataclass
+class OllamaRenderer:
+    """A job's outputs as /api/chat `message` or /api/generate `response` objects."""
+
+    job: Job
+    model: str  # as the client named it
+    kind: Literal["chat", "generate"]
+    context: bool = False  # generate: the final object carries `context` (not in raw mode)
+    api: API = "ollama"
+
+    def _fragment(self, text: str, done: bool) -> Event:
+        head: Event = {"model": self.model, "created_at": timestamp()}
+        if self.kind == "chat":
+            return {**head, "message": {"role": "assistant", "content": text}, "done": done}
+        return {**head, "response": text, "done": done}
+
+    def _final(self, choice: Choice, text: str) -> Event:
+        reason = choice.finish_reason
+        stats = final_stats(choice.metrics, time.monotonic() - self.job.started, self.job.load_time)
+        event = self._fragment(text, True)
+        event["done_reason"] = reason.value if isinstance(reason, FinishReason) else "stop"
+        event.update(stats)
+        if self.context:
+            event["context"] = self.job.requests[0].prompt_token_ids + choice.token_ids
+        return event
+
+    def opening(self) -> Iterable[Event]:
+        return ()
+
+    def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[Event]:
         if out.text:
-            yield {**head, "response": out.text, "done": False}
+            yield self._fragment(out.text, False)
         if out.finished:
-            final = {**head, "response": "", **_final(out, run)}
-            if not body.raw:
-                final["context"] = run.prompt_ids + run.generated
-            yield final
+            yield self._final(choice, "")
 
+    def closing(self, result: JobResult) -> Iterable[Event]:
+        return ()
 
-async def collect(events: AsyncIterator[Event], first: Event) -> Event:
-    """Fold a stream into Ollama's `stream: false` answer: one object with the whole text."""
-    parts: list[str] = []
-    last = first
-    item: Event | None = first
-    while item is not None:
-        last = item
-        if "message" in item:
-            parts.append(item["message"].get("content", ""))
-        elif "response" in item:
-            parts.append(item["response"])
-        item = await anext(events, None)
-    text = "".join(parts)
-    if "message" in last:
-        return {**last, "message": {**last["message"], "content": text}}
-    return {**last, "response": text}
+    def body(self, result: JobResult) -> Event:
+        choice = result.choices[0]
+        return self._final(choice, choice.text)
+
+    def heartbeat(self) -> Event:
+        # An empty fragment: Ollama's clients parse every line, so keep-alives must be valid ones.
+        return self._fragment("", False)

@@ -96,13 +96,6 @@ class CreateBody(_Named):
     license: str | list[str] | None = None
 
 
-class OpenAIEmbedBody(_Body):
-    model: str = ""
-    input: Any = None
-    encoding_format: str = "float"
-    dimensions: int | None = None
-
-
 class CopyBody(_Body):
     source: str = ""
     destination: str = ""

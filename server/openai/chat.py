@@ -1,29 +1,27 @@
-"""POST /v1/chat/completions: messages -> chat template -> n engine requests -> JSON or SSE."""
+"""POST /v1/chat/completions: the request -> a Job (messages -> chat template -> n engine
+requests); the job's outputs -> chat.completion JSON or chunks (server/jobs.py runs it)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from engine.api import ModelHandle
-from engine.types import GenerateRequest, RequestMetrics, RequestOutput
-from server.errors import APIError, from_exception, read_json, validate
-from server.openai import common
+from engine.api import EngineAPI, ModelHandle
+from engine.types import GenerateRequest, RequestOutput
+from server.errors import API, APIError, read_json, validate
+from server.jobs import Choice, Job, JobResult, engine_of, respond, settings_of
+from server.limits import check_messages, resolve_max_tokens
+from server.openai.envelope import envelope, finish_reason, usage, with_timings
 from server.openai.logprobs import chat_logprobs
+from server.openai.params import new_id, sampling_params, unsupported, with_seed
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, unsupported_field
-from server.sse import sse_response, sse_stream
+from server.settings import Settings
 
 _ROLES = {"developer": "system", "function": "tool"}  # what common chat templates understand
-
-
-def unsupported(param: str) -> APIError:
-    return APIError(
-        400, f"'{param}' is not supported by this server", param=param, code="unsupported_parameter"
-    )
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -74,29 +72,15 @@ def render_prompt(handle: ModelHandle, messages: list[dict[str, Any]]) -> list[i
     return list(tok.encode(prompt, add_special_tokens=False))
 
 
-@dataclass
-class ChatJob:
-    """A validated chat request, ready to run."""
-
-    id: str
-    model: str
-    prompt_len: int
-    requests: list[GenerateRequest]
-    logprobs: bool
-    include_usage: bool
-
-
-async def prepare(request: Request) -> tuple[ChatJob, bool]:
-    engine, settings = common.engine_of(request), common.settings_of(request)
-    data = read_json(await request.body())
+async def prepare(
+    engine: EngineAPI, settings: Settings, data: dict[str, Any]
+) -> tuple[Job, ChatRenderer, bool]:
+    """The request as a Job, its renderer, and whether it streams."""
     bad = unsupported_field(data, chat=True)
     if bad:
         raise unsupported(bad)
     req = validate(data, ChatCompletionRequest)
-    if len(req.messages) > settings.max_messages:
-        raise APIError(
-            400, f"at most {settings.max_messages} messages are allowed", param="messages"
-        )
+    check_messages(settings, len(req.messages))
     messages = template_messages(req.messages)
     handle = await engine.get_model(req.model)
     ids = render_prompt(handle, messages)
@@ -104,96 +88,78 @@ async def prepare(request: Request) -> tuple[ChatJob, bool]:
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "messages"
-    max_tokens = common.resolve_max_tokens(requested, len(ids), handle.context_length, param)
-    params = common.sampling_params(
-        req, settings, max_tokens, bool(req.logprobs), req.top_logprobs or 0
-    )
-    cid, n = common.new_id("chatcmpl"), req.n or 1
+    max_tokens = resolve_max_tokens(requested, len(ids), handle.context_length, param)
+    params = sampling_params(req, settings, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
+    cid, n = new_id("chatcmpl"), req.n or 1
     requests = [
-        GenerateRequest(
-            f"{cid}-{i}" if n > 1 else cid, handle.name, ids, common.with_seed(params, i)
-        )
+        GenerateRequest(f"{cid}-{i}" if n > 1 else cid, handle.name, ids, with_seed(params, i))
         for i in range(n)
     ]
+    job = Job(cid, handle.name, requests)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    job = ChatJob(cid, handle.name, len(ids), requests, bool(req.logprobs), include_usage)
-    return job, bool(req.stream)
+    return job, ChatRenderer(job, bool(req.logprobs), include_usage), bool(req.stream)
 
 
 async def create_chat_completion(request: Request) -> Response:
-    job, stream = await prepare(request)
-    engine = common.engine_of(request)
-    if stream:
-        outputs = await common.prime(
-            common.outputs(engine, job.requests), request.app.state.keepalive_seconds
+    data = read_json(await request.body())
+    job, renderer, stream = await prepare(engine_of(request), settings_of(request), data)
+    return await respond(request, job, renderer, stream)
+
+
+@dataclass
+class ChatRenderer:
+    """A job's outputs as chat.completion(.chunk) objects."""
+
+    job: Job
+    logprobs: bool
+    include_usage: bool
+    api: API = "openai"
+
+    def __post_init__(self) -> None:
+        # Every chunk of one stream carries the same id, model and `created`.
+        self._base = envelope(
+            "chat.completion.chunk", self.job.id, self.job.model, self.include_usage
         )
-        events = chat_events(job, outputs)
-        body = sse_stream(
-            events, lambda e: from_exception(e).openai_body(), request.app.state.keepalive_seconds
-        )
-        return sse_response(body)
-    try:
-        results = await common.unless_disconnected(request, common.collect(engine, job.requests))
-    except common.ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(chat_body(job, results))
 
-
-def chat_body(job: ChatJob, results: list[common.ChoiceResult]) -> dict[str, Any]:
-    metrics = [r.metrics for r in results]
-    body = {
-        **common.envelope("chat.completion", job.id, job.model),
-        "choices": [
-            {
-                "index": r.index,
-                "message": {"role": "assistant", "content": r.text, "refusal": None},
-                "logprobs": chat_logprobs(r.logprobs) if job.logprobs else None,
-                "finish_reason": common.finish_reason(r.finish_reason),
-            }
-            for r in results
-        ],
-        "usage": job_usage(job, metrics, [len(r.token_ids) for r in results]),
-    }
-    return common.with_timings(body, metrics)
-
-
-def job_usage(
-    job: ChatJob, metrics: list[RequestMetrics | None], counted: list[int]
-) -> dict[str, Any]:
-    completion = sum(m.completion_tokens if m else c for m, c in zip(metrics, counted, strict=True))
-    cached = max((m.cached_tokens for m in metrics if m), default=0)
-    return common.usage(job.prompt_len, cached, completion)
-
-
-async def chat_events(
-    job: ChatJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
-) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed chat completion (sse.py frames them)."""
-    base = common.envelope("chat.completion.chunk", job.id, job.model, job.include_usage)
-
-    def chunk(
-        i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
+    def _chunk(
+        self, i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
     ) -> dict[str, Any]:
         return {
-            **base,
+            **self._base,
             "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}],
         }
 
-    n = len(job.requests)
-    metrics: list[RequestMetrics | None] = [None] * n
-    counted = [0] * n
-    for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    async for i, out in outputs:
-        common.raise_if_failed(out)
-        counted[i] += len(out.token_ids)
+    def opening(self) -> Iterable[dict[str, Any]]:
+        for i in range(len(self.job.requests)):
+            yield self._chunk(i, {"role": "assistant", "content": ""})
+
+    def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[dict[str, Any]]:
         if out.text or out.logprobs:
-            lp = chat_logprobs(out.logprobs or []) if job.logprobs else None
-            yield chunk(i, {"content": out.text}, lp=lp)
+            lp = chat_logprobs(out.logprobs or []) if self.logprobs else None
+            yield self._chunk(choice.index, {"content": out.text}, lp=lp)
         if out.finished:
-            metrics[i] = out.metrics
-            yield common.with_timings(
-                chunk(i, {}, common.finish_reason(out.finish_reason)), [out.metrics]
-            )
-    if job.include_usage:
-        yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}
+            last = self._chunk(choice.index, {}, finish_reason(out.finish_reason))
+            yield with_timings(last, [out.metrics])
+
+    def closing(self, result: JobResult) -> Iterable[dict[str, Any]]:
+        if self.include_usage:
+            yield {**self._base, "choices": [], "usage": usage(result.usage())}
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        body = {
+            **envelope("chat.completion", self.job.id, self.job.model),
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": chat_logprobs(c.logprobs) if self.logprobs else None,
+                    "finish_reason": finish_reason(c.finish_reason),
+                }
+                for c in result.choices
+            ],
+            "usage": usage(result.usage()),
+        }
+        return with_timings(body, result.metrics)
+
+    def heartbeat(self) -> None:
+        return None

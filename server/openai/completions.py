@@ -6,21 +6,23 @@ Choice index = prompt index * n + sample index, as OpenAI numbers them. `max_tok
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from engine.api import ModelHandle
-from engine.types import GenerateRequest, RequestMetrics, RequestOutput, TokenLogprob
-from server.errors import APIError, from_exception, read_json, validate
-from server.openai import common
-from server.openai.chat import unsupported
+from engine.api import EngineAPI, ModelHandle
+from engine.types import GenerateRequest, RequestOutput, TokenLogprob
+from server.errors import API, APIError, read_json, validate
+from server.jobs import Choice, Job, JobResult, engine_of, respond, settings_of
+from server.limits import resolve_max_tokens
+from server.openai.envelope import envelope, finish_reason, usage, with_timings
 from server.openai.logprobs import completion_logprobs
+from server.openai.params import new_id, sampling_params, unsupported, with_seed
 from server.openai.protocol import CompletionRequest, unsupported_field
-from server.sse import sse_response, sse_stream
+from server.settings import Settings
 
 MAX_CHOICES = 64  # prompts x n
 
@@ -29,21 +31,6 @@ MAX_CHOICES = 64  # prompts x n
 class Prompt:
     ids: list[int]
     text: str  # what echo prints
-
-
-@dataclass
-class CompletionJob:
-    id: str
-    model: str
-    prompts: list[Prompt]
-    n: int
-    requests: list[GenerateRequest]
-    echo: bool
-    logprobs: int | None
-    include_usage: bool
-
-    def prompt_of(self, index: int) -> Prompt:
-        return self.prompts[index // self.n]
 
 
 def tokenize_prompts(handle: ModelHandle, prompt: Any) -> list[Prompt]:
@@ -65,9 +52,10 @@ def tokenize_prompts(handle: ModelHandle, prompt: Any) -> list[Prompt]:
     return out
 
 
-async def prepare(request: Request) -> tuple[CompletionJob, bool]:
-    engine, settings = common.engine_of(request), common.settings_of(request)
-    data = read_json(await request.body())
+async def prepare(
+    engine: EngineAPI, settings: Settings, data: dict[str, Any]
+) -> tuple[Job, CompletionRenderer, bool]:
+    """The request as a Job, its renderer, and whether it streams."""
     bad = unsupported_field(data, chat=False)
     if bad:
         raise unsupported(bad)
@@ -77,118 +65,109 @@ async def prepare(request: Request) -> tuple[CompletionJob, bool]:
     prompts = tokenize_prompts(handle, req.prompt)
     if len(prompts) * n > MAX_CHOICES:
         raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
-    cid = common.new_id("cmpl")
+    cid = new_id("cmpl")
     score = bool(req.echo) and req.logprobs is not None
     requests = []
     for p, prompt in enumerate(prompts):
-        max_tokens = common.resolve_max_tokens(
+        max_tokens = resolve_max_tokens(
             req.max_tokens, len(prompt.ids), handle.context_length, "prompt"
         )
-        params = common.sampling_params(
+        params = sampling_params(
             req, settings, max_tokens, req.logprobs is not None, req.logprobs or 0
         )
         for i in range(n):
             index = p * n + i
             rid = f"{cid}-{index}" if len(prompts) * n > 1 else cid
-            choice_params = common.with_seed(params, i, prompt_logprobs=score)
+            choice_params = with_seed(params, i, prompt_logprobs=score)
             requests.append(GenerateRequest(rid, handle.name, prompt.ids, choice_params))
+    job = Job(cid, handle.name, requests, n)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    job = CompletionJob(
-        cid, handle.name, prompts, n, requests, bool(req.echo), req.logprobs, include_usage
-    )
-    return job, bool(req.stream)
+    renderer = CompletionRenderer(job, prompts, bool(req.echo), req.logprobs, include_usage)
+    return job, renderer, bool(req.stream)
 
 
 async def create_completion(request: Request) -> Response:
-    job, stream = await prepare(request)
-    engine = common.engine_of(request)
-    keepalive = request.app.state.keepalive_seconds
-    if stream:
-        outputs = await common.prime(common.outputs(engine, job.requests), keepalive)
-        body = sse_stream(
-            completion_events(job, outputs), lambda e: from_exception(e).openai_body(), keepalive
-        )
-        return sse_response(body)
-    try:
-        results = await common.unless_disconnected(request, common.collect(engine, job.requests))
-    except common.ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(completion_body(job, results))
+    data = read_json(await request.body())
+    job, renderer, stream = await prepare(engine_of(request), settings_of(request), data)
+    return await respond(request, job, renderer, stream)
 
 
-def _logprobs(
-    job: CompletionJob, index: int, prompt_lps: list[TokenLogprob] | None, gen: list[TokenLogprob]
-) -> Any:
-    if job.logprobs is None:
-        return None
-    echo_lps = (prompt_lps or []) if job.echo else []
-    lps = completion_logprobs([*echo_lps, *gen])
-    if job.echo:
-        # The first prompt token has no logprob (nothing precedes it): offsets start after it.
-        start = len(job.prompt_of(index).text) - sum(len(t.token) for t in echo_lps)
-        lps["text_offset"] = [o + max(start, 0) for o in lps["text_offset"]]
-    return lps
+@dataclass
+class CompletionRenderer:
+    """A job's outputs as text_completion objects (streamed chunks have the same shape)."""
 
+    job: Job
+    prompts: list[Prompt]
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    api: API = "openai"
 
-def completion_body(job: CompletionJob, results: list[common.ChoiceResult]) -> dict[str, Any]:
-    choices = []
-    for r in results:
-        text = (job.prompt_of(r.index).text if job.echo else "") + r.text
-        choices.append(
-            {
-                "index": r.index,
-                "text": text,
-                "logprobs": _logprobs(job, r.index, r.prompt_logprobs, r.logprobs),
-                "finish_reason": common.finish_reason(r.finish_reason),
-            }
-        )
-    metrics = [r.metrics for r in results]
-    body = {
-        **common.envelope("text_completion", job.id, job.model),
-        "choices": choices,
-        "usage": job_usage(job, metrics, [len(r.token_ids) for r in results]),
-    }
-    return common.with_timings(body, metrics)
+    def __post_init__(self) -> None:
+        self._base = envelope("text_completion", self.job.id, self.job.model, self.include_usage)
+        self._echoed: set[int] = set()
 
+    def prompt_of(self, index: int) -> Prompt:
+        return self.prompts[index // self.job.n]
 
-def job_usage(
-    job: CompletionJob, metrics: list[RequestMetrics | None], counted: list[int]
-) -> dict[str, Any]:
-    completion = sum(m.completion_tokens if m else c for m, c in zip(metrics, counted, strict=True))
-    prompt = sum(len(p.ids) for p in job.prompts)
-    # One sample per prompt tells how much of that prompt came from the prefix cache.
-    cached = sum(m.cached_tokens for m in metrics[:: job.n] if m)
-    return common.usage(prompt, cached, completion)
+    def _logprobs(
+        self, index: int, prompt_lps: list[TokenLogprob] | None, gen: list[TokenLogprob]
+    ) -> Any:
+        if self.logprobs is None:
+            return None
+        echo_lps = (prompt_lps or []) if self.echo else []
+        lps = completion_logprobs([*echo_lps, *gen])
+        if self.echo:
+            # The first prompt token has no logprob (nothing precedes it): offsets start after it.
+            start = len(self.prompt_of(index).text) - sum(len(t.token) for t in echo_lps)
+            lps["text_offset"] = [o + max(start, 0) for o in lps["text_offset"]]
+        return lps
 
-
-async def completion_events(
-    job: CompletionJob, outputs: AsyncIterator[tuple[int, RequestOutput]]
-) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed completion (same object shape as the non-streamed one)."""
-    base = common.envelope("text_completion", job.id, job.model, job.include_usage)
-
-    def chunk(i: int, text: str, lp: Any = None, finish: str | None = None) -> dict[str, Any]:
+    def _chunk(
+        self, i: int, text: str, lp: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         return {
-            **base,
+            **self._base,
             "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}],
         }
 
-    count = len(job.requests)
-    metrics: list[RequestMetrics | None] = [None] * count
-    counted = [0] * count
-    echoed = [not job.echo] * count
-    async for i, out in outputs:
-        common.raise_if_failed(out)
-        counted[i] += len(out.token_ids)
-        if not echoed[i]:
-            echoed[i] = True
-            yield chunk(i, job.prompt_of(i).text, _logprobs(job, i, out.prompt_logprobs, []))
+    def opening(self) -> Iterable[dict[str, Any]]:
+        return ()
+
+    def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[dict[str, Any]]:
+        i = choice.index
+        if self.echo and i not in self._echoed:  # a choice's first chunk echoes its prompt
+            self._echoed.add(i)
+            yield self._chunk(i, self.prompt_of(i).text, self._logprobs(i, out.prompt_logprobs, []))
         if out.text or out.logprobs:
-            lp = completion_logprobs(out.logprobs or []) if job.logprobs is not None else None
-            yield chunk(i, out.text, lp)
+            lp = completion_logprobs(out.logprobs or []) if self.logprobs is not None else None
+            yield self._chunk(i, out.text, lp)
         if out.finished:
-            metrics[i] = out.metrics
-            finish = common.finish_reason(out.finish_reason)
-            yield common.with_timings(chunk(i, "", finish=finish), [out.metrics])
-    if job.include_usage:
-        yield {**base, "choices": [], "usage": job_usage(job, metrics, counted)}
+            last = self._chunk(i, "", finish=finish_reason(out.finish_reason))
+            yield with_timings(last, [out.metrics])
+
+    def closing(self, result: JobResult) -> Iterable[dict[str, Any]]:
+        if self.include_usage:
+            yield {**self._base, "choices": [], "usage": usage(result.usage())}
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        choices = []
+        for c in result.choices:
+            text = (self.prompt_of(c.index).text if self.echo else "") + c.text
+            choices.append(
+                {
+                    "index": c.index,
+                    "text": text,
+                    "logprobs": self._logprobs(c.index, c.prompt_logprobs, c.logprobs),
+                    "finish_reason": finish_reason(c.finish_reason),
+                }
+            )
+        body = {
+            **envelope("text_completion", self.job.id, self.job.model),
+            "choices": choices,
+            "usage": usage(result.usage()),
+        }
+        return with_timings(body, result.metrics)
+
+    def heartbeat(self) -> None:
+        return None

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from engine.types import ModelStatus
-from server.openai.common import engine_of
+from server.jobs import engine_of
 
 OWNER = "mlxd"
 

@@ -78,6 +78,13 @@ class CompletionRequest(SamplingFields):
     suffix: StrictStr | None = None
 
 
+class EmbeddingRequest(_Schema):
+    model: StrictStr = Field(min_length=1)
+    input: Any = None  # checked in embeddings.py, to name the accepted forms in the error
+    encoding_format: str = "float"
+    dimensions: StrictInt | None = None
+
+
 # Fields whose presence changes what the client expects; never silently ignored.
 _UNSUPPORTED_CHAT = (
     "tools",

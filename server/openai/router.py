@@ -1,4 +1,4 @@
-"""The OpenAI API's routes; handlers live in chat.py, completions.py and models.py."""
+"""The OpenAI API's routes; handlers live in chat.py, completions.py, embeddings.py, models.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.openai import chat, completions, models
+from server.openai import chat, completions, embeddings, models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -20,6 +20,11 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/completions")
 async def text_completions(request: Request) -> Response:
     return await completions.create_completion(request)
+
+
+@router.post("/embeddings")
+async def create_embeddings(request: Request) -> dict[str, Any]:
+    return await embeddings.create_embeddings(request)
 
 
 @router.get("/models")

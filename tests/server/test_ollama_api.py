@@ -10,11 +10,8 @@ from fastapi.testclient import TestClient
 
 import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.errors import QueueFullError
-from server.errors import install_error_handlers
-from server.ollama.hostcheck import HostCheckMiddleware
-from server.ollama.router import router
-from server.settings import Settings
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script
+from tests.server.fake_engine import make_app as make_fake_app
 
 FINAL_KEYS = (
     "total_duration",
@@ -27,14 +24,8 @@ FINAL_KEYS = (
 
 
 def make_app(eng: FakeEngine, bind_host: str | None = None) -> FastAPI:
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(router)
-    app.state.engine = eng
-    app.state.settings = Settings()
-    if bind_host:
-        app.add_middleware(HostCheckMiddleware, bind_host=bind_host)
-    return app
+    """The real app over the fake engine; bound to `bind_host` (any host by default)."""
+    return make_fake_app(eng, host=bind_host or "0.0.0.0")
 
 
 @pytest.fixture

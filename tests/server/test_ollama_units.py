@@ -7,7 +7,7 @@ import pytest
 import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.types import RequestMetrics
 from server.errors import APIError
-from server.ollama.hostcheck import host_allowed, host_of
+from server.hostcheck import host_allowed, host_of
 from server.ollama.management import parameter_size, quantization_level
 from server.ollama.options import (
     OptionError,

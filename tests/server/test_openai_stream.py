@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import engine  # noqa: F401  (BLAS preload before anything imports mlx)
+from tests.server.asgi import asgi_receiver, asgi_scope
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script, make_app
 
 USER = [{"role": "user", "content": "hi"}]
@@ -125,42 +126,11 @@ async def test_keepalive_while_waiting_for_first_token(eng: FakeEngine) -> None:
         if message["type"] == "http.response.body" and message.get("body") == b": keep-alive\n\n":
             gate.set()  # after a keep-alive, let the first token arrive
 
-    await app(_scope("/v1/chat/completions"), _receiver(body), send)
+    await app(asgi_scope("/v1/chat/completions"), asgi_receiver(body), send)
     text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
     assert ": keep-alive" in text and "Hello world" == "".join(
         e["choices"][0]["delta"].get("content", "") for e in events(text)
     )
-
-
-def _scope(path: str) -> dict:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-
-
-def _receiver(body: bytes, gone: asyncio.Event | None = None):
-    """An ASGI receive: the body, then http.disconnect once `gone` is set (never, if None)."""
-    state = {"sent": False}
-
-    async def receive() -> dict:
-        if not state["sent"]:
-            state["sent"] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await (gone.wait() if gone else asyncio.Event().wait())
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -186,7 +156,9 @@ async def test_client_disconnect_aborts_engine_request(eng: FakeEngine, stream: 
     watcher = asyncio.ensure_future(
         disconnect_when_generating() if not stream else asyncio.sleep(0)
     )
-    await asyncio.wait_for(app(_scope("/v1/chat/completions"), _receiver(body, gone), send), 5)
+    await asyncio.wait_for(
+        app(asgi_scope("/v1/chat/completions"), asgi_receiver(body, gone), send), 5
+    )
     await watcher
     assert (
         sorted(eng.aborted) == sorted(r.request_id for r in eng.requests) and len(eng.aborted) == 2

@@ -1,4 +1,5 @@
-"""Embeddings: POST /api/embed, the legacy /api/embeddings, and OpenAI's POST /v1/embeddings.
+"""Embeddings, shared by Ollama's /api/embed and /api/embeddings and OpenAI's /v1/embeddings
+(each API maps its own request and response; see server/ollama/router.py, server/openai/).
 
 What they are: the engine runs the loaded generative model over each input and returns the
 mean over tokens of its last hidden states (after the final norm), L2-normalized to unit length.
@@ -9,16 +10,12 @@ re-normalizes.
 
 from __future__ import annotations
 
-import base64
 import math
-import struct
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from engine.api import EngineAPI
 from server.errors import APIError
-from server.ollama.options import ns, parse_keep_alive
 
 
 @dataclass
@@ -42,14 +39,14 @@ async def embed_texts(
     model: str,
     inputs: list[str] | list[list[int]],
     truncate: bool = True,
-    keep_alive: Any = None,
+    keep_alive: float | None = None,
     dimensions: int | None = None,
 ) -> Embedded:
     """Tokenize (unless given token ids), fit each input to the context, and embed them."""
     if dimensions is not None and dimensions <= 0:
         raise APIError(400, "dimensions must be positive")
     started = time.monotonic()
-    handle = await engine.get_model(model, keep_alive=parse_keep_alive(keep_alive))
+    handle = await engine.get_model(model, keep_alive=keep_alive)
     load_time = time.monotonic() - started
     limit = handle.context_length
     batches: list[list[int]] = []
@@ -69,40 +66,3 @@ async def embed_texts(
         load_time=load_time,
         total_time=time.monotonic() - started,
     )
-
-
-def ollama_embed_response(model: str, e: Embedded) -> dict[str, Any]:
-    return {
-        "model": model,
-        "embeddings": e.vectors,
-        "total_duration": ns(e.total_time),
-        "load_duration": ns(e.load_time),
-        "prompt_eval_count": e.prompt_tokens,
-    }
-
-
-def openai_inputs(value: Any) -> list[str] | list[list[int]]:
-    """OpenAI's `input`: a string, strings, a token list or token lists."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            return value
-        if all(isinstance(v, int) for v in value):
-            return [value]
-        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
-            return value
-    raise APIError(400, "'input' must be a string, a list of strings, or token id lists")
-
-
-def openai_embed_response(model: str, e: Embedded, encoding: str) -> dict[str, Any]:
-    def encode(vec: list[float]) -> list[float] | str:
-        if encoding == "base64":
-            return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        return vec
-
-    data = [
-        {"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(e.vectors)
-    ]
-    usage = {"prompt_tokens": e.prompt_tokens, "total_tokens": e.prompt_tokens}
-    return {"object": "list", "data": data, "model": model, "usage": usage}

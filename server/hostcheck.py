@@ -10,8 +10,9 @@ Wire it in create_app:  app.add_middleware(HostCheckMiddleware, bind_host=settin
 from __future__ import annotations
 
 import ipaddress
-import json
 from typing import Any
+
+from server.errors import APIError, error_response
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
@@ -47,7 +48,8 @@ def host_allowed(header: str | None, bind_host: str) -> bool:
 
 
 class HostCheckMiddleware:
-    """ASGI middleware: 403 `{"error": ...}` for a foreign Host on a loopback-bound server."""
+    """ASGI middleware: 403 for a foreign Host on a loopback-bound server, in the shape of the
+    API the path belongs to (server/errors.py)."""
 
     def __init__(self, app: Any, bind_host: str = "127.0.0.1"):
         self.app = app
@@ -62,15 +64,7 @@ class HostCheckMiddleware:
         if host_allowed(raw.decode("latin-1") if raw else None, self.bind_host):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": "forbidden: this server only answers local hosts"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        refused = APIError(
+            403, "forbidden: this server only answers local hosts", code="host_not_allowed"
         )
-        await send({"type": "http.response.body", "body": body})
+        await error_response(scope.get("path", ""), refused)(scope, receive, send)
