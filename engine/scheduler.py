@@ -42,9 +42,10 @@ class SchedulerOutput:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    max_waiting: int = 256
+    # Budgets come from EngineConfig (configs/default.toml): no second copy of their defaults.
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting: int
     kv_bytes_per_token: int = 1
     context_length: int = 2048
     kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)

@@ -167,18 +167,19 @@ class EngineStats:
 
 @dataclass
 class EngineConfig:
-    """Everything the engine and its model registry need; the server fills it from Settings."""
+    """Everything the engine and its model registry need. No defaults here: the server fills it
+    from its settings, whose one table of defaults is configs/default.toml."""
 
-    models_dir: Path = Path("~/.mlxd/models")
-    default_model: str = "smollm2:135m"
-    keep_alive: float = 300.0  # seconds an idle model stays loaded; <0 forever
-    preload: list[str] = field(default_factory=list)
-    pinned: list[str] = field(default_factory=list)
-    memory_limit: int = 0  # bytes for weights + KV; 0: a safe fraction of the device's memory
-    weights_on_cpu: str = "fp32"  # CPU backend: "fp32" (dequantize at load) or "as_stored"
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_waiting: int = 256
-    max_context: int = 0  # 0: the model's own context length
-    prefix_cache_bytes: int = 256 * 1024 * 1024
-    kv_fraction: float = 0.5
+    models_dir: Path
+    default_model: str
+    keep_alive: float  # seconds an idle model stays loaded; <0 forever
+    preload: list[str]
+    pinned: list[str]
+    memory_limit: int  # bytes for weights + KV; 0: a safe fraction of the device's memory
+    weights_on_cpu: str  # CPU backend: "fp32" (dequantize at load) or "as_stored"
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting: int
+    max_context: int  # 0: the model's own context length
+    prefix_cache_bytes: int
+    kv_fraction: float

@@ -21,7 +21,7 @@ from server.metrics import install_metrics
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
-from server.settings import Settings, engine_config
+from server.settings import Settings
 from server.sse import KEEPALIVE_SECONDS
 
 log = logging.getLogger("mlxd.server")
@@ -92,11 +92,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> int:
-    """Run the real server until interrupted; returns the process exit code."""
+def serve(settings: Settings, engine: EngineAPI) -> int:
+    """Run the real server around `engine` until interrupted; returns the process exit code."""
     import uvicorn
 
-    from engine.async_engine import AsyncEngine  # the real engine: only `serve` needs it
     from server.logging_setup import configure_logging
     from server.shutdown import GracefulServer
 
@@ -115,7 +114,7 @@ def serve(settings: Settings) -> int:
                 file=sys.stderr,
             )
         return 1
-    app = create_app(settings, AsyncEngine(engine_config(settings)))
+    app = create_app(settings, engine)
     config = uvicorn.Config(
         app, log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=15
     )

@@ -16,6 +16,7 @@ from typing import Any
 import engine  # noqa: F401  (loads the optimized BLAS before anything imports mlx)
 from server import cli_manage, cli_run
 from server.client import ClientError, connect
+from server.settings import add_flags
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -28,29 +29,32 @@ def _fail(message: str, code: int = EXIT_ERROR) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
-    from server.settings import engine_config, load_settings
+    from server.settings import Settings, engine_config, load_settings
 
     try:
         settings = load_settings(
-            args.config,
-            host=args.host,
-            port=args.port,
-            models_dir=args.models_dir,
-            default_model=args.model,
-            api_keys=args.api_key,
-            log_level=args.log_level,
+            args.config, **{n: getattr(args, n) for n in Settings.model_fields}
         )
     except (OSError, ValueError) as e:
-        return _fail(f"cannot read the settings: {e}")
-    if args.model:
-        from engine.async_engine import AsyncEngine
+        return _fail(f"cannot read the settings: {_one_line(e)}")
+    from engine.async_engine import AsyncEngine
 
-        engine = AsyncEngine(engine_config(settings))
-        if not engine.knows_model(args.model):
-            known = sorted(s.name for s in engine.list_models())
-            listing = ", ".join(known) if known else "none (try `mlxd pull` or `mlxd import`)"
-            return _fail(f"unknown model '{args.model}'; known models: {listing}", EXIT_USAGE)
-    return serve(settings)
+    the_engine = AsyncEngine(engine_config(settings))  # the one engine: serve() runs it
+    if args.default_model and not the_engine.knows_model(args.default_model):
+        known = sorted(s.name for s in the_engine.list_models())
+        listing = ", ".join(known) if known else "none (try `mlxd pull` or `mlxd import`)"
+        return _fail(f"unknown model '{args.default_model}'; known models: {listing}", EXIT_USAGE)
+    return serve(settings, the_engine)
+
+
+def _one_line(e: Exception) -> str:
+    """pydantic's multi-line ValidationError as its first problem."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "value"
+        return f"{where}: {first.get('msg', 'invalid')}"
+    return str(e)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -85,14 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlxd", description="Local LLM server on MLX, speaking the OpenAI and Ollama APIs."
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
-    p = sub.add_parser("serve", help="start the server")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 11434)")
-    p.add_argument("--models-dir", help="where models live (default ~/.mlxd/models)")
-    p.add_argument("--model", help="the default model")
-    p.add_argument("--config", help="a TOML file of settings")
-    p.add_argument("--api-key", help="require this bearer key (comma separated for several)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p = sub.add_parser(
+        "serve", help="start the server", description="Every setting of configs/default.toml."
+    )
+    p.add_argument("--config", help="a TOML file of settings (the tables of default.toml)")
+    add_flags(p)
     p.set_defaults(sync=cmd_serve)
     cli_run.add_parser(sub)
     cli_manage.add_parsers(sub)

@@ -1,12 +1,30 @@
-"""Settings: configs/default.toml < --config FILE < MLXD_* environment < command-line flags."""
+"""The one settings table. Precedence: flags > MLXD_* environment > --config FILE > default.toml.
+
+configs/default.toml holds every key's one default; each key below names its TOML place, its
+environment variable (MLXD_<KEY> unless said otherwise) and its `mlxd serve` flag
+(--<key-with-dashes> unless said otherwise). pydantic-settings reads the environment and checks
+every value's type, whatever its source. tests/unit/test_settings.py walks default.toml and
+proves each key is reachable both ways.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from engine.types import EngineConfig
 
@@ -15,109 +33,160 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+DEFAULT_CONFIG = Path(str(resources.files("configs").joinpath("default.toml")))
+CommaList = Annotated[list[str], NoDecode]  # "a,b" in the environment and on the command line
 
 
-@dataclass
-class Settings:
+def key(
+    table: str, name: str | None = None, env: str | None = None, flag: str | None = None
+) -> Any:
+    """A setting's TOML place ([table] name), and its env variable and flag where they differ."""
+    extra = {"table": table, "toml": name, "env": env, "flag": flag}
+    kwargs: dict[str, Any] = {"json_schema_extra": {k: v for k, v in extra.items() if v}}
+    if env:
+        kwargs["validation_alias"] = env
+    return Field(**kwargs)
+
+
+class Settings(BaseSettings):
+    """Every key of configs/default.toml, typed. Fields have no defaults of their own."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLXD_", populate_by_name=True, extra="ignore", case_sensitive=False
+    )
+
     # [server]
-    host: str = "127.0.0.1"
-    port: int = 11434
-    api_keys: list[str] = field(default_factory=list)
-    cors_origins: list[str] = field(default_factory=list)
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_messages: int = 2048
-    max_stop_strings: int = 16
-    log_level: str = "info"
-    drain_timeout: float = 10.0
+    host: str = key("server")
+    port: int = key("server")
+    api_keys: CommaList = key("server", env="MLXD_API_KEY", flag="--api-key")
+    cors_origins: CommaList = key("server")
+    max_body_bytes: int = key("server")
+    max_messages: int = key("server")
+    max_stop_strings: int = key("server")
+    log_level: Literal["debug", "info", "warning", "error"] = key("server")
+    drain_timeout: float = key("server")
     # [models]
-    models_dir: Path = Path("~/.mlxd/models")
-    default_model: str = "smollm2:135m"
-    keep_alive: float = 300.0
-    preload: list[str] = field(default_factory=list)
-    pinned: list[str] = field(default_factory=list)
-    memory_limit: int = 0
-    weights_on_cpu: str = "fp32"
+    models_dir: Path = key("models", "dir", env="MLXD_MODELS")
+    default_model: str = key("models", "default", env="MLXD_MODEL", flag="--model")
+    keep_alive: float = key("models")
+    preload: CommaList = key("models")
+    pinned: CommaList = key("models")
+    memory_limit: int = key("models")
+    weights_on_cpu: Literal["fp32", "as_stored"] = key("models")
     # [engine]
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_waiting: int = 256
-    max_context: int = 0
-    prefix_cache_bytes: int = 256 * 1024 * 1024
-    kv_fraction: float = 0.5
+    max_num_seqs: int = key("engine")
+    max_num_batched_tokens: int = key("engine")
+    max_waiting: int = key("engine")
+    max_context: int = key("engine")
+    prefix_cache_bytes: int = key("engine")
+    kv_fraction: float = key("engine")
 
-
-# TOML (table, key) -> Settings attribute, where the names differ.
-_RENAMES = {("models", "dir"): "models_dir", ("models", "default"): "default_model"}
-# Environment variable -> Settings attribute.
-_ENV = {
-    "MLXD_HOST": "host",
-    "MLXD_PORT": "port",
-    "MLXD_MODELS": "models_dir",
-    "MLXD_MODEL": "default_model",
-    "MLXD_API_KEY": "api_keys",
-    "MLXD_CORS_ORIGINS": "cors_origins",
-    "MLXD_LOG_LEVEL": "log_level",
-    "MLXD_DRAIN_TIMEOUT": "drain_timeout",
-    "MLXD_KEEP_ALIVE": "keep_alive",
-    "MLXD_MEMORY_LIMIT": "memory_limit",
-    "MLXD_WEIGHTS_ON_CPU": "weights_on_cpu",
-    "MLXD_MAX_NUM_SEQS": "max_num_seqs",
-    "MLXD_MAX_WAITING": "max_waiting",
-}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    kind = {f.name: f.type for f in fields(Settings)}[name]
-    if isinstance(value, str):
-        if "list" in str(kind):
+    @field_validator("api_keys", "cors_origins", "preload", "pinned", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
-        if kind in ("int", int):
-            return int(value)
-        if kind in ("float", float):
-            return float(value)
-    if name == "models_dir":
-        return Path(value).expanduser()
-    return value
+        return value
+
+    @field_validator("models_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = [TomlTables(settings_cls, DEFAULT_CONFIG)]
+        config = _config_file.get()
+        if config is not None:
+            files.insert(0, TomlTables(settings_cls, config))
+        return (init_settings, env_settings, *files)
 
 
-def _apply_toml(s: Settings, path: Path) -> None:
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    known = {f.name for f in fields(Settings)}
-    for table, values in data.items():
-        if not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            attr = _RENAMES.get((table, key), key)
-            if attr in known:
-                setattr(s, attr, _coerce(attr, value))
+def meta(field: FieldInfo) -> dict[str, str]:
+    extra = field.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}  # type: ignore[arg-type]
+
+
+def env_name(name: str) -> str:
+    """The environment variable of setting `name`."""
+    return meta(Settings.model_fields[name]).get("env") or f"MLXD_{name.upper()}"
+
+
+def flag_name(name: str) -> str:
+    """The `mlxd serve` flag of setting `name`."""
+    return meta(Settings.model_fields[name]).get("flag") or "--" + name.replace("_", "-")
+
+
+def toml_place(name: str) -> tuple[str, str]:
+    m = meta(Settings.model_fields[name])
+    return m["table"], m.get("toml") or name
+
+
+class TomlTables(PydanticBaseSettingsSource):
+    """A TOML file of [server] / [models] / [engine] tables, mapped onto the flat fields."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        super().__init__(settings_cls)
+        with open(path, "rb") as f:
+            self.data = tomllib.load(f)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        table, name = toml_place(field_name)
+        value = self.data.get(table, {}).get(name)
+        return value, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+# The --config file while load_settings builds Settings (pydantic-settings picks sources per class).
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "mlxd_config_file", default=None
+)
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings; `overrides` are flags (None values are ignored)."""
-    s = Settings()
-    if (
-        DEFAULT_CONFIG.exists()
-    ):  # absent in a non-editable install: the dataclass holds the same defaults
-        _apply_toml(s, DEFAULT_CONFIG)
-    if config:
-        _apply_toml(s, Path(config).expanduser())
-    for env, attr in _ENV.items():
-        if os.environ.get(env):
-            setattr(s, attr, _coerce(attr, os.environ[env]))
+    """Build the settings; `overrides` are flags (None values are ignored). A bad value of any
+    source raises pydantic's ValidationError (a ValueError) naming the key."""
+    token = _config_file.set(Path(config).expanduser() if config else None)
+    try:
+        s = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _config_file.reset(token)
     key_file = os.environ.get("MLXD_API_KEY_FILE")
     if key_file:
         keys = Path(key_file).expanduser().read_text().split()
         s.api_keys = [*s.api_keys, *keys]
-    for attr, value in overrides.items():
-        if value is not None:
-            setattr(s, attr, _coerce(attr, value))
-    s.models_dir = Path(s.models_dir).expanduser()
     return s
+
+
+def add_flags(parser: Any) -> None:
+    """One `mlxd serve` flag per setting (a string for lists: comma separated)."""
+    for name, field in Settings.model_fields.items():
+        kind = field.annotation if field.annotation in (int, float) else str
+        table, toml = toml_place(name)
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"[{table}] {toml} in the config ({env_name(name)})",
+        )
 
 
 def engine_config(s: Settings) -> EngineConfig:
     """The engine's share of the settings."""
-    names = {f.name for f in fields(EngineConfig)}
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
     return EngineConfig(**{n: getattr(s, n) for n in names})

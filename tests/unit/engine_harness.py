@@ -76,6 +76,7 @@ class Harness:
             SchedulerConfig(
                 max_num_batched_tokens=budget,
                 max_num_seqs=max_num_seqs,
+                max_waiting=256,
                 kv_bytes_per_token=1,
                 context_length=context_length,
             ),
