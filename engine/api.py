@@ -11,7 +11,10 @@ Contract for the server (and its fakes in tests):
   `__anext__`, before any output; leaving the iteration early (break, aclose, cancellation)
   aborts the request and frees its KV.
 - Model management: list_models, model_status, unload_model, import_gguf, pull_model, copy_model,
-  delete_model; `embed`; `stats()`.
+  delete_model; `embed`.
+- What the engine measures, for the server to render (it never wraps the engine): each
+  request's RequestMetrics on its last output, ModelHandle.load_time for each load, and
+  `stats()`, a snapshot of engine-wide counts and gauges.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class ModelHandle:
     name: str
     status: ModelStatus
     tokenizer: Any  # models.tokenizer.Tokenizer; typed loosely so the server never imports models
+    load_time: float = 0.0  # seconds this get_model spent loading weights; 0: already loaded
 
     @property
     def context_length(self) -> int:
@@ -110,4 +114,5 @@ class EngineAPI:
         raise NotImplementedError
 
     def stats(self) -> EngineStats:
+        """A snapshot taken between engine steps (never a structure read mid-step)."""
         raise NotImplementedError

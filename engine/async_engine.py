@@ -231,8 +231,10 @@ class AsyncEngine(EngineAPI):
             self._core_for(loaded)
             return loaded
 
+        t0, loads = time.monotonic(), self.registry.load_count
         loaded = await self._thread.call(load)
-        return ModelHandle(loaded.name, self.model_status(loaded.name), loaded.tokenizer)
+        load_time = time.monotonic() - t0 if self.registry.load_count != loads else 0.0
+        return ModelHandle(loaded.name, self.model_status(loaded.name), loaded.tokenizer, load_time)
 
     async def unload_model(self, name: str) -> None:
         canonical = self.registry.resolve(name).name

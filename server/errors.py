@@ -228,10 +228,15 @@ def parse_body(raw: bytes, schema: type[M]) -> M:
 # --- handlers --------------------------------------------------------------------------------
 
 
+ERROR_STATE = "mlxd_error"  # request.state key: the exception that answered the request
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every error through error_response (FastAPI's 422 and {"detail"} shapes never leak)."""
+    """Route every error through error_response (FastAPI's 422 and {"detail"} shapes never leak).
+    The exception stays on the request's state for the metrics (rejections by reason)."""
 
     async def on_any(request: Request, exc: Exception) -> JSONResponse:
+        setattr(request.state, ERROR_STATE, exc)
         return error_response(request.url.path, exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ chunks and its non-streamed body). `respond()` does the rest the same way for al
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,7 +51,7 @@ class Job:
     requests: list[GenerateRequest]
     n: int = 1
     started: float = field(default_factory=time.monotonic)
-    load_time: float = 0.0  # seconds the route spent in get_model before the job ran
+    load_time: float = 0.0  # seconds get_model spent loading the model for it (ModelHandle)
 
 
 @dataclass
@@ -156,9 +156,31 @@ def raise_if_failed(out: RequestOutput) -> None:
         )
 
 
-async def run(engine: EngineAPI, result: JobResult) -> AsyncIterator[tuple[RequestOutput, Choice]]:
+OnEnd = Callable[[JobResult, str], None]
+
+
+async def run(
+    engine: EngineAPI, result: JobResult, on_end: OnEnd | None = None
+) -> AsyncGenerator[tuple[RequestOutput, Choice], None]:
     """The job's outputs as they arrive, each added to its choice in `result`; failures raise.
-    max_tokens 0 with nothing to score never reaches the engine."""
+    max_tokens 0 with nothing to score never reaches the engine. `on_end(result, outcome)` is
+    called once the job is over: stop / length / abort / error."""
+    outcome = "abort"  # unless the job finishes or fails: the consumer left early
+    try:
+        async for item in _outputs(engine, result):
+            yield item
+        outcome = _outcome(result)
+    except Exception as exc:
+        outcome = "abort" if getattr(exc, "code", None) == "aborted" else "error"
+        raise
+    finally:
+        if on_end is not None:
+            on_end(result, outcome)
+
+
+async def _outputs(
+    engine: EngineAPI, result: JobResult
+) -> AsyncIterator[tuple[RequestOutput, Choice]]:
     requests = result.job.requests
     if all(r.params.max_tokens == 0 and not r.params.prompt_logprobs for r in requests):
         for i, r in enumerate(requests):
@@ -173,6 +195,24 @@ async def run(engine: EngineAPI, result: JobResult) -> AsyncIterator[tuple[Reque
             raise_if_failed(out)
             result.choices[i].add(out)
             yield out, result.choices[i]
+
+
+def _outcome(result: JobResult) -> str:
+    reasons = {c.finish_reason for c in result.choices}
+    return "length" if FinishReason.LENGTH in reasons else "stop"
+
+
+class JobObserver(Protocol):
+    """Who hears of every job's end (server/metrics.py); `app.state.metrics` when installed."""
+
+    def job_ended(self, request: Request, result: JobResult, outcome: str) -> None: ...
+
+
+def _on_end(request: Request) -> OnEnd | None:
+    observer: JobObserver | None = getattr(request.app.state, "metrics", None)
+    if observer is None:
+        return None
+    return lambda result, outcome: observer.job_ended(request, result, outcome)
 
 
 async def render(
@@ -200,22 +240,23 @@ def job_events(engine: EngineAPI, job: Job, renderer: Renderer) -> AsyncIterator
     return render(renderer, run(engine, result), result)
 
 
-async def collect(engine: EngineAPI, job: Job) -> JobResult:
+async def collect(engine: EngineAPI, job: Job, on_end: OnEnd | None = None) -> JobResult:
     result = JobResult.start(job)
-    async for _ in run(engine, result):
-        pass
+    async with aclosing(run(engine, result, on_end)) as outputs:
+        async for _ in outputs:
+            pass
     return result
 
 
 async def respond(request: Request, job: Job, renderer: Renderer, stream: bool) -> Response:
     """Run `job` for an HTTP request: a framed stream, or one JSON body (see the module doc)."""
-    engine = engine_of(request)
+    engine, on_end = engine_of(request), _on_end(request)
     if stream:
         result = JobResult.start(job)
-        outputs = await prime(run(engine, result), keepalive_of(request))
+        outputs = await prime(run(engine, result, on_end), keepalive_of(request))
         return stream_response(request, renderer.api, render(renderer, outputs, result), renderer)
     try:
-        done = await unless_disconnected(request, collect(engine, job))
+        done = await unless_disconnected(request, collect(engine, job, on_end))
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse(renderer.body(done))

@@ -1,26 +1,21 @@
-"""Prometheus metrics, request ids and request logs for the HTTP server.
+"""Prometheus metrics and request logs for the HTTP server; it renders what the engine reports.
 
-One hook for the app: `install_metrics(app, engine)` adds `GET /metrics` (Prometheus text format,
-a private CollectorRegistry per app) and an ASGI middleware that
-- gives every request an id (the client's `X-Request-Id` if sane, else a new one), exposed to
-  handlers as `request.state.request_id` and returned in the `X-Request-Id` response header
-  (unless a handler already set that header);
-- counts requests by endpoint (the route template), model and outcome, times them end to end, and
-  writes one structured log line per request (server/logging_setup.py).
-It also wraps the engine's `generate` and `get_model` so per-request figures (TTFT, inter-token
-latency, token counts, rejections, model load time) are recorded without the route handlers doing
-anything. Engine-wide gauges come from `engine.stats()` at scrape time (a custom collector).
-Handlers that produce work outside `engine.generate` may call the `Metrics.observe_*` methods.
+`install_metrics(app, engine)` adds `GET /metrics` (Prometheus text format, a private
+CollectorRegistry per app) and an ASGI middleware that counts requests by endpoint (the route
+template), model and outcome, times them end to end, and writes one log line per request
+(server/logging_setup.py) under the id RequestIdMiddleware gave it. Nothing wraps the engine:
+- per-request figures come from the engine's own RequestMetrics, which the job runner hands to
+  `Metrics.job_ended` when a job ends (server/jobs.py), and from ModelHandle.load_time;
+- rejections (queue full, memory, context, shutting down) are the errors that answered a request
+  (server/errors.py notes them on the request's state);
+- engine-wide gauges are `engine.stats()` at scrape time (a custom collector).
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,16 +25,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from starlette.datastructures import MutableHeaders
 
-from engine.errors import (
-    ContextLengthError,
-    EngineShuttingDownError,
-    InsufficientMemoryError,
-    QueueFullError,
-)
-from engine.types import GenerateRequest, RequestMetrics, RequestOutput
+from engine.types import RequestMetrics
+from server.errors import ERROR_STATE, from_exception
+from server.jobs import JobResult
 from server.logging_setup import RequestLogEntry, log_request
+from server.middleware import assign_request_id
 
 log = logging.getLogger("mlxd.metrics")
 
@@ -47,27 +38,24 @@ log = logging.getLogger("mlxd.metrics")
 _TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-_REJECTIONS = (
-    (QueueFullError, "queue_full"),
-    (InsufficientMemoryError, "memory"),
-    (ContextLengthError, "context"),
-    (EngineShuttingDownError, "shutting_down"),
-)
+# Error codes (server/errors.py) of refusals before a request runs -> the `reason` label.
+_REJECTIONS = {
+    "queue_full": "queue_full",
+    "insufficient_memory": "memory",
+    "context_length_exceeded": "context",
+    "shutting_down": "shutting_down",
+}
 _QUIET_PATHS = ("/metrics", "/health")  # scraped often: logged at DEBUG only
-_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def rejection_reason(exc: BaseException) -> str | None:
     """The `reason` label of an error that rejects a request before it runs, else None."""
-    for cls, reason in _REJECTIONS:
-        if isinstance(exc, cls):
-            return reason
-    return None
+    return _REJECTIONS.get(from_exception(exc).code or "")
 
 
 @dataclass
 class RequestRecord:
-    """What the middleware and the engine wrapper learn about one HTTP request."""
+    """What the middleware and the job runner learn about one HTTP request."""
 
     request_id: str
     method: str = "GET"
@@ -92,11 +80,6 @@ class RequestRecord:
         t.decode_time = max(t.decode_time, m.decode_time)
 
 
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
-    "mlxd_request", default=None
-)
-
-
 def _status_outcome(status: int) -> str:
     if status >= 500:
         return "server_error"
@@ -106,7 +89,7 @@ def _status_outcome(status: int) -> str:
 
 
 class Metrics:
-    """The metric families of one app, and the recorder API the server (and its wrappers) call."""
+    """The metric families of one app, and what the server reports into them."""
 
     def __init__(self, engine: Any, registry: CollectorRegistry | None = None):
         self.engine = engine
@@ -162,11 +145,36 @@ class Metrics:
     def observe_ttft(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)
 
-    def observe_token_gap(self, model: str, seconds: float, tokens: int = 1) -> None:
-        """`tokens` tokens arrived `seconds` after the previous ones: each counts seconds/tokens."""
-        child = self.itl.labels(model)
-        for _ in range(max(tokens, 1)):
-            child.observe(seconds / max(tokens, 1))
+    def observe_engine_request(self, model: str, m: RequestMetrics) -> None:
+        """One engine request's own measurements: tokens, queue time, TTFT, token gaps."""
+        self.observe_tokens(model, m)
+        self.queue.labels(model).observe(m.queue_time)
+        if m.completion_tokens:
+            self.observe_ttft(model, m.ttft)
+        gaps = m.completion_tokens - 1
+        if gaps > 0:  # the decode time spread evenly over the gaps between its tokens
+            child = self.itl.labels(model)
+            for _ in range(gaps):
+                child.observe(m.decode_time / gaps)
+
+    def job_ended(self, request: Any, result: JobResult, outcome: str) -> None:
+        """The job runner's report of one job (server/jobs.py): all of its engine requests."""
+        model = result.job.model
+        if result.job.load_time > 0:
+            self.observe_model_load(model, result.job.load_time)
+        rec = record_of(request)
+        for m in result.metrics:
+            if m is not None:
+                self.observe_engine_request(model, m)
+                if rec is not None:
+                    rec.add(m)
+        if rec is None:
+            return
+        rec.model = rec.model or model
+        if not rec.ttft:
+            rec.ttft = min((m.ttft for m in result.metrics if m and m.ttft), default=0.0)
+        if rec.outcome in ("", "stop", "length"):  # an abort or error of any job wins
+            rec.outcome = outcome
 
     def observe_rejection(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
@@ -263,108 +271,12 @@ class EngineCollector(Collector):
         yield count
 
 
-def _instrument_generate(engine: Any, metrics: Metrics) -> None:
-    original = engine.generate
-
-    async def generate(request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        rec = _current.get()
-        if rec is not None:
-            rec.model = request.model
-        start = last = time.monotonic()
-        got_token = False
-        final: RequestOutput | None = None
-        outcome = "abort"  # the consumer left early unless we see a finish or an error
-        iterator = original(request).__aiter__()
-        try:
-            while True:
-                try:
-                    out = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                now = time.monotonic()
-                n = len(out.token_ids) or (1 if out.text else 0)
-                if n and not got_token:
-                    got_token = True
-                    metrics.observe_ttft(request.model, now - start)
-                    if rec is not None and not rec.ttft:
-                        rec.ttft = now - start
-                    n -= 1  # the other tokens of a first multi-token output count as gaps
-                if n:
-                    metrics.observe_token_gap(request.model, now - last, n)
-                last = now
-                if out.finished:
-                    final = out
-                    outcome = out.finish_reason.value if out.finish_reason else "stop"
-                yield out
-        except Exception as e:
-            reason = rejection_reason(e)
-            outcome = "rejected" if reason else "error"
-            if reason:
-                metrics.observe_rejection(reason)
-            if rec is not None:
-                rec.error = str(e)[:200]
-            raise
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()  # leaving early must reach the engine as an abort
-            _record_engine_request(metrics, rec, request.model, outcome, final)
-
-    engine.generate = generate
-
-
-def _record_engine_request(
-    metrics: Metrics, rec: RequestRecord | None, model: str, outcome: str,
-    final: RequestOutput | None,
-) -> None:  # fmt: skip
-    m = final.metrics if final is not None else None
-    if m is not None:
-        metrics.observe_tokens(model, m)
-        metrics.queue.labels(model).observe(m.queue_time)
-        if m.load_time > 0:
-            metrics.observe_model_load(model, m.load_time)
-    if final is not None and final.error and rec is not None:
-        rec.error = final.error[:200]
-    if rec is None:  # called outside an HTTP request: count it here
-        metrics.requests.labels("internal", model, outcome).inc()
-        return
-    if m is not None:
-        rec.add(m)
-    if rec.outcome in ("", "stop", "length"):  # an abort or error of any choice wins
-        rec.outcome = outcome
-
-
-def _instrument_get_model(engine: Any, metrics: Metrics) -> None:
-    original = engine.get_model
-
-    async def get_model(name: str, *args: Any, **kwargs: Any) -> Any:
-        rec = _current.get()
-        try:
-            was_loaded = any(m.name == name for m in engine.running_models())
-        except Exception:
-            was_loaded = True  # unknown: don't record a load time we can't attribute
-        start = time.monotonic()
-        try:
-            handle = await original(name, *args, **kwargs)
-        except Exception as e:
-            reason = rejection_reason(e)
-            if reason:
-                metrics.observe_rejection(reason)
-                if rec is not None:
-                    rec.outcome = "rejected"
-            raise
-        model = getattr(handle, "name", name)
-        if rec is not None and not rec.model:
-            rec.model = model  # only after success: unknown names must not become label values
-        if not was_loaded:
-            metrics.observe_model_load(model, time.monotonic() - start)
-        return handle
-
-    engine.get_model = get_model
-
-
 class ObservabilityMiddleware:
-    """Pure ASGI middleware (streams pass through untouched): request ids, counts, logs."""
+    """Pure ASGI middleware (streams pass through untouched): counts, timings, one log line.
+
+    Runs inside RequestIdMiddleware and logs under the id it assigned; a job's figures arrive
+    through `Metrics.job_ended` while the response is being sent.
+    """
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app = app
@@ -374,19 +286,13 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
-        # An outer RequestIdMiddleware may have assigned the id already: log under the same one.
-        rid = state.get("request_id") or _incoming_id(scope) or f"req-{uuid.uuid4().hex[:24]}"
-        state["request_id"] = rid
+        rid = assign_request_id(scope)
         rec = RequestRecord(request_id=rid, method=scope.get("method", ""), path=scope["path"])
-        token = _current.set(rec)
+        scope["state"][_RECORD] = rec
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 rec.status = message["status"]
-                headers = MutableHeaders(scope=message)
-                if "x-request-id" not in headers:
-                    headers.append("X-Request-Id", rid)
             await send(message)
 
         try:
@@ -395,29 +301,38 @@ class ObservabilityMiddleware:
             rec.status = rec.status if rec.status >= 500 else 500
             raise
         finally:
-            _current.reset(token)
             route = scope.get("route")
             rec.endpoint = getattr(route, "path", None) or "other"
+            self._note_error(rec, scope["state"].get(ERROR_STATE))
             self.metrics.finish_request(rec)
 
+    def _note_error(self, rec: RequestRecord, exc: BaseException | None) -> None:
+        if exc is None:
+            return
+        rec.error = rec.error or str(exc)[:200]
+        reason = rejection_reason(exc)
+        if reason:
+            self.metrics.observe_rejection(reason)
+            rec.outcome = "rejected"
 
-def _incoming_id(scope: dict) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == b"x-request-id":
-            text = value.decode("latin-1")
-            return text if _ID_OK.match(text) else None
-    return None
+
+_RECORD = "mlxd_metrics_record"
+
+
+def record_of(request: Any) -> RequestRecord | None:
+    """The record ObservabilityMiddleware keeps for this request (Request or ASGI scope)."""
+    scope = getattr(request, "scope", request)
+    record = scope.get("state", {}).get(_RECORD)
+    return record if isinstance(record, RequestRecord) else None
 
 
 def install_metrics(
     app: FastAPI, engine: Any, registry: CollectorRegistry | None = None
 ) -> Metrics:
-    """Add GET /metrics and the observability middleware to `app`; wrap `engine` to record
-    per-request figures. Call once per app, after creating the engine. Returns the Metrics
-    (also at `app.state.metrics`)."""
+    """Add GET /metrics and the observability middleware to `app` (add RequestIdMiddleware
+    after it, so it runs outside). Returns the Metrics, also `app.state.metrics`, which the job
+    runner reports to."""
     metrics = Metrics(engine, registry)
-    _instrument_generate(engine, metrics)
-    _instrument_get_model(engine, metrics)
     app.state.metrics = metrics
 
     @app.get("/metrics", include_in_schema=False)

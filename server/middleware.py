@@ -25,6 +25,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def assign_request_id(scope: Scope) -> str:
+    """This request's id: the one already assigned, else the client's when sane, else new."""
+    state = scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if not rid:
+        given = _header(scope, REQUEST_ID_HEADER.encode())
+        rid = given if given and _SAFE_ID.match(given) else f"req-{uuid.uuid4().hex[:24]}"
+        state["request_id"] = rid
+    return str(rid)
+
+
 def request_id(scope_or_request: Any) -> str:
     """The id RequestIdMiddleware assigned to this request (Request or ASGI scope)."""
     scope = getattr(scope_or_request, "scope", scope_or_request)
@@ -45,9 +56,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _header(scope, REQUEST_ID_HEADER.encode())
-        rid = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        rid = assign_request_id(scope)
         started = False
 
         async def send_with_id(message: Message) -> None:

@@ -61,14 +61,6 @@ async def load_or_unload(engine: EngineAPI, model: str, keep_alive: float | None
     return {"model": model, "created_at": timestamp(), "done": True, "done_reason": reason}
 
 
-async def _load(
-    engine: EngineAPI, model: str, keep_alive: float | None
-) -> tuple[ModelHandle, float]:
-    t = time.monotonic()
-    handle = await engine.get_model(model, keep_alive=keep_alive)
-    return handle, time.monotonic() - t
-
-
 def _job(
     settings: Settings,
     handle: ModelHandle,
@@ -76,7 +68,6 @@ def _job(
     options: dict[str, Any],
     keep_alive: float | None,
     started: float,
-    load_time: float,
 ) -> Job:
     stop_list(settings, options.get("stop"), param="options.stop")
     budget = token_budget(options, len(ids), handle.context_length)
@@ -89,7 +80,9 @@ def _job(
         params=sampling_params(options, budget.max_tokens),
         keep_alive=keep_alive,
     )
-    return Job(request.request_id, handle.name, [request], started=started, load_time=load_time)
+    return Job(
+        request.request_id, handle.name, [request], started=started, load_time=handle.load_time
+    )
 
 
 async def prepare_chat(
@@ -104,14 +97,14 @@ async def prepare_chat(
         event = await load_or_unload(engine, body.model, keep_alive)
         return {**event, "message": {"role": "assistant", "content": ""}}
     started = time.monotonic()
-    handle, load_time = await _load(engine, body.model, keep_alive)
+    handle = await engine.get_model(body.model, keep_alive=keep_alive)
     messages = [
         m.model_dump(include={"role", "content", "tool_calls"}, exclude_none=True)
         for m in body.messages
     ]
     prompt = chat_prompt(handle.tokenizer, messages)
     ids = handle.tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens)
-    job = _job(settings, handle, ids, body.options, keep_alive, started, load_time)
+    job = _job(settings, handle, ids, body.options, keep_alive, started)
     return job, OllamaRenderer(job, body.model, "chat")
 
 
@@ -126,14 +119,14 @@ async def prepare_generate(
     if not body.prompt and not body.context:
         return {**await load_or_unload(engine, body.model, keep_alive), "response": ""}
     started = time.monotonic()
-    handle, load_time = await _load(engine, body.model, keep_alive)
+    handle = await engine.get_model(body.model, keep_alive=keep_alive)
     prompt = generate_prompt(handle.tokenizer, body.prompt, body.system, body.template, body.raw)
     ids = list(body.context or []) if not body.raw else []
     if prompt.text:
         ids += handle.tokenizer.encode(
             prompt.text, add_special_tokens=prompt.add_special_tokens and not ids
         )
-    job = _job(settings, handle, ids, body.options, keep_alive, started, load_time)
+    job = _job(settings, handle, ids, body.options, keep_alive, started)
     return job, OllamaRenderer(job, body.model, "generate", context=not body.raw)
 
 

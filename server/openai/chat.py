@@ -95,7 +95,7 @@ async def prepare(
         GenerateRequest(f"{cid}-{i}" if n > 1 else cid, handle.name, ids, with_seed(params, i))
         for i in range(n)
     ]
-    job = Job(cid, handle.name, requests)
+    job = Job(cid, handle.name, requests, load_time=handle.load_time)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return job, ChatRenderer(job, bool(req.logprobs), include_usage), bool(req.stream)
 

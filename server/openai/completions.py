@@ -80,7 +80,7 @@ async def prepare(
             rid = f"{cid}-{index}" if len(prompts) * n > 1 else cid
             choice_params = with_seed(params, i, prompt_logprobs=score)
             requests.append(GenerateRequest(rid, handle.name, prompt.ids, choice_params))
-    job = Job(cid, handle.name, requests, n)
+    job = Job(cid, handle.name, requests, n, load_time=handle.load_time)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     renderer = CompletionRenderer(job, prompts, bool(req.echo), req.logprobs, include_usage)
     return job, renderer, bool(req.stream)

@@ -164,9 +164,10 @@ class FakeEngine(EngineAPI):
         if name in self.load_errors:
             raise self.load_errors[name]
         model = self._get(name)
+        load_time = 0.0 if model.status.loaded else 0.001  # a "load" the first time
         model.status.loaded = True
         model.status.weight_bytes = model.status.size_bytes
-        return ModelHandle(name=name, status=model.status, tokenizer=model.tokenizer)
+        return ModelHandle(name, model.status, model.tokenizer, load_time)
 
     async def unload_model(self, name: str) -> None:
         status = self._get(name).status

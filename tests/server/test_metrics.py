@@ -3,56 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.errors import EngineError, QueueFullError
-from engine.types import GenerateRequest, SamplingParams
-from server.metrics import install_metrics
-from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script
+from engine.errors import QueueFullError
+from tests.server.asgi import asgi_receiver, asgi_scope
+from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script, make_app
 
 
-def make_app(engine: FakeEngine) -> FastAPI:
-    """A minimal streaming route shaped like the real handlers: get_model -> generate -> stream."""
-    app = FastAPI()
-
-    @app.post("/v1/stream")
-    async def stream(request: Request) -> object:
-        body = await request.json()
-        handle = await engine.get_model(body.get("model", FAKE_MODEL))
-        ids = handle.tokenizer.encode(body.get("prompt", "hi"))
-        req = GenerateRequest(
-            request_id=request.state.request_id,
-            model=handle.name,
-            prompt_token_ids=ids,
-            params=SamplingParams(max_tokens=body.get("max_tokens", 64)),
-        )
-        outputs = engine.generate(req)
-        try:
-            first = await outputs.__anext__()
-        except QueueFullError as e:
-            return JSONResponse({"error": str(e)}, status_code=429)
-        except EngineError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-
-        async def body_iter():
-            yield first.text
-            async for out in outputs:
-                yield out.text
-
-        return StreamingResponse(body_iter(), media_type="text/plain")
-
-    @app.get("/own-id")
-    async def own_id() -> JSONResponse:
-        return JSONResponse({}, headers={"X-Request-Id": "handler-set"})
-
-    install_metrics(app, engine)
-    return app
+def post(client: httpx.AsyncClient, **body: object):
+    """A completion through the real app's job runner (not streamed)."""
+    return client.post(
+        "/v1/completions", json={"model": FAKE_MODEL, "prompt": "hi", "max_tokens": 64, **body}
+    )
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -91,7 +58,7 @@ async def scrape(client: httpx.AsyncClient) -> str:
 
 
 async def test_every_family_is_exposed(client: httpx.AsyncClient) -> None:
-    await client.post("/v1/stream", json={})
+    await post(client)
     text = await scrape(client)
     for family in (
         "mlxd_requests_total",
@@ -122,18 +89,16 @@ async def test_series_move_with_concurrent_streams(
 ) -> None:
     gate = asyncio.Event()
     engine.script = Script(text="abcdef", gate=gate, cached_tokens=2)
-    tasks = [
-        asyncio.create_task(client.post("/v1/stream", json={"prompt": "xyz"})) for _ in range(3)
-    ]
+    tasks = [asyncio.create_task(post(client, prompt="xyz")) for _ in range(3)]
     while len(engine.active) < 3:  # the streams are admitted and parked at the gate
         await asyncio.sleep(0)
     assert sample(await scrape(client), "mlxd_running_sequences") == 3
     gate.set()
     responses = await asyncio.gather(*tasks)
-    assert [r.text for r in responses] == ["abcdef"] * 3
+    assert [r.json()["choices"][0]["text"] for r in responses] == ["abcdef"] * 3
     text = await scrape(client)
     assert sample(text, "mlxd_running_sequences") == 0
-    ok = {"endpoint": "/v1/stream", "model": FAKE_MODEL, "outcome": "stop"}
+    ok = {"endpoint": "/v1/completions", "model": FAKE_MODEL, "outcome": "stop"}
     assert sample(text, "mlxd_requests_total", **ok) == 3
     assert sample(text, "mlxd_generated_tokens_total", model=FAKE_MODEL) == 18
     assert sample(text, "mlxd_prompt_tokens_total", model=FAKE_MODEL) == 12  # BOS + 3 chars, x3
@@ -147,39 +112,38 @@ async def test_series_move_with_concurrent_streams(
 
 async def test_queue_full_counts_a_rejection(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     engine.script = Script(reject=QueueFullError("the queue is full"))
-    r = await client.post("/v1/stream", json={})
+    r = await post(client)
     assert r.status_code == 429
     text = await scrape(client)
     assert sample(text, "mlxd_rejections_total", reason="queue_full") == 1
-    rejected = {"endpoint": "/v1/stream", "model": FAKE_MODEL, "outcome": "rejected"}
+    rejected = {"endpoint": "/v1/completions", "model": FAKE_MODEL, "outcome": "rejected"}
     assert sample(text, "mlxd_requests_total", **rejected) == 1
     assert sample(text, "mlxd_generated_tokens_total", model=FAKE_MODEL) == 0
 
 
-async def test_context_rejection_and_unknown_model_label(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/stream", json={"max_tokens": 10_000})
+async def test_context_rejection_is_counted(client: httpx.AsyncClient) -> None:
+    r = await post(client, max_tokens=10_000)
     assert r.status_code == 400
     text = await scrape(client)
     assert sample(text, "mlxd_rejections_total", reason="context") == 1
 
 
 async def test_leaving_early_counts_an_abort(engine: FakeEngine) -> None:
-    metrics = install_metrics(FastAPI(), engine)
-    req = GenerateRequest(
-        request_id="r1",
-        model=FAKE_MODEL,
-        prompt_token_ids=[1, 5],
-        params=SamplingParams(max_tokens=16),
-    )
-    outputs = engine.generate(req)
-    async for _ in outputs:
-        break
-    await outputs.aclose()
-    assert engine.aborted == ["r1"]  # the wrapper passed the abort on to the engine
-    text = metrics.render().decode()
-    aborted = {"endpoint": "internal", "model": FAKE_MODEL, "outcome": "abort"}
+    engine.script = Script(text="x" * 100, token_delay=0.005)
+    app = make_app(engine)
+    gone = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and b'"text":"x"' in message.get("body", b""):
+            gone.set()  # leave after the first token
+
+    body = {"model": FAKE_MODEL, "prompt": "hi", "max_tokens": 64, "stream": True}
+    receive = asgi_receiver(json.dumps(body).encode(), gone)
+    await asyncio.wait_for(app(asgi_scope("/v1/completions"), receive, send), 5)
+    assert engine.aborted == [engine.requests[0].request_id]
+    text = app.state.metrics.render().decode()
+    aborted = {"endpoint": "/v1/completions", "model": FAKE_MODEL, "outcome": "abort"}
     assert sample(text, "mlxd_requests_total", **aborted) == 1
-    assert sample(text, "mlxd_time_to_first_token_seconds_count", model=FAKE_MODEL) == 1
 
 
 async def test_request_id_header(client: httpx.AsyncClient) -> None:
@@ -190,9 +154,7 @@ async def test_request_id_header(client: httpx.AsyncClient) -> None:
         "x-request-id"
     ] == "abc-123"
     bad = await client.get("/metrics", headers={"X-Request-Id": "a b<>" * 100})
-    assert bad.headers["x-request-id"].startswith("req-")
-    own = await client.get("/own-id")
-    assert own.headers.get_list("x-request-id") == ["handler-set"]
+    assert bad.headers["x-request-id"].startswith("req-")  # a new one, not the client's
 
 
 async def test_one_log_line_per_request(client: httpx.AsyncClient) -> None:
@@ -207,7 +169,11 @@ async def test_one_log_line_per_request(client: httpx.AsyncClient) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        r = await client.post("/v1/stream", json={}, headers={"X-Request-Id": "log-1"})
+        r = await client.post(
+            "/v1/completions",
+            json={"model": FAKE_MODEL, "prompt": "hi"},
+            headers={"X-Request-Id": "log-1"},
+        )
         await client.get("/metrics")  # scrapes stay out of the INFO log
     finally:
         logger.removeHandler(handler)
