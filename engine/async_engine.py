@@ -19,7 +19,6 @@ from engine.errors import (
     ContextLengthError,
     EngineShuttingDownError,
     InvalidRequestError,
-    ModelError,
 )
 from engine.kv_manager import KVManager
 from engine.prefix_cache import PrefixCache
@@ -89,15 +88,13 @@ class AsyncEngine(EngineAPI):
 
     def _ensure_default(self) -> None:
         name = self.config.default_model
-        try:
-            self.registry.resolve(name)
-            return
-        except ModelError:
-            log.info("importing the bundled model %s into %s ...", name, self.config.models_dir)
-        step = [0]
+        step: list[int] = []
 
         def progress(done: int, total: int, what: str) -> None:
             pct = 100 * done // max(total, 1)
+            if not step:  # called only when the model has to be imported
+                log.info("importing the bundled model %s into %s ...", name, self.config.models_dir)
+                step.append(0)
             if pct >= step[0] + 25 or done == total:  # a line every quarter
                 step[0] = pct
                 log.info("importing %s: %d%% (%d/%d tensors)", name, pct, done, total)
@@ -105,7 +102,7 @@ class AsyncEngine(EngineAPI):
         try:
             self.registry.ensure_default(name, progress)
         except Exception as e:  # serving other models still works; say why the default is missing
-            log.warning("default model %s unavailable: %s", self.config.default_model, e)
+            log.warning("default model %s unavailable: %s", name, e)
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         # Idempotent: a signal handler and the lifespan may both ask; both await one drain.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import platform
 from dataclasses import dataclass
 
 from models import blas
+from models.memory import backend
 
 
 @dataclass
@@ -22,22 +22,9 @@ class DoctorReport:
     machine: str
 
 
-@functools.cache
 def device_kind() -> str:
-    """'gpu' when MLX's default device is a GPU (Metal or CUDA), else 'cpu'. Cheap after the first call."""
-    import mlx.core as mx
-
-    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-
-
-def _backend() -> str:
-    import mlx.core as mx
-
-    if device_kind() == "cpu":
-        return "cpu"
-    if getattr(mx, "metal", None) is not None and mx.metal.is_available():
-        return "metal"
-    return "cuda"
+    """'gpu' when MLX's default device is a GPU (Metal or CUDA), else 'cpu'."""
+    return "cpu" if backend() == "cpu" else "gpu"
 
 
 def doctor(measure: bool = True, n: int = 1024) -> DoctorReport:
@@ -47,7 +34,7 @@ def doctor(measure: bool = True, n: int = 1024) -> DoctorReport:
 
     return DoctorReport(
         mlx_version=getattr(mx, "__version__", "unknown"),
-        backend=_backend(),
+        backend=backend(),
         device=str(mx.default_device()),
         blas_name=info.name,
         blas_path=info.path,

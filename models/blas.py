@@ -4,6 +4,9 @@ The `mlx[cpu]` wheel links a reference BLAS (a few GFLOP/s). MLX's CPU matmul ca
 `cblas_*` symbols, so a library exporting them, loaded first with RTLD_GLOBAL, takes over. We prefer
 MKL from the `mkl` wheel (no root needed), then a system OpenBLAS; elsewhere (macOS Accelerate,
 CUDA, Linux arm64 without OpenBLAS) nothing is loaded. This module must not import mlx.
+
+Only processes that run MLX call preload(), first thing: the `mlxd` command (server/cli.py) and
+the test session (tests/conftest.py). Importing engine or models loads nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ def _candidates() -> list[tuple[str, str]]:
         for pattern in ("openblas-pthread/libblas.so.3", "libopenblas.so.0", "libopenblas.so"):
             out.append(("openblas", os.path.join(d, pattern)))
     return [(n, p) for n, p in out if os.path.exists(p)]
+
+
+def preferred_library() -> str | None:
+    """The BLAS library preload() would try first here (for LD_PRELOAD into another process,
+    e.g. the bench's reference server); None when there is none to load."""
+    choice = os.environ.get("MLXD_BLAS", "auto")
+    if sys.platform == "darwin" or choice == "none":
+        return None
+    if os.path.sep in choice:
+        return choice
+    cands = [p for n, p in _candidates() if choice == "auto" or n == choice]
+    return cands[0] if cands else None
 
 
 def preload() -> BlasInfo:

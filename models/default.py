@@ -54,19 +54,3 @@ def bundled_gguf(name: str) -> Path | None:
     """The GGUF file of a bundled model name, None when the name isn't bundled."""
     b = BUNDLED.get(name)
     return None if b is None else b.locate()
-
-
-def ensure_default(registry: object, name: str = DEFAULT_MODEL, progress=None) -> object:
-    """Import the bundled model `name` into the registry if it isn't there; return its entry."""
-    from models.errors import ModelNotFoundError
-    from models.registry import ModelRegistry
-
-    assert isinstance(registry, ModelRegistry)
-    try:
-        return registry.resolve(name)
-    except ModelNotFoundError:
-        pass
-    path = bundled_gguf(name)
-    if path is None:
-        raise ImportFailedError(f"model '{name}' is not present and not bundled with mlxd")
-    return registry.import_gguf(str(path), name, progress=progress)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InvalidModelNameError
-from models.loader import SafetensorsError, context_length, read_safetensors_header, weight_files
+from models.files import SafetensorsError, context_length, read_safetensors_header, weight_files
 from models.names import folder_to_name, parse_name
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,44 +19,19 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from models.cpu_layout import fast_activations, transpose_for_cpu
 from models.errors import ModelLoadError
-from models.memory import device_kind, kv_bytes_per_token
+from models.files import (
+    SafetensorsError,
+    context_length,
+    read_safetensors_header,
+    sliding_window,
+    weight_files,
+)
+from models.memory import backend, kv_bytes_per_token
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("mlxd.loader")
 
 WEIGHTS_ON_CPU = ("fp32", "as_stored")
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file whose header or length is wrong."""
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked against the file's length (truncation)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError("file too short")
-        (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsError("bad header length")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise SafetensorsError("header is not JSON") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError("header is not a table")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise SafetensorsError("file is truncated or has trailing bytes")
-    return header
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The model's safetensors shards (model*.safetensors, as mlx-lm loads them)."""
-    return sorted(path.glob("model*.safetensors"))
 
 
 @dataclass
@@ -88,27 +62,6 @@ class LoadedModel:
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token costs over all layers, in the model's activation dtype."""
         return kv_bytes_per_token(self.config, self.kv_dtype_bytes)
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The language model's part of a config (multimodal configs nest it as text_config)."""
-    return config.get("text_config", config) if "num_hidden_layers" not in config else config
-
-
-def context_length(config: dict[str, Any]) -> int:
-    cfg = text_config(config)
-    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return int(cfg[key])
-    return 4096
-
-
-def sliding_window(config: dict[str, Any]) -> int | None:
-    """The local attention window when some layers use one (gemma2/3), else None."""
-    cfg = text_config(config)
-    window = cfg.get("sliding_window")
-    uses = cfg.get("use_sliding_window", str(cfg.get("model_type", "")).startswith("gemma"))
-    return int(window) if isinstance(window, int) and window > 0 and uses else None
 
 
 def _quant_desc(config: dict[str, Any]) -> str:
@@ -192,7 +145,7 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
             raise ModelLoadError(name, f"a weights file is corrupt ({e})") from None
     tokenizer = Tokenizer.load(path, name, config)
     model = _build(path, name, arch)
-    dequant = device_kind() == "cpu" and weights_on_cpu == "fp32"
+    dequant = backend() == "cpu" and weights_on_cpu == "fp32"
     stored = _quant_desc(config)
     try:
         if dequant:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -10,15 +11,15 @@ import mlx.core as mx
 DEFAULT_FRACTION = 0.75  # of system (CPU) or recommended working set (Metal) memory
 
 
-def device_kind() -> str:
-    """ "metal", "cuda" or "cpu": where MLX runs by default."""
+@functools.cache
+def backend() -> str:
+    """ "metal", "cuda" or "cpu": where MLX runs by default. The one device probe (doctor,
+    loader, registry and /api/ps ask this); cached, the default device does not change."""
     if mx.default_device().type == mx.DeviceType.cpu:
         return "cpu"
     if mx.metal.is_available():
         return "metal"
-    if hasattr(mx, "cuda") and mx.cuda.is_available():
-        return "cuda"
-    return "gpu"
+    return "cuda"
 
 
 def system_memory_bytes() -> int:
@@ -32,7 +33,7 @@ def system_memory_bytes() -> int:
 def device_memory_bytes() -> int:
     """Memory the device can use: the recommended working set (Metal), its memory size (CUDA),
     or system RAM (CPU)."""
-    if device_kind() != "cpu":
+    if backend() != "cpu":
         try:
             info = mx.device_info()
             size = info.get("max_recommended_working_set_size") or info.get("memory_size")

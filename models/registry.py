@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from models import discovery, hub
-from models.default import bundled_gguf
+from models.default import BUNDLED, DEFAULT_MODEL, bundled_gguf
 from models.discovery import ModelEntry
 from models.errors import (
     ImportFailedError,
@@ -32,7 +32,7 @@ from models.errors import (
 )
 from models.gguf import import_gguf as _import_gguf
 from models.loader import LoadedModel, load_model
-from models.memory import default_memory_limit, device_kind
+from models.memory import backend, default_memory_limit
 from models.names import model_dir, normalize_name
 
 log = logging.getLogger("mlxd.registry")
@@ -115,8 +115,6 @@ class ModelRegistry:
 
     def knows(self, name: str) -> bool:
         """On disk, or a bundled model that `pull` / `ensure_default` imports offline."""
-        from models.default import BUNDLED
-
         try:
             self.resolve(name)
             return True
@@ -131,7 +129,7 @@ class ModelRegistry:
 
     def estimate_bytes(self, entry: ModelEntry) -> int:
         """Weight bytes a load will take: fp32 on CPU when dequantizing, else the stored size."""
-        if device_kind() == "cpu" and self.weights_on_cpu == "fp32":
+        if backend() == "cpu" and self.weights_on_cpu == "fp32":
             return entry.parameters * 4
         return sum(f.stat().st_size for f in entry.path.glob("*.safetensors"))
 
@@ -352,8 +350,14 @@ class ModelRegistry:
         hub.download(repo_id, self._new_dir(target), progress=progress, endpoint=endpoint)
         return self.resolve(target)
 
-    def ensure_default(self, name: str = "smollm2:135m", progress=None) -> ModelEntry:
-        """Import the bundled default model if it isn't on disk yet."""
-        from models.default import ensure_default
-
-        return ensure_default(self, name, progress)  # type: ignore[return-value]
+    def ensure_default(self, name: str = DEFAULT_MODEL, progress=None) -> ModelEntry:
+        """The entry of `name`, importing its bundled GGUF first if it isn't on disk yet
+        (progress(done, total, what) is called only when it imports)."""
+        try:
+            return self.resolve(name)
+        except ModelNotFoundError:
+            pass
+        path = bundled_gguf(self._canonical(name))
+        if path is None:
+            raise ImportFailedError(f"model '{name}' is not present and not bundled with mlxd")
+        return self.import_gguf(path, name, progress=progress)

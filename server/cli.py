@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-import engine  # noqa: F401  (loads the optimized BLAS before anything imports mlx)
+from models import blas
 from server import cli_manage, cli_run
 from server.client import ClientError, connect
 from server.settings import add_flags
@@ -113,6 +113,7 @@ async def _run_verb(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    blas.preload()  # before anything imports mlx: the optimized BLAS takes MLX's cblas calls
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])

@@ -1,4 +1,4 @@
-"""Shared fixtures. `import models` first: it loads the fast BLAS before anything imports mlx."""
+"""Shared fixtures. The fast BLAS is loaded first, before anything imports mlx."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import models  # noqa: F401
+from models import blas
+
+blas.preload()
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-import models  # noqa: F401  (BLAS before mlx)
-
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2
 CHATML = (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import models  # noqa: F401  (BLAS preload before mlx)
-
 ollama = pytest.importorskip("ollama")
 
 pytestmark = pytest.mark.e2e
@@ -87,10 +85,21 @@ def test_create_copy_delete(client):
 
 
 def test_embed(client):
-    r = client.embed(model=MODEL, input=["Paris is in France", "Berlin is in Germany"])
-    assert len(r.embeddings) == 2
+    """Unit vectors whose similarity means something: a paraphrase scores closer than an
+    unrelated sentence."""
+    texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+        "Quarterly revenue grew by eight percent.",
+    ]
+    r = client.embed(model=MODEL, input=texts)
+    assert len(r.embeddings) == 3
     for vec in r.embeddings:
         assert abs(sum(v * v for v in vec) - 1.0) < 1e-3
+    cat, paraphrase, revenue = r.embeddings
+    similar = sum(a * b for a, b in zip(cat, paraphrase))
+    unrelated = sum(a * b for a, b in zip(cat, revenue))
+    assert similar > unrelated, (similar, unrelated)
 
 
 def test_keep_alive_zero_unloads(client):

@@ -9,7 +9,6 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.errors import QueueFullError
 from tests.server.asgi import asgi_receiver, asgi_scope
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script, make_app

@@ -8,7 +8,6 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.errors import QueueFullError
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script
 from tests.server.fake_engine import make_app as make_fake_app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.types import RequestMetrics
 from server.errors import APIError
 from server.hostcheck import host_allowed, host_of

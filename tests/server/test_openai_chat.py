@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.types import FinishReason
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script, make_app
 

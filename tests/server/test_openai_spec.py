@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.types import FinishReason
 from tests.openai_spec import (
     COMPLETION_CHUNK,

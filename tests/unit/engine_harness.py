@@ -6,7 +6,6 @@ import mlx.core as mx
 from mlx_lm.models import gemma3_text, llama
 from mlx_lm.models.cache import make_prompt_cache
 
-import models  # noqa: F401  (BLAS before mlx)
 from engine.core import EngineCore, StepOutput
 from engine.kv_manager import KVManager
 from engine.prefix_cache import PrefixCache

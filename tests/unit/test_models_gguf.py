@@ -11,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import models  # noqa: F401
 from models.errors import ImportFailedError
 from models.gguf import import_gguf, unpermute_rows
 from models.loader import LoadedModel, load_model

@@ -12,7 +12,6 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-import models  # noqa: F401
 from models.errors import ImportFailedError
 from models.registry import ModelRegistry
 from tests.tiny import make_tiny_model

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import models  # noqa: F401
 from models.errors import InvalidModelNameError
 from models.names import folder_to_name, model_dir, name_to_folder, normalize_name, parse_name
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import models  # noqa: F401
 from models.errors import (
     InsufficientMemoryError,
     ModelInUseError,
@@ -44,12 +43,13 @@ def test_list_models_reads_headers_only(tmp_path: Path) -> None:
     root = tmp_path / "models"
     make_tiny_model(root / "llama--fp32")
     make_tiny_model(root / "qwen--q4", arch="qwen3", bits=4)
+    make_tiny_model(root / "llama--q4", bits=4)  # llama:fp32's twin, quantized
     (root / ".import-partial").mkdir()
     (root / "Bad Name").mkdir()
     (root / "stray.txt").write_text("x")
     reg = ModelRegistry(root, memory_limit=1 << 30)
     entries = {e.name: e for e in reg.list_models()}
-    assert set(entries) == {"llama:fp32", "qwen:q4"}
+    assert set(entries) == {"llama:fp32", "qwen:q4", "llama:q4"}
     fp, q = entries["llama:fp32"], entries["qwen:q4"]
     assert (fp.architecture, fp.quantization, fp.bits) == ("llama", "float32", None)
     assert (q.architecture, q.quantization, q.bits, q.group_size) == (
@@ -67,7 +67,9 @@ def test_list_models_reads_headers_only(tmp_path: Path) -> None:
         v.size for _, v in __import__("mlx.utils").utils.tree_flatten(lm.model.parameters())
     )
     assert fp.parameters == n_params
-    assert q.parameters == fp.parameters or q.parameters > 0
+    # Counted from the packed 4-bit headers, the quantized twin has as many parameters.
+    assert entries["llama:q4"].parameters == n_params
+    assert 0 < q.parameters != n_params  # another architecture, another count
 
 
 def test_resolve_unknown_and_aliases(tmp_path: Path) -> None:

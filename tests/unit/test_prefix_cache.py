@@ -5,7 +5,6 @@ import gc
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-import models  # noqa: F401
 from engine.prefix_cache import PrefixCache
 
 

@@ -5,7 +5,6 @@ from collections import Counter
 
 import mlx.core as mx
 
-import models  # noqa: F401
 from engine.sampling import RowState, sample
 from engine.types import SamplingParams
 
