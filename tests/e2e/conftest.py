@@ -1,66 +1,42 @@
-"""`live_server`: the real `mlxd serve` process over the real default model, once per session."""
+"""The real `mlxd serve` process over the real default model: `live_server` once per session,
+`start_server` for a test's own server (bench/launch.py starts and waits, as for the bench)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTUP_SECONDS = 180.0  # importing and loading the model on a slow CPU
+from bench.launch import ServerFailed, ServerProcess, mlxd_server
+
+STARTUP_SECONDS = 600.0  # the first run imports the default model on a slow CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _started(server: ServerProcess) -> ServerProcess:
+    try:
+        return server.start(STARTUP_SECONDS)
+    except ServerFailed as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
 def live_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--models-dir",
-        str(smollm2_dir.parent),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"server not healthy after {STARTUP_SECONDS}s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.2)  # polling a starting process; no event to wait on
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with _started(mlxd_server(log, smollm2_dir.parent)) as server:
+        yield server.url
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """start_server(models_dir, **env): a started server of this test, stopped after it."""
+    started: list[ServerProcess] = []
+
+    def start(models_dir: Path, **env: str) -> ServerProcess:
+        log = tmp_path / f"server-{len(started)}.log"
+        started.append(_started(mlxd_server(log, models_dir, env=env)))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

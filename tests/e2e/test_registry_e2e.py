@@ -1,25 +1,27 @@
 """Two models, a memory limit that holds one: interleaved requests swap them, all are served."""
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.test_shutdown_e2e import ServerProcess, start_server
+from bench.launch import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def two_model_server(tmp_path: Path, smollm2_dir: Path) -> Iterator[ServerProcess]:
+def two_model_server(
+    tmp_path: Path, smollm2_dir: Path, start_server: Callable[..., ServerProcess]
+) -> ServerProcess:
     models = tmp_path / "models"
     models.mkdir()
     shutil.copytree(smollm2_dir, models / smollm2_dir.name)
     shutil.copytree(smollm2_dir, models / "smollm2--twin")  # a second model of the same size
     # fp32 weights are 538 MB each: 900 MB holds one of them (plus its KV), never both.
-    yield from start_server(tmp_path, models, MLXD_MEMORY_LIMIT="900000000")
+    return start_server(models, MLXD_MEMORY_LIMIT="900000000")
 
 
 def test_interleaved_models_under_a_limit_for_one(two_model_server: ServerProcess) -> None:

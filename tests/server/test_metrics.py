@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from engine.errors import QueueFullError
+from tests.promtext import sample
 from tests.server.asgi import asgi_receiver, asgi_scope
 from tests.server.fake_engine import FAKE_MODEL, FakeEngine, Script, make_app
 
@@ -20,20 +21,6 @@ def post(client: httpx.AsyncClient, **body: object):
     return client.post(
         "/v1/completions", json={"model": FAKE_MODEL, "prompt": "hi", "max_tokens": 64, **body}
     )
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one series in a Prometheus text exposition (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return 0.0
 
 
 @pytest.fixture
