@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -28,10 +29,16 @@ async def _ensure_model(client: Client, model: str) -> None:
 
 
 async def stream_reply(
-    client: Client, model: str, messages: list[dict[str, Any]], options: dict[str, Any], out: Any
+    client: Client,
+    model: str,
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
+    out: Any,
+    parts: list[str] | None = None,
 ) -> str:
-    """Stream one assistant reply to `out`; returns its text."""
-    parts: list[str] = []
+    """Stream one assistant reply to `out`; returns its text (also gathered in `parts`, which
+    keeps what was shown when the reply is cancelled)."""
+    parts = [] if parts is None else parts
     body = {"model": model, "messages": messages, "options": options}
     if options.get("keep_alive") is not None:
         body["keep_alive"] = options.pop("keep_alive")
@@ -63,29 +70,55 @@ def _read_message(prompt: str = ">>> ") -> str | None:
 
 
 async def interactive(client: Client, model: str, options: dict[str, Any]) -> int:
-    """The chat loop: /bye or end of input (Ctrl+D) exits; Ctrl+C quits."""
+    """The chat loop: /bye or end of input (Ctrl+D) exits. Ctrl+C stops the answer being
+    written (as in Ollama) and keeps the session; at the prompt it says how to leave."""
     messages: list[dict[str, Any]] = []
     print("Send a message (/? for help)", file=sys.stderr)
-    while True:
-        text = await asyncio.to_thread(_read_message)
-        if text is None or text.strip() == "/bye":
-            return 0
-        if not text.strip():
-            continue
-        if text.strip() in ("/?", "/help"):
-            print(HELP)
-            continue
-        if text.strip() == "/clear":
-            messages.clear()
-            print("Cleared session context")
-            continue
-        if text.startswith("/"):
-            print(f"Unknown command '{text.split()[0]}'. Type /? for help")
-            continue
-        messages.append({"role": "user", "content": text})
-        reply = await stream_reply(client, model, messages, dict(options), sys.stdout)
-        messages.append({"role": "assistant", "content": reply})
-        print()
+    loop = asyncio.get_running_loop()
+    replying: list[asyncio.Future[str]] = []
+
+    def on_interrupt() -> None:
+        if replying:
+            replying[0].cancel()
+        else:
+            print("\nUse Ctrl + d or /bye to exit.\n>>> ", end="", flush=True)
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        while True:
+            text = await asyncio.to_thread(_read_message)
+            if text is None or text.strip() == "/bye":
+                return 0
+            if not text.strip():
+                continue
+            if text.strip() in ("/?", "/help"):
+                print(HELP)
+                continue
+            if text.strip() == "/clear":
+                messages.clear()
+                print("Cleared session context")
+                continue
+            if text.startswith("/"):
+                print(f"Unknown command '{text.split()[0]}'. Type /? for help")
+                continue
+            messages.append({"role": "user", "content": text})
+            parts: list[str] = []
+            task = asyncio.ensure_future(
+                stream_reply(client, model, messages, dict(options), sys.stdout, parts)
+            )
+            replying.append(task)
+            try:
+                await asyncio.wait({task})  # returns when the reply ends or is cancelled
+            finally:
+                replying.clear()
+            if task.cancelled():  # Ctrl+C: keep what was shown, stop generating
+                print()
+            else:
+                task.result()  # a failure raises here
+            messages.append({"role": "assistant", "content": "".join(parts)})
+            print()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def cmd_run(client: Client, args: argparse.Namespace) -> int:

@@ -149,9 +149,10 @@ class LocalClient:
     only touch the registry.
     """
 
-    def __init__(self, engine: EngineAPI, settings: Settings):
+    def __init__(self, engine: EngineAPI, settings: Settings, url: str = ""):
         self.engine = engine
         self.settings = settings
+        self.url = url  # where no server answered
         self._started = False
 
     async def _start(self) -> None:
@@ -225,8 +226,12 @@ class LocalClient:
         models = await self._call(self.engine.list_models)
         return {"models": [mgmt.tag_entry(s) for s in models]}
 
+    def _no_server(self, what: str) -> ClientError:
+        where = f" at {self.url}" if self.url else ""
+        return ClientError(f"no mlxd server is running{where}: {what} (start one: mlxd serve)")
+
     async def ps(self) -> Event:
-        return {"models": []}  # nothing stays loaded without a server
+        raise self._no_server("no model is loaded")
 
     async def show(self, name: str) -> Event:
         return await self._call(mgmt.show_model, self.engine, name)
@@ -238,7 +243,8 @@ class LocalClient:
         await self._call(self.engine.delete_model, name)
 
     async def stop(self, name: str) -> None:
-        await self._call(self.engine.model_status, name)  # known model, nothing loaded: done
+        await self._call(self.engine.model_status, name)  # an unknown name is still an error
+        raise self._no_server(f"{name} is not loaded, there is nothing to stop")
 
 
 Client = RemoteClient | LocalClient
@@ -253,4 +259,4 @@ async def connect(settings: Any = None, prefer_server: bool = True) -> Client:
     from server.settings import engine_config, load_settings
 
     settings = settings or load_settings()
-    return LocalClient(AsyncEngine(engine_config(settings)), settings)
+    return LocalClient(AsyncEngine(engine_config(settings)), settings, url)

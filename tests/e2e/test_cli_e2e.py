@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -52,8 +54,17 @@ class Pty:
 
     def __init__(self, argv: list[str], env: dict[str, str]):
         self.master, slave = pty.openpty()
+        # A session of its own with the pty as controlling terminal, so ^C written to the
+        # terminal reaches the child as SIGINT, as in a real terminal.
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
         )
         os.close(slave)
         self.seen = ""
@@ -80,6 +91,10 @@ class Pty:
     def send(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
 
+    def interrupt(self) -> None:
+        """Ctrl+C, typed on the terminal."""
+        os.write(self.master, b"\x03")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -100,3 +115,42 @@ def test_run_interactive_through_a_pty(smollm2_dir: Path):
         assert term.proc.wait(timeout=60) == 0
     finally:
         term.close()
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(smollm2_dir: Path):
+    """Ollama's behaviour: ^C while an answer is written stops that answer and gives the prompt
+    back; the conversation goes on."""
+    argv = [sys.executable, "-m", "server.cli", "run", MODEL, "--temperature", "0"]
+    term = Pty(argv, _env(smollm2_dir.parent))
+    try:
+        term.expect(">>> ")
+        mark = len(term.seen)
+        term.send("Write a very long story about a dragon and a knight, in ten chapters.")
+        term.expect("dragon", timeout=300, start=mark + 80)  # the answer is being written
+        term.interrupt()
+        mark = len(term.seen)
+        term.expect(">>> ", timeout=60, start=mark)
+        assert term.proc.poll() is None, term.seen[-2000:]
+        mark = len(term.seen)
+        term.send("What is the capital of France?")
+        term.expect(">>> ", timeout=300, start=mark)
+        assert "Paris" in term.seen[mark:]
+        term.send("/bye")
+        assert term.proc.wait(timeout=60) == 0
+    finally:
+        term.close()
+
+
+@pytest.mark.parametrize("verb", [["ps"], ["stop", MODEL]])
+def test_ps_and_stop_without_a_server_say_so(smollm2_dir: Path, verb: list[str]):
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", *verb],
+        cwd=ROOT,
+        env=_env(smollm2_dir.parent),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert "no mlxd server is running at http://127.0.0.1:1" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
