@@ -14,19 +14,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.api import EngineAPI, ModelHandle
-from engine.types import FinishReason, GenerateRequest, RequestOutput
+from engine.api import EngineAPI
+from engine.types import FinishReason, RequestOutput
+from server.chat import (
+    ChatRequest,
+    Message,
+    chat_job,
+    completion_budget,
+    prompt_job,
+    usable_context,
+)
 from server.errors import API, APIError
 from server.jobs import Choice, Job, JobResult
-from server.limits import check_context, check_messages, stop_list
+from server.limits import stop_list
 from server.ollama.options import (
+    budget_options,
     final_stats,
     parse_keep_alive,
     sampling_params,
     timestamp,
-    token_budget,
 )
-from server.ollama.prompt import chat_prompt, generate_prompt
+from server.ollama.prompt import generate_prompt
 from server.ollama.schemas import ChatBody, GenerateBody
 from server.settings import Settings
 
@@ -61,51 +69,38 @@ async def load_or_unload(engine: EngineAPI, model: str, keep_alive: float | None
     return {"model": model, "created_at": timestamp(), "done": True, "done_reason": reason}
 
 
-def _job(
-    settings: Settings,
-    handle: ModelHandle,
-    ids: list[int],
-    options: dict[str, Any],
-    keep_alive: float | None,
-    started: float,
-) -> Job:
-    stop_list(settings, options.get("stop"), param="options.stop")
-    budget = token_budget(options, len(ids), handle.context_length)
-    if budget.context_length > 0:
-        check_context(len(ids), max(budget.max_tokens, 1), budget.context_length, "prompt")
-    request = GenerateRequest(
-        request_id=f"ollama-{uuid.uuid4().hex}",
-        model=handle.name,
-        prompt_token_ids=ids,
-        params=sampling_params(options, budget.max_tokens),
-        keep_alive=keep_alive,
-    )
-    return Job(
-        request.request_id, handle.name, [request], started=started, load_time=handle.load_time
-    )
-
-
 async def prepare_chat(
     engine: EngineAPI, settings: Settings, body: ChatBody
 ) -> tuple[Job, OllamaRenderer] | Event:
     """A Job and its renderer; or, for no messages, the load/unload answer."""
     images = any(m.images for m in body.messages)
     check_unsupported(body.model, body.format, body.think, body.tools, images)
-    check_messages(settings, len(body.messages))
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.messages:
         event = await load_or_unload(engine, body.model, keep_alive)
         return {**event, "message": {"role": "assistant", "content": ""}}
+    stop_list(settings, body.options.get("stop"), param="options.stop")
+    num_predict, num_ctx = budget_options(body.options)
     started = time.monotonic()
-    handle = await engine.get_model(body.model, keep_alive=keep_alive)
-    messages = [
-        m.model_dump(include={"role", "content", "tool_calls"}, exclude_none=True)
-        for m in body.messages
-    ]
-    prompt = chat_prompt(handle.tokenizer, messages)
-    ids = handle.tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens)
-    job = _job(settings, handle, ids, body.options, keep_alive, started)
+    req = ChatRequest(
+        id=f"ollama-{uuid.uuid4().hex}",
+        model=body.model,
+        messages=[Message(m.role, m.content, extra=_extra(m)) for m in body.messages],
+        params=sampling_params(body.options, 0),
+        max_tokens=num_predict,
+        keep_alive=keep_alive,
+        num_ctx=num_ctx,
+        overflow="clamp",
+        budget_param="options.num_predict",
+        base_model_transcript=True,
+    )
+    job = await chat_job(engine, settings, req)
+    job.started = started
     return job, OllamaRenderer(job, body.model, "chat")
+
+
+def _extra(m: Any) -> dict[str, Any]:
+    return {"tool_calls": m.tool_calls} if m.tool_calls else {}
 
 
 async def prepare_generate(
@@ -118,6 +113,8 @@ async def prepare_generate(
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.prompt and not body.context:
         return {**await load_or_unload(engine, body.model, keep_alive), "response": ""}
+    stop_list(settings, body.options.get("stop"), param="options.stop")
+    num_predict, num_ctx = budget_options(body.options)
     started = time.monotonic()
     handle = await engine.get_model(body.model, keep_alive=keep_alive)
     prompt = generate_prompt(handle.tokenizer, body.prompt, body.system, body.template, body.raw)
@@ -126,7 +123,11 @@ async def prepare_generate(
         ids += handle.tokenizer.encode(
             prompt.text, add_special_tokens=prompt.add_special_tokens and not ids
         )
-    job = _job(settings, handle, ids, body.options, keep_alive, started)
+    context = usable_context(handle, num_ctx)
+    budget = completion_budget(len(ids), context, num_predict, "clamp", "options.num_predict")
+    params = sampling_params(body.options, budget)
+    job = prompt_job(f"ollama-{uuid.uuid4().hex}", handle, ids, params, keep_alive=keep_alive)
+    job.started = started
     return job, OllamaRenderer(job, body.model, "generate", context=not body.raw)
 
 

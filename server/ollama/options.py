@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,27 +65,19 @@ def _parse_go_duration(body: str, original: str) -> float:
     return total
 
 
-@dataclass
-class Budget:
-    """How many tokens a request may use, from num_ctx / num_predict and the model's context."""
-
-    context_length: int
-    max_tokens: int
-
-
-def token_budget(options: dict[str, Any], prompt_tokens: int, model_context: int) -> Budget:
-    """num_ctx caps the context (never above the model's); num_predict < 0 or absent: to the end."""
-    ctx = model_context
-    num_ctx = options.get("num_ctx")
-    if num_ctx is not None:
-        if int(num_ctx) <= 0:
-            raise OptionError("num_ctx must be positive")
-        ctx = min(ctx, int(num_ctx)) if ctx > 0 else int(num_ctx)
-    room = max(ctx - prompt_tokens, 0)
-    num_predict = options.get("num_predict")
-    if num_predict is None or int(num_predict) < 0:
-        return Budget(ctx, room)
-    return Budget(ctx, min(int(num_predict), room) if room else int(num_predict))
+def budget_options(options: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(num_predict, num_ctx) from `options`; num_predict < 0 or absent: None, to the end of
+    the context (which num_ctx caps, never above the model's: server/chat.py)."""
+    try:
+        num_predict = options.get("num_predict")
+        num_ctx = options.get("num_ctx")
+        predict = None if num_predict is None or int(num_predict) < 0 else int(num_predict)
+        ctx = None if num_ctx is None else int(num_ctx)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"invalid options: {e}") from None
+    if ctx is not None and ctx <= 0:
+        raise OptionError("num_ctx must be positive")
+    return predict, ctx
 
 
 def sampling_params(options: dict[str, Any] | None, max_tokens: int) -> SamplingParams:

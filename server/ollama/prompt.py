@@ -1,6 +1,6 @@
-"""Turn /api/chat and /api/generate bodies into prompt text.
+"""Turn /api/generate bodies into prompt text.
 
-Chat uses the model's own chat template (its tokenizer's). /api/generate follows Ollama: `raw`
+Chat prompts are rendered by server/chat.py, for every API. /api/generate follows Ollama: `raw`
 sends the prompt untouched; a request `template` (Ollama's Go-template syntax, the common subset:
 `{{ .System }}`, `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }}...{{ else }}...{{ end }}`) is
 rendered; otherwise a model with a chat template gets [system, user] through it, and a base model
@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from server.chat import Message, chat_text
 from server.errors import APIError
 
 _TOKEN = re.compile(r"{{-?\s*(.*?)\s*-?}}", re.S)
@@ -63,16 +64,6 @@ def _value(expr: str, values: dict[str, str]) -> str:
     return values.get(expr[1:], "")
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> Prompt:
-    """The model's chat template over the messages, ending with the assistant's turn."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return Prompt(text, add_special_tokens=False)
-    # A base model: a plain transcript is the best it can continue.
-    lines = [f"{m['role']}: {m.get('content', '')}" for m in messages]
-    return Prompt("\n".join(lines) + "\nassistant:", add_special_tokens=True)
-
-
 def generate_prompt(
     tokenizer: Any, prompt: str, system: str | None, template: str | None, raw: bool
 ) -> Prompt:
@@ -83,8 +74,9 @@ def generate_prompt(
         values = {"System": system or "", "Prompt": prompt, "Response": ""}
         return Prompt(render_go_template(template, values), add_special_tokens=True)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        return chat_prompt(tokenizer, messages)
+        messages = [Message("system", system)] if system else []
+        messages.append(Message("user", prompt))
+        text, special = chat_text(tokenizer, "", messages, transcript=True)
+        return Prompt(text, add_special_tokens=special)
     text = f"{system}\n\n{prompt}" if system else prompt
     return Prompt(text, add_special_tokens=True)

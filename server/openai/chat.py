@@ -10,23 +10,23 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.api import EngineAPI, ModelHandle
-from engine.types import GenerateRequest, RequestOutput
+from engine.api import EngineAPI
+from engine.types import RequestOutput
+from server.chat import ChatRequest, Message, chat_job
 from server.errors import API, APIError, read_json, validate
 from server.jobs import Choice, Job, JobResult, engine_of, respond, settings_of
-from server.limits import check_messages, resolve_max_tokens
 from server.openai.envelope import envelope, finish_reason, usage, with_timings
 from server.openai.logprobs import chat_logprobs
-from server.openai.params import new_id, sampling_params, unsupported, with_seed
+from server.openai.params import new_id, sampling_params, unsupported
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, unsupported_field
 from server.settings import Settings
 
 _ROLES = {"developer": "system", "function": "tool"}  # what common chat templates understand
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: role and plain-text content."""
-    out: list[dict[str, Any]] = []
+def chat_messages(messages: list[ChatMessage]) -> list[Message]:
+    """OpenAI's messages as the internal ones: role and plain-text content."""
+    out: list[Message] = []
     for i, m in enumerate(messages):
         if m.tool_calls:
             raise unsupported(f"messages[{i}].tool_calls")
@@ -46,30 +46,26 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     )
                 texts.append(part["text"])
             content = "\n".join(texts)
-        msg: dict[str, Any] = {"role": _ROLES.get(m.role, m.role), "content": content or ""}
-        if m.name:
-            msg["name"] = m.name
-        out.append(msg)
+        out.append(Message(_ROLES.get(m.role, m.role), content or "", m.name))
     return out
 
 
-def render_prompt(handle: ModelHandle, messages: list[dict[str, Any]]) -> list[int]:
-    tok = handle.tokenizer
-    if getattr(tok, "chat_template", None) is None:
-        raise APIError(
-            400,
-            f"model '{handle.name}' has no chat template; use /v1/completions with a raw prompt",
-            param="model",
-            code="no_chat_template",
-        )
-    try:
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
-        reason = (str(e).splitlines() or ["invalid messages"])[0][:200]
-        raise APIError(
-            400, f"the model's chat template rejected the messages: {reason}", param="messages"
-        ) from None
-    return list(tok.encode(prompt, add_special_tokens=False))
+def chat_request(req: ChatCompletionRequest, settings: Settings) -> ChatRequest:
+    """The internal chat request of a validated body (Anthropic and Responses map onto the same)."""
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "messages"
+    params = sampling_params(req, settings, 0, bool(req.logprobs), req.top_logprobs or 0)
+    return ChatRequest(
+        id=new_id("chatcmpl"),
+        model=req.model,
+        messages=chat_messages(req.messages),
+        params=params,
+        max_tokens=requested,
+        n=req.n or 1,
+        budget_param=param,
+    )
 
 
 async def prepare(
@@ -80,22 +76,7 @@ async def prepare(
     if bad:
         raise unsupported(bad)
     req = validate(data, ChatCompletionRequest)
-    check_messages(settings, len(req.messages))
-    messages = template_messages(req.messages)
-    handle = await engine.get_model(req.model)
-    ids = render_prompt(handle, messages)
-    requested = (
-        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    )
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "messages"
-    max_tokens = resolve_max_tokens(requested, len(ids), handle.context_length, param)
-    params = sampling_params(req, settings, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
-    cid, n = new_id("chatcmpl"), req.n or 1
-    requests = [
-        GenerateRequest(f"{cid}-{i}" if n > 1 else cid, handle.name, ids, with_seed(params, i))
-        for i in range(n)
-    ]
-    job = Job(cid, handle.name, requests, load_time=handle.load_time)
+    job = await chat_job(engine, settings, chat_request(req, settings))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return job, ChatRenderer(job, bool(req.logprobs), include_usage), bool(req.stream)
 

@@ -15,12 +15,13 @@ from fastapi.responses import Response
 
 from engine.api import EngineAPI, ModelHandle
 from engine.types import GenerateRequest, RequestOutput, TokenLogprob
+from server.chat import choice_params
 from server.errors import API, APIError, read_json, validate
 from server.jobs import Choice, Job, JobResult, engine_of, respond, settings_of
 from server.limits import resolve_max_tokens
 from server.openai.envelope import envelope, finish_reason, usage, with_timings
 from server.openai.logprobs import completion_logprobs
-from server.openai.params import new_id, sampling_params, unsupported, with_seed
+from server.openai.params import new_id, sampling_params, unsupported
 from server.openai.protocol import CompletionRequest, unsupported_field
 from server.settings import Settings
 
@@ -78,8 +79,8 @@ async def prepare(
         for i in range(n):
             index = p * n + i
             rid = f"{cid}-{index}" if len(prompts) * n > 1 else cid
-            choice_params = with_seed(params, i, prompt_logprobs=score)
-            requests.append(GenerateRequest(rid, handle.name, prompt.ids, choice_params))
+            choice = choice_params(params, i, prompt_logprobs=score)
+            requests.append(GenerateRequest(rid, handle.name, prompt.ids, choice))
     job = Job(cid, handle.name, requests, n, load_time=handle.load_time)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     renderer = CompletionRenderer(job, prompts, bool(req.echo), req.logprobs, include_usage)

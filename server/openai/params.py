@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from engine.types import SamplingParams
 from server.errors import APIError
@@ -56,9 +55,3 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-
-
-def with_seed(params: SamplingParams, i: int, **changes: Any) -> SamplingParams:
-    """A copy of params for choice i: seeds differ per choice so n samples differ but reproduce."""
-    seed = None if params.seed is None else params.seed + i
-    return SamplingParams(**{**params.__dict__, "seed": seed, **changes})

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from engine.api import ModelHandle
 from engine.types import RequestMetrics
+from server.chat import completion_budget, usable_context
 from server.errors import APIError
 from server.hostcheck import host_allowed, host_of
 from server.ollama.management import parameter_size, quantization_level
 from server.ollama.options import (
     OptionError,
+    budget_options,
     final_stats,
     parse_keep_alive,
     sampling_params,
-    token_budget,
 )
 from server.ollama.prompt import generate_prompt, render_go_template
-from tests.server.fake_engine import FakeTokenizer
+from tests.server.fake_engine import FakeTokenizer, fake_status
 
 
 @pytest.mark.parametrize(
@@ -87,13 +89,23 @@ def test_bad_options_are_400(opts):
     assert e.value.status == 400
 
 
-def test_token_budget_num_ctx_and_num_predict():
-    assert token_budget({}, 10, 256).max_tokens == 246  # Ollama's -1: until the context ends
-    assert token_budget({"num_predict": -1}, 10, 256).max_tokens == 246
-    assert token_budget({"num_predict": 5}, 10, 256).max_tokens == 5
-    b = token_budget({"num_ctx": 64}, 10, 256)
-    assert (b.context_length, b.max_tokens) == (64, 54)
-    assert token_budget({"num_ctx": 4096}, 10, 256).context_length == 256  # never above the model's
+def test_budget_num_ctx_and_num_predict():
+    def budget(options: dict, prompt: int = 10, model_ctx: int = 256) -> tuple[int, int]:
+        num_predict, num_ctx = budget_options(options)
+        handle = ModelHandle("m", fake_status(context_length=model_ctx), None)
+        ctx = usable_context(handle, num_ctx)
+        return ctx, completion_budget(prompt, ctx, num_predict, "clamp", "num_predict")
+
+    assert budget({}) == (256, 246)  # Ollama's -1: until the context ends
+    assert budget({"num_predict": -1}) == (256, 246)
+    assert budget({"num_predict": 5}) == (256, 5)
+    assert budget({"num_predict": 500}) == (256, 246)  # clamped to the context, as Ollama does
+    assert budget({"num_ctx": 64}) == (64, 54)
+    assert budget({"num_ctx": 4096}) == (256, 246)  # never above the model's
+    with pytest.raises(APIError):
+        budget({"num_ctx": 0})
+    with pytest.raises(APIError, match="maximum context length is 64"):
+        budget({"num_ctx": 64}, prompt=64)  # not one token fits
 
 
 def test_final_stats_are_integer_nanoseconds():

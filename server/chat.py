@@ -1,0 +1,152 @@
+"""The internal chat request every chat API converts to, and the Job it becomes.
+
+OpenAI chat completions and Ollama /api/chat (later Anthropic messages and OpenAI responses)
+map their bodies onto a ChatRequest; `chat_job` does the rest once for all of them: load the
+model, render its chat template, fit the completion budget to the context (server/limits.py)
+and make one GenerateRequest per choice. What differs between APIs is a field here, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine.api import EngineAPI, ModelHandle
+from engine.types import GenerateRequest, SamplingParams
+from server.errors import APIError
+from server.jobs import Job
+from server.limits import check_context, check_messages, resolve_max_tokens
+from server.settings import Settings
+
+
+@dataclass
+class Message:
+    """One chat message as the chat template sees it (plain-text content)."""
+
+    role: str
+    content: str
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more template fields, e.g. tool_calls
+
+    def template_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content, **self.extra}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+@dataclass
+class ChatRequest:
+    """A chat, whatever API it came in by."""
+
+    id: str  # the job's id; choices are "<id>-<i>" when n > 1
+    model: str
+    messages: list[Message]
+    params: SamplingParams  # max_tokens is set by chat_job
+    max_tokens: int | None = None  # None: what the context has left
+    n: int = 1
+    keep_alive: float | None = None  # seconds; None: the model's default
+    num_ctx: int | None = None  # a context smaller than the model's (Ollama's num_ctx)
+    # A budget past the context: "reject" with 400 (OpenAI), or "clamp" it to fit (Ollama).
+    overflow: Literal["reject", "clamp"] = "reject"
+    budget_param: str = "max_tokens"  # names the field in a context error
+    # A model without a chat template: 400 (False), or continue a plain transcript (True).
+    base_model_transcript: bool = False
+
+
+def chat_text(tok: Any, name: str, messages: list[Message], transcript: bool) -> tuple[str, bool]:
+    """The prompt text of a chat, ending with the assistant's turn, and whether the tokenizer
+    should add its special tokens (no: a chat template writes them itself)."""
+    if getattr(tok, "chat_template", None) is None:
+        if not transcript:
+            raise APIError(
+                400,
+                f"model '{name}' has no chat template; send it a raw prompt instead",
+                param="model",
+                code="no_chat_template",
+            )
+        # A base model: a plain transcript is the best it can continue.
+        lines = [f"{m.role}: {m.content}" for m in messages]
+        return "\n".join(lines) + "\nassistant:", True
+    try:
+        text = tok.apply_chat_template(
+            [m.template_dict() for m in messages], add_generation_prompt=True
+        )
+    except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
+        reason = (str(e).splitlines() or ["invalid messages"])[0][:200]
+        raise APIError(
+            400, f"the model's chat template rejected the messages: {reason}", param="messages"
+        ) from None
+    return text, False
+
+
+def render_chat(handle: ModelHandle, messages: list[Message], transcript: bool) -> list[int]:
+    """The prompt's token ids (see chat_text)."""
+    text, special = chat_text(handle.tokenizer, handle.name, messages, transcript)
+    return list(handle.tokenizer.encode(text, add_special_tokens=special))
+
+
+def usable_context(handle: ModelHandle, num_ctx: int | None) -> int:
+    """The model's context, or a smaller one the request asked for (never a larger one)."""
+    if num_ctx is None:
+        return handle.context_length
+    if num_ctx <= 0:
+        raise APIError(400, "num_ctx must be positive", param="num_ctx")
+    return min(handle.context_length, num_ctx)
+
+
+def completion_budget(
+    prompt_tokens: int,
+    context: int,
+    requested: int | None,
+    overflow: Literal["reject", "clamp"],
+    param: str,
+) -> int:
+    """max_tokens for a prompt in a context (see ChatRequest.overflow)."""
+    if overflow == "reject":
+        return resolve_max_tokens(requested, prompt_tokens, context, param)
+    room = context - prompt_tokens
+    check_context(prompt_tokens, 1, context, param)  # not even one token fits
+    return room if requested is None else min(requested, room)
+
+
+def choice_params(params: SamplingParams, i: int, **changes: Any) -> SamplingParams:
+    """The params of choice i: seeds differ per choice, so n samples differ but reproduce."""
+    seed = None if params.seed is None else params.seed + i
+    return dataclasses.replace(params, seed=seed, **changes)
+
+
+def prompt_job(
+    job_id: str,
+    handle: ModelHandle,
+    ids: list[int],
+    params: SamplingParams,
+    n: int = 1,
+    keep_alive: float | None = None,
+) -> Job:
+    """A Job of n samples of one tokenized prompt."""
+    requests = [
+        GenerateRequest(
+            f"{job_id}-{i}" if n > 1 else job_id,
+            handle.name,
+            ids,
+            choice_params(params, i),
+            keep_alive=keep_alive,
+        )
+        for i in range(n)
+    ]
+    return Job(job_id, handle.name, requests, load_time=handle.load_time)
+
+
+async def chat_job(engine: EngineAPI, settings: Settings, req: ChatRequest) -> Job:
+    """Load the model, render the chat and fit its budget: the Job the runner executes."""
+    check_messages(settings, len(req.messages))
+    handle = await engine.get_model(req.model, keep_alive=req.keep_alive)
+    ids = render_chat(handle, req.messages, req.base_model_transcript)
+    context = usable_context(handle, req.num_ctx)
+    max_tokens = completion_budget(
+        len(ids), context, req.max_tokens, req.overflow, req.budget_param
+    )
+    params = dataclasses.replace(req.params, max_tokens=max_tokens)
+    return prompt_job(req.id, handle, ids, params, req.n, req.keep_alive)
