@@ -21,10 +21,13 @@ from engine.errors import (
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
+from engine.output.events import OutputDelta
+from engine.output.pipeline import OutputPipeline, decoder_for
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.structured import prepare_output
 from engine.types import (
     EngineConfig,
     EngineStats,
@@ -322,33 +325,48 @@ class AsyncEngine(EngineAPI):
             loop.call_soon_threadsafe(q.put_nowait, out)
 
         t0 = time.monotonic()
+        plan = None
+        if request.output is not None:  # grammars compile here, off the engine thread
+            handle = await self.get_model(request.model, request.keep_alive)
+            plan = await asyncio.to_thread(prepare_output, handle.tokenizer, request)
         loaded = await self._thread.call(lambda: self._submit(request, sink))
         load_time = time.monotonic() - t0
         rid = request.request_id
-        detok = Detokenizer(loaded.tokenizer.decode, request.prompt_token_ids, request.params.stop)
+        hidden = set(loaded.eos_token_ids) | set(request.params.stop_token_ids)
+        decode = decoder_for(plan, loaded.tokenizer.decode, hidden)
+        pipe = OutputPipeline(
+            Detokenizer(decode, request.prompt_token_ids, request.params.stop), plan
+        )
         done = False
         try:
             while True:
                 out = await q.get()
-                text = detok.add(out.token_ids)
-                if detok.stopped is not None:
+                delta = pipe.add(out.token_ids)
+                if pipe.stopped is not None:
                     done = True
                     self._thread.post(lambda: self._abort_on_thread(rid))
-                    yield self._final(rid, text, out, FinishReason.STOP, detok.stopped, load_time)
+                    delta.extend(pipe.finish_stopped())
+                    yield self._final(rid, delta, out, FinishReason.STOP, pipe.stopped, load_time)
                     return
                 if out.finish_reason is not None:
                     done = True
-                    text += detok.flush()
+                    delta.extend(pipe.flush())
                     stop = (
                         out.token_ids[-1]
                         if out.finish_reason is FinishReason.STOP and out.token_ids
                         else None
                     )
-                    yield self._final(rid, text, out, out.finish_reason, stop, load_time)
+                    yield self._final(rid, delta, out, out.finish_reason, stop, load_time)
                     return
-                if text or out.logprobs or out.prompt_logprobs:
+                if delta or out.logprobs or out.prompt_logprobs:
                     yield RequestOutput(
-                        rid, text, out.token_ids, out.logprobs, prompt_logprobs=out.prompt_logprobs
+                        rid,
+                        delta.content,
+                        delta.reasoning,
+                        delta.tool_calls,
+                        out.token_ids,
+                        out.logprobs,
+                        prompt_logprobs=out.prompt_logprobs,
                     )
         finally:
             if not done:
@@ -357,7 +375,7 @@ class AsyncEngine(EngineAPI):
     def _final(
         self,
         rid: str,
-        text: str,
+        delta: OutputDelta,
         out: StepOutput,
         reason: FinishReason,
         stop: str | int | None,
@@ -367,7 +385,9 @@ class AsyncEngine(EngineAPI):
         metrics.load_time = load_time
         return RequestOutput(
             rid,
-            text,
+            delta.content,
+            delta.reasoning,
+            delta.tool_calls,
             out.token_ids,
             out.logprobs,
             prompt_logprobs=out.prompt_logprobs,

@@ -70,8 +70,9 @@ class EngineCore:
         previous, self._in_flight = self._in_flight, (None if result.empty else result)
         if previous is not None:
             self.update(previous)  # step n's tokens, read while step n+1 computes
-        if self._in_flight is not None and not self.scheduler.running:
-            self.update(self._in_flight)  # nothing follows it: read it now
+        if self._in_flight is not None and (not self.scheduler.running or self.runner.constrained):
+            # Nothing follows it, or a grammar needs its token before the next mask: read it now.
+            self.update(self._in_flight)
             self._in_flight = None
         self.steps += 1
 
@@ -89,6 +90,8 @@ class EngineCore:
                 seq.first_token_at = now
                 seq.metrics.ttft = now - seq.request.arrival_time
                 seq.metrics.prefill_time = now - seq.admitted_at
+            if seq.params.grammar is not None:
+                seq.params.grammar.accept(tok.token)
             self.scheduler.append_token(seq, tok.token, self.eos_ids)
             seq.metrics.completion_tokens = len(seq.output_ids)
             lp = token_logprob(tok, self.token_text)

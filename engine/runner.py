@@ -16,8 +16,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from engine.grammar import MaskFiller
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RowState, SampleResult, sample
 from engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -110,6 +112,7 @@ class ModelRunner:
         self.states: dict[str, RowState] = {}
         self.next_input: dict[str, tuple[mx.array, int]] = {}  # (sampled tokens, row) to feed next
         self.seqs: dict[str, Sequence] = {}
+        self.masks = MaskFiller()
 
     # --- the step ---------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -137,12 +140,36 @@ class ModelRunner:
         # max_tokens is reached, their finish not yet read) compute a token nobody reads.
         inputs = mx.concatenate([self._input_of(sid) for sid in self.rows])[:, None]
         logits = self.model(inputs, cache=self.batch)[:, -1, :]
-        res = sample(logits, [self.states[sid] for sid in self.rows])
+        states = [self.states[sid] for sid in self.rows]
+        grammars = [
+            (i, g)
+            for i, st in enumerate(states)
+            if (g := st.params.grammar) is not None and g.active
+        ]
+        bitmask = None
+        if grammars:
+            # The masks fill on a worker thread while the forward pass computes.
+            job = self.masks.start(grammars, logits.shape[-1])
+            mx.async_eval(logits)
+            bitmask = self._full_mask(self.masks.wait(job), job.rows, len(states))
+        res = sample(logits, states, bitmask)
         wanted = {s.seq.id for s in scheduled if s.samples}
         for row, sid in enumerate(self.rows):
             self.next_input[sid] = (res.tokens, row)
             if sid in wanted:
                 result.samples.append((self.seqs[sid], res, row))
+
+    @staticmethod
+    def _full_mask(masks: np.ndarray, rows: list[int], batch: int) -> mx.array:
+        """The constrained rows' masks placed in a batch-wide mask (free rows all ones)."""
+        full = np.full((batch, masks.shape[1]), -1, dtype=np.int32)
+        full[rows] = masks
+        return mx.array(full)
+
+    @property
+    def constrained(self) -> bool:
+        """Some row decodes under a grammar: its next mask needs this step's token first."""
+        return any(st.params.grammar is not None for st in self.states.values())
 
     def _input_of(self, sid: str) -> mx.array:
         tokens, row = self.next_input[sid]

@@ -52,8 +52,20 @@ def needs_history(p: SamplingParams) -> bool:
     )
 
 
-def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
+def apply_token_mask(logits: mx.array, bitmask: mx.array) -> mx.array:
+    """Logits where the packed bitmask [B, W] int32 (bit j of word w: token 32w + j) allows,
+    -inf elsewhere. Plain MLX ops, so CPU, Metal and CUDA share it; an all-ones row (a free
+    row) leaves its logits bit for bit as they were."""
+    V = logits.shape[-1]
+    shifts = mx.arange(32, dtype=mx.int32)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :V] != 0
+    return mx.where(allowed, logits, -mx.inf)
+
+
+def sample(logits: mx.array, rows: list[RowState], bitmask: mx.array | None = None) -> SampleResult:
     """Pick one token per row of `logits` [B, V]; advances each row's key and history.
+    `bitmask` (packed, one row per row, all ones for free rows) constrains grammar rows.
 
     Vectorized across rows, and frugal with whole-vocabulary work: exp and sort over 49k+ columns
     are slow on some backends (MLX's CPU exp runs ~20 ns an element), so top-k rows draw from
@@ -61,6 +73,8 @@ def sample(logits: mx.array, rows: list[RowState]) -> SampleResult:
     logits = logits.astype(mx.float32)
     if any(needs_history(r.params) or r.params.logit_bias for r in rows):
         logits = mx.stack([_apply_processors(logits[i], r) for i, r in enumerate(rows)])
+    if bitmask is not None:
+        logits = apply_token_mask(logits, bitmask)
     want_logprobs = any(r.params.logprobs for r in rows)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if want_logprobs else None
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.output.events import OutputSpec, ToolCall
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an EOS token, a stop token id or a stop string
@@ -47,6 +49,8 @@ class SamplingParams:
     # logits. token_ids holds the prompt and the tokens so far. Structured output plugs in here.
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
     prompt_logprobs: bool = False  # score the prompt too: the first output carries prompt_logprobs
+    # A llguidance matcher constraining the output (engine/grammar.py); set by the engine.
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +69,8 @@ class GenerateRequest:
         None  # seconds; None: the model's default, <0: forever, 0: unload after
     )
     arrival_time: float = field(default_factory=time.monotonic)
+    # Chat requests: tools, JSON answers and reasoning (None: plain text, e.g. raw completions).
+    output: OutputSpec | None = None
 
 
 @dataclass
@@ -103,12 +109,16 @@ class RequestMetrics:
 class RequestOutput:
     """One increment of a request's stream, as the async side sees it.
 
-    `text` is the newly decoded text (always whole UTF-8 characters, never part of a stop string);
-    `finish_reason` is set exactly once, on the last output, together with `metrics`.
+    `text` is the newly decoded answer text (always whole UTF-8 characters, never part of a stop
+    string or of tool-call or reasoning markup); `reasoning` the model's new thinking text;
+    `tool_calls` the calls completed in this increment. `finish_reason` is set exactly once, on
+    the last output, together with `metrics`.
     """
 
     request_id: str
     text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = (

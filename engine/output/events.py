@@ -1,0 +1,73 @@
+"""Typed pieces of a request's output stream, and what the server tells the engine about tools."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ToolSpec:
+    """A function the model may call: its name, description and JSON-schema parameters."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+
+ToolChoiceMode = Literal["none", "auto", "required", "named"]
+
+
+@dataclass
+class OutputSpec:
+    """How a request's output is shaped: tools, tool choice, a JSON answer, reasoning.
+
+    `json_schema` constrains the answer (None: free text; {} with json_object: any object)."""
+
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: ToolChoiceMode = "auto"
+    tool_name: str | None = None  # with tool_choice "named"
+    parallel_tool_calls: bool = True
+    json_schema: dict[str, Any] | None = None
+    reasoning: bool = True  # split the model's thinking out when it has markers
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def allowed_tools(self) -> list[ToolSpec]:
+        if self.tool_choice == "named":
+            return [t for t in self.tools if t.name == self.tool_name]
+        return self.tools if self.calls_tools else []
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolCall:
+    """One complete tool call the model made; `arguments` is JSON text."""
+
+    index: int
+    name: str
+    arguments: str
+    id: str = field(default_factory=new_call_id)
+
+
+@dataclass
+class OutputDelta:
+    """What one step added to the answer, reasoning and tool calls (any may be empty)."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+    def extend(self, other: OutputDelta) -> None:
+        self.content += other.content
+        self.reasoning += other.reasoning
+        self.tool_calls.extend(other.tool_calls)
