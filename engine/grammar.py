@@ -167,3 +167,18 @@ class RowGrammar:
 
     def accept(self, token: int) -> bool:
         return bool(self.matcher.consume_token(token))
+
+
+def schema_error(schema: Any) -> str | None:
+    """Why a JSON schema cannot constrain output (invalid, or a keyword llguidance does not
+    implement, named), or None when it can. No tokenizer needed."""
+    import json
+
+    if not isinstance(schema, dict):
+        return "a JSON schema must be an object"
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError) as e:
+        return _first_line(e)
+    return _first_line(error) if error else None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.api import EngineAPI, ModelHandle
+from engine.output.events import OutputSpec
+from engine.output.prompting import tool_messages
 from engine.types import GenerateRequest, SamplingParams
 from server.errors import APIError
 from server.jobs import Job
@@ -53,11 +55,20 @@ class ChatRequest:
     budget_param: str = "max_tokens"  # names the field in a context error
     # A model without a chat template: 400 (False), or continue a plain transcript (True).
     base_model_transcript: bool = False
+    # Tools, tool choice, a JSON answer, reasoning (engine/output): the output pipeline's spec.
+    output: OutputSpec | None = None
 
 
-def chat_text(tok: Any, name: str, messages: list[Message], transcript: bool) -> tuple[str, bool]:
+def chat_text(
+    tok: Any,
+    name: str,
+    messages: list[Message],
+    transcript: bool,
+    output: OutputSpec | None = None,
+) -> tuple[str, bool]:
     """The prompt text of a chat, ending with the assistant's turn, and whether the tokenizer
-    should add its special tokens (no: a chat template writes them itself)."""
+    should add its special tokens (no: a chat template writes them itself). Tools go in as the
+    template understands them (engine/output/prompting.py)."""
     if getattr(tok, "chat_template", None) is None:
         if not transcript:
             raise APIError(
@@ -69,10 +80,14 @@ def chat_text(tok: Any, name: str, messages: list[Message], transcript: bool) ->
         # A base model: a plain transcript is the best it can continue.
         lines = [f"{m.role}: {m.content}" for m in messages]
         return "\n".join(lines) + "\nassistant:", True
+    dicts = [m.template_dict() for m in messages]
+    extra: dict[str, Any] = {}
+    if output is not None:
+        dicts, extra = tool_messages(output, tok.chat_template, dicts)
+        if not output.reasoning:
+            extra["enable_thinking"] = False
     try:
-        text = tok.apply_chat_template(
-            [m.template_dict() for m in messages], add_generation_prompt=True
-        )
+        text = tok.apply_chat_template(dicts, add_generation_prompt=True, **extra)
     except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
         reason = (str(e).splitlines() or ["invalid messages"])[0][:200]
         raise APIError(
@@ -81,9 +96,14 @@ def chat_text(tok: Any, name: str, messages: list[Message], transcript: bool) ->
     return text, False
 
 
-def render_chat(handle: ModelHandle, messages: list[Message], transcript: bool) -> list[int]:
+def render_chat(
+    handle: ModelHandle,
+    messages: list[Message],
+    transcript: bool,
+    output: OutputSpec | None = None,
+) -> list[int]:
     """The prompt's token ids (see chat_text)."""
-    text, special = chat_text(handle.tokenizer, handle.name, messages, transcript)
+    text, special = chat_text(handle.tokenizer, handle.name, messages, transcript, output)
     return list(handle.tokenizer.encode(text, add_special_tokens=special))
 
 
@@ -124,6 +144,7 @@ def prompt_job(
     params: SamplingParams,
     n: int = 1,
     keep_alive: float | None = None,
+    output: OutputSpec | None = None,
 ) -> Job:
     """A Job of n samples of one tokenized prompt."""
     requests = [
@@ -133,6 +154,7 @@ def prompt_job(
             ids,
             choice_params(params, i),
             keep_alive=keep_alive,
+            output=output,
         )
         for i in range(n)
     ]
@@ -143,10 +165,10 @@ async def chat_job(engine: EngineAPI, settings: Settings, req: ChatRequest) -> J
     """Load the model, render the chat and fit its budget: the Job the runner executes."""
     check_messages(settings, len(req.messages))
     handle = await engine.get_model(req.model, keep_alive=req.keep_alive)
-    ids = render_chat(handle, req.messages, req.base_model_transcript)
+    ids = render_chat(handle, req.messages, req.base_model_transcript, req.output)
     context = usable_context(handle, req.num_ctx)
     max_tokens = completion_budget(
         len(ids), context, req.max_tokens, req.overflow, req.budget_param
     )
     params = dataclasses.replace(req.params, max_tokens=max_tokens)
-    return prompt_job(req.id, handle, ids, params, req.n, req.keep_alive)
+    return prompt_job(req.id, handle, ids, params, req.n, req.keep_alive, req.output)

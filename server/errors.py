@@ -25,6 +25,7 @@ from engine.errors import (
     ImportFailedError,
     InsufficientMemoryError,
     InvalidModelNameError,
+    InvalidRequestError,
     ModelError,
     ModelLoadError,
     ModelNotFoundError,
@@ -104,6 +105,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, InvalidModelNameError):
         return APIError(400, str(exc), param="model", code="invalid_model_name")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_request")
     if isinstance(exc, ContextLengthError):
         return context_error(exc)
     if isinstance(exc, QueueFullError):

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from engine.api import EngineAPI
+from engine.output.events import ToolCall
 from engine.types import (
     FinishReason,
     GenerateRequest,
@@ -60,6 +61,8 @@ class Choice:
 
     index: int
     text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -68,6 +71,8 @@ class Choice:
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        self.reasoning += out.reasoning
+        self.tool_calls.extend(out.tool_calls)
         self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs or [])
         if out.prompt_logprobs is not None:

@@ -15,6 +15,7 @@ from engine.types import RequestOutput
 from server.chat import ChatRequest, Message, chat_job
 from server.errors import API, APIError, read_json, validate
 from server.jobs import Choice, Job, JobResult, engine_of, respond, settings_of
+from server.openai import tools
 from server.openai.envelope import envelope, finish_reason, usage, with_timings
 from server.openai.logprobs import chat_logprobs
 from server.openai.params import new_id, sampling_params, unsupported
@@ -28,8 +29,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[Message]:
     """OpenAI's messages as the internal ones: role and plain-text content."""
     out: list[Message] = []
     for i, m in enumerate(messages):
-        if m.tool_calls:
-            raise unsupported(f"messages[{i}].tool_calls")
         if m.function_call is not None:
             raise unsupported(f"messages[{i}].function_call")
         content = m.content
@@ -46,7 +45,12 @@ def chat_messages(messages: list[ChatMessage]) -> list[Message]:
                     )
                 texts.append(part["text"])
             content = "\n".join(texts)
-        out.append(Message(_ROLES.get(m.role, m.role), content or "", m.name))
+        extra: dict[str, Any] = {}
+        if m.tool_calls:
+            extra["tool_calls"] = tools.template_tool_calls(i, m)
+        if m.tool_call_id:
+            extra["tool_call_id"] = m.tool_call_id
+        out.append(Message(_ROLES.get(m.role, m.role), content or "", m.name, extra))
     return out
 
 
@@ -65,6 +69,7 @@ def chat_request(req: ChatCompletionRequest, settings: Settings) -> ChatRequest:
         max_tokens=requested,
         n=req.n or 1,
         budget_param=param,
+        output=tools.output_spec(req),
     )
 
 
@@ -85,6 +90,19 @@ async def create_chat_completion(request: Request) -> Response:
     data = read_json(await request.body())
     job, renderer, stream = await prepare(engine_of(request), settings_of(request), data)
     return await respond(request, job, renderer, stream)
+
+
+def assistant_message(c: Choice) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "role": "assistant",
+        "content": c.text if c.text or not c.tool_calls else None,
+        "refusal": None,
+    }
+    if c.reasoning:  # vLLM's name, and the newer spelling
+        msg["reasoning_content"] = msg["reasoning"] = c.reasoning
+    if c.tool_calls:
+        msg["tool_calls"] = tools.message_tool_calls(c.tool_calls)
+    return msg
 
 
 @dataclass
@@ -115,11 +133,16 @@ class ChatRenderer:
             yield self._chunk(i, {"role": "assistant", "content": ""})
 
     def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[dict[str, Any]]:
+        i = choice.index
+        if out.reasoning:  # vLLM's name, and the newer spelling
+            yield self._chunk(i, {"reasoning_content": out.reasoning, "reasoning": out.reasoning})
         if out.text or out.logprobs:
             lp = chat_logprobs(out.logprobs or []) if self.logprobs else None
-            yield self._chunk(choice.index, {"content": out.text}, lp=lp)
+            yield self._chunk(i, {"content": out.text}, lp=lp)
+        for delta in tools.tool_call_deltas(out.tool_calls):
+            yield self._chunk(i, {"tool_calls": [delta]})
         if out.finished:
-            last = self._chunk(choice.index, {}, finish_reason(out.finish_reason))
+            last = self._chunk(i, {}, finish_reason(out.finish_reason, bool(choice.tool_calls)))
             yield with_timings(last, [out.metrics])
 
     def closing(self, result: JobResult) -> Iterable[dict[str, Any]]:
@@ -132,9 +155,9 @@ class ChatRenderer:
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": assistant_message(c),
                     "logprobs": chat_logprobs(c.logprobs) if self.logprobs else None,
-                    "finish_reason": finish_reason(c.finish_reason),
+                    "finish_reason": finish_reason(c.finish_reason, bool(c.tool_calls)),
                 }
                 for c in result.choices
             ],

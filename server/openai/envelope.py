@@ -35,8 +35,10 @@ def usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def finish_reason(reason: FinishReason | None) -> str:
-    return "length" if reason == FinishReason.LENGTH else "stop"
+def finish_reason(reason: FinishReason | None, tool_calls: bool = False) -> str:
+    if reason == FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def timings(metrics: list[RequestMetrics | None]) -> dict[str, Any] | None:

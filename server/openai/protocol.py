@@ -56,8 +56,21 @@ class ChatMessage(_Schema):
     # Parts are validated in chat.py so a non-text part gets a message naming it.
     content: StrictStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # checked in tools.py, naming the field
+    tool_call_id: StrictStr | None = None
     function_call: Any = None
+
+
+class FunctionDef(_Schema):
+    name: StrictStr = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDef(_Schema):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -65,6 +78,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     logprobs: StrictBool | None = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension (enable_thinking)
 
 
 Prompt = StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
@@ -87,7 +105,6 @@ class EmbeddingRequest(_Schema):
 
 # Fields whose presence changes what the client expects; never silently ignored.
 _UNSUPPORTED_CHAT = (
-    "tools",
     "functions",
     "audio",
     "prediction",
@@ -101,13 +118,8 @@ def unsupported_field(body: dict[str, Any], chat: bool) -> str | None:
         for name in _UNSUPPORTED_CHAT:
             if body.get(name) not in (None, [], {}):
                 return name
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            return "tool_choice"
         if body.get("function_call") not in (None, "none", "auto"):
             return "function_call"
-        fmt = body.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            return "response_format"
         modalities = body.get("modalities")
         if modalities is not None and modalities != ["text"]:
             return "modalities"

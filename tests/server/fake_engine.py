@@ -55,7 +55,7 @@ class FakeTokenizer:
         return "".join(chr(i - OFFSET) for i in ids if i >= OFFSET)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template")

@@ -67,10 +67,7 @@ def test_invalid_fields_are_400_with_param(client: TestClient, body: dict, param
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"audio": {"voice": "x"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
     ],
@@ -83,6 +80,84 @@ def test_unsupported_fields_are_named(client: TestClient, extra: dict, param: st
         param,
     )
     assert param in e["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}},
+            "required": ["location"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+            "needs json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "strin"}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "strin",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "not among tools",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"not": {"type": "string"}}},
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+            '"not"',
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+            "not JSON",
+        ),
+    ],
+)
+def test_structured_output_bad_input_names_the_field(
+    client: TestClient, extra: dict, param: str, words: str
+) -> None:
+    body = {"model": FAKE_MODEL, "messages": USER, **extra}
+    e = err(client.post(CHAT, json=body), 400, param=param)
+    assert words in e["message"]
 
 
 def test_harmless_fields_and_text_format_pass(client: TestClient) -> None:

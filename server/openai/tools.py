@@ -1,0 +1,129 @@
+"""OpenAI chat's tools, tool_choice, response_format and tool messages, onto the engine's
+OutputSpec; and the engine's tool calls back into OpenAI's message and delta shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.grammar import schema_error
+from engine.output.events import OutputSpec, ToolCall, ToolChoiceMode, ToolSpec
+from server.errors import APIError
+from server.openai.protocol import ChatCompletionRequest, ChatMessage
+
+_CHOICES: dict[str, ToolChoiceMode] = {"none": "none", "auto": "auto", "required": "required"}
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _checked_schema(schema: Any, param: str) -> dict[str, Any]:
+    error = schema_error(schema)
+    if error is not None:
+        raise _bad(f"invalid JSON schema at {param}: {error}", param, "invalid_schema")
+    return schema  # type: ignore[no-any-return]
+
+
+def output_spec(req: ChatCompletionRequest) -> OutputSpec:
+    """The request's tools, tool choice and answer format; 400 naming the field when wrong."""
+    tools = []
+    for i, t in enumerate(req.tools or []):
+        params = t.function.parameters or {"type": "object", "properties": {}}
+        param = f"tools[{i}].function.parameters"
+        tools.append(
+            ToolSpec(t.function.name, t.function.description or "", _checked_schema(params, param))
+        )
+    spec = OutputSpec(tools=tools, parallel_tool_calls=req.parallel_tool_calls is not False)
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        name = (
+            (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        )
+        if not isinstance(name, str):
+            raise _bad("tool_choice must name a function", "tool_choice")
+        if name not in {t.name for t in tools}:
+            raise _bad(f"tool_choice names '{name[:64]}', which is not among tools", "tool_choice")
+        spec.tool_choice, spec.tool_name = "named", name
+    elif choice in _CHOICES:
+        spec.tool_choice = _CHOICES[choice]
+    elif choice is not None:
+        raise _bad("tool_choice must be 'none', 'auto', 'required' or a function", "tool_choice")
+    if spec.tool_choice in ("required", "named") and not tools:
+        raise _bad(f"tool_choice '{spec.tool_choice}' needs tools", "tool_choice")
+    spec.json_schema = _response_schema(req.response_format)
+    kwargs = req.chat_template_kwargs or {}
+    if kwargs.get("enable_thinking") is False:
+        spec.reasoning = False
+    return spec
+
+
+def _response_schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise _bad(
+                "response_format json_schema needs json_schema.schema",
+                "response_format.json_schema.schema",
+            )
+        return _checked_schema(inner["schema"], "response_format.json_schema.schema")
+    raise _bad(
+        "response_format.type must be 'text', 'json_object' or 'json_schema'",
+        "response_format.type",
+    )
+
+
+def template_tool_calls(i: int, m: ChatMessage) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as chat templates expect them (arguments as objects)."""
+    out = []
+    for j, call in enumerate(m.tool_calls or []):
+        param = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad("a tool call needs function.name", param)
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise _bad(
+                    "function.arguments is not JSON", f"{param}.function.arguments"
+                ) from None
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": args or {}},
+            }
+        )
+    return out
+
+
+def message_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Streamed: each call's index, id, type and name once, then its arguments."""
+    out: list[dict[str, Any]] = []
+    for c in calls:
+        out.append(
+            {
+                "index": c.index,
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": ""},
+            }
+        )
+        out.append({"index": c.index, "function": {"arguments": c.arguments}})
+    return out
