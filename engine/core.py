@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ class StepOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
 
+
+log = logging.getLogger("mlxd.engine")
 
 Emit = Callable[[Sequence, StepOutput], None]
 
@@ -90,8 +93,8 @@ class EngineCore:
                 seq.first_token_at = now
                 seq.metrics.ttft = now - seq.request.arrival_time
                 seq.metrics.prefill_time = now - seq.admitted_at
-            if seq.params.grammar is not None:
-                seq.params.grammar.accept(tok.token)
+            if seq.params.grammar is not None and not seq.params.grammar.accept(tok.token):
+                log.warning("request %s: the grammar rejected token %d", seq.id, tok.token)
             self.scheduler.append_token(seq, tok.token, self.eos_ids)
             seq.metrics.completion_tokens = len(seq.output_ids)
             lp = token_logprob(tok, self.token_text)

@@ -6,6 +6,7 @@ one path serves CPU, Metal and CUDA."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +18,8 @@ import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
 from engine.errors import InvalidRequestError
+
+log = logging.getLogger("mlxd.engine")
 
 _CACHE_SIZE = 64
 
@@ -149,6 +152,14 @@ class MaskFiller:
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.fill_seconds += job.seconds
         self.stats.steps += 1
+        if self.stats.steps % 200 == 0:
+            st = self.stats
+            log.info(
+                "grammar masks: %d steps, filling %.1f ms a step, %.0f%% hidden by the forward",
+                st.steps,
+                1000 * st.fill_seconds / st.steps,
+                100 * st.hidden_fraction,
+            )
         if job.error is not None:
             raise job.error
         return job.bitmask
