@@ -17,7 +17,8 @@ def reasoning_markers(tokenizer: Any) -> ReasoningMarkers | None:
     """The model's thinking markers, from its vocabulary (looked up once per tokenizer)."""
     hit = _markers.get(id(tokenizer))
     if hit is None or hit[0] is not tokenizer:
-        hit = (tokenizer, detect_reasoning(tokenizer.hf.get_vocab()))
+        vocab: dict[str, int] = getattr(getattr(tokenizer, "hf", None), "get_vocab", dict)()
+        hit = (tokenizer, detect_reasoning(vocab))
         _markers[id(tokenizer)] = hit
     return hit[1]
 

@@ -70,7 +70,10 @@ def generic_system_prompt(spec: OutputSpec) -> str:
         f'"arguments": <arguments object>}}]}} with {many}.',
     ]
     if spec.tool_choice == "auto":
-        lines.append('To answer directly without a tool: {"response": <your answer>}.')
+        lines.append(
+            "Call a tool whenever one can help with the request. Only when no tool fits, "
+            'answer directly: {"response": <your answer>}.'
+        )
     return "\n".join(lines)
 
 

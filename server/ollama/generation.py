@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.api import EngineAPI
+from engine.output.events import ToolCall
 from engine.types import FinishReason, RequestOutput
 from server.chat import (
     ChatRequest,
@@ -36,21 +37,14 @@ from server.ollama.options import (
 )
 from server.ollama.prompt import generate_prompt
 from server.ollama.schemas import ChatBody, GenerateBody
+from server.ollama.structured import ollama_tool_calls, output_spec, template_extra
 from server.settings import Settings
 
 Event = dict[str, Any]
 
 
-def check_unsupported(
-    model: str, fmt: Any, think: Any, tools: Any = None, images: bool = False, suffix: str = ""
-) -> None:
+def check_unsupported(model: str, images: bool = False, suffix: str = "") -> None:
     """Refuse, with Ollama's 400, features this server does not have yet."""
-    if fmt not in (None, ""):
-        raise APIError(400, "'format' (structured output) is not supported yet")
-    if think not in (None, False, "", "false"):
-        raise APIError(400, f'"{model}" does not support thinking')
-    if tools:
-        raise APIError(400, f'"{model}" does not support tools')
     if images:
         raise APIError(400, f'"{model}" does not support images')
     if suffix:
@@ -74,18 +68,21 @@ async def prepare_chat(
 ) -> tuple[Job, OllamaRenderer] | Event:
     """A Job and its renderer; or, for no messages, the load/unload answer."""
     images = any(m.images for m in body.messages)
-    check_unsupported(body.model, body.format, body.think, body.tools, images)
+    check_unsupported(body.model, images)
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.messages:
         event = await load_or_unload(engine, body.model, keep_alive)
         return {**event, "message": {"role": "assistant", "content": ""}}
+    spec = await output_spec(engine, body.model, body.format, body.think, body.tools)
     stop_list(settings, body.options.get("stop"), param="options.stop")
     num_predict, num_ctx = budget_options(body.options)
     started = time.monotonic()
     req = ChatRequest(
         id=f"ollama-{uuid.uuid4().hex}",
         model=body.model,
-        messages=[Message(m.role, m.content, extra=_extra(m)) for m in body.messages],
+        messages=[
+            Message(m.role, m.content, m.tool_name, template_extra(m)) for m in body.messages
+        ],
         params=sampling_params(body.options, 0),
         max_tokens=num_predict,
         keep_alive=keep_alive,
@@ -93,31 +90,29 @@ async def prepare_chat(
         overflow="clamp",
         budget_param="options.num_predict",
         base_model_transcript=True,
+        output=spec,
     )
     job = await chat_job(engine, settings, req)
     job.started = started
     return job, OllamaRenderer(job, body.model, "chat")
 
 
-def _extra(m: Any) -> dict[str, Any]:
-    return {"tool_calls": m.tool_calls} if m.tool_calls else {}
-
-
 async def prepare_generate(
     engine: EngineAPI, settings: Settings, body: GenerateBody
 ) -> tuple[Job, OllamaRenderer] | Event:
     """A Job and its renderer; or, for an empty prompt, the load/unload answer."""
-    check_unsupported(
-        body.model, body.format, body.think, images=bool(body.images), suffix=body.suffix
-    )
+    check_unsupported(body.model, images=bool(body.images), suffix=body.suffix)
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.prompt and not body.context:
         return {**await load_or_unload(engine, body.model, keep_alive), "response": ""}
+    spec = await output_spec(engine, body.model, body.format, body.think, None)
     stop_list(settings, body.options.get("stop"), param="options.stop")
     num_predict, num_ctx = budget_options(body.options)
     started = time.monotonic()
     handle = await engine.get_model(body.model, keep_alive=keep_alive)
-    prompt = generate_prompt(handle.tokenizer, body.prompt, body.system, body.template, body.raw)
+    prompt = generate_prompt(
+        handle.tokenizer, body.prompt, body.system, body.template, body.raw, spec
+    )
     ids = list(body.context or []) if not body.raw else []
     if prompt.text:
         ids += handle.tokenizer.encode(
@@ -126,7 +121,9 @@ async def prepare_generate(
     context = usable_context(handle, num_ctx)
     budget = completion_budget(len(ids), context, num_predict, "clamp", "options.num_predict")
     params = sampling_params(body.options, budget)
-    job = prompt_job(f"ollama-{uuid.uuid4().hex}", handle, ids, params, keep_alive=keep_alive)
+    job = prompt_job(
+        f"ollama-{uuid.uuid4().hex}", handle, ids, params, keep_alive=keep_alive, output=spec
+    )
     job.started = started
     return job, OllamaRenderer(job, body.model, "generate", context=not body.raw)
 
@@ -141,16 +138,28 @@ class OllamaRenderer:
     context: bool = False  # generate: the final object carries `context` (not in raw mode)
     api: API = "ollama"
 
-    def _fragment(self, text: str, done: bool) -> Event:
+    def _fragment(
+        self, text: str, done: bool, thinking: str = "", calls: list[ToolCall] | None = None
+    ) -> Event:
         head: Event = {"model": self.model, "created_at": timestamp()}
         if self.kind == "chat":
-            return {**head, "message": {"role": "assistant", "content": text}, "done": done}
-        return {**head, "response": text, "done": done}
+            message: Event = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = ollama_tool_calls(calls)
+            return {**head, "message": message, "done": done}
+        event = {**head, "response": text, "done": done}
+        if thinking:
+            event["thinking"] = thinking
+        return event
 
-    def _final(self, choice: Choice, text: str) -> Event:
+    def _final(
+        self, choice: Choice, text: str, thinking: str = "", calls: list[ToolCall] | None = None
+    ) -> Event:
         reason = choice.finish_reason
         stats = final_stats(choice.metrics, time.monotonic() - self.job.started, self.job.load_time)
-        event = self._fragment(text, True)
+        event = self._fragment(text, True, thinking, calls)
         event["done_reason"] = reason.value if isinstance(reason, FinishReason) else "stop"
         event.update(stats)
         if self.context:
@@ -161,8 +170,8 @@ class OllamaRenderer:
         return ()
 
     def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[Event]:
-        if out.text:
-            yield self._fragment(out.text, False)
+        if out.text or out.reasoning or out.tool_calls:
+            yield self._fragment(out.text, False, out.reasoning, out.tool_calls)
         if out.finished:
             yield self._final(choice, "")
 
@@ -171,7 +180,7 @@ class OllamaRenderer:
 
     def body(self, result: JobResult) -> Event:
         choice = result.choices[0]
-        return self._final(choice, choice.text)
+        return self._final(choice, choice.text, choice.reasoning, choice.tool_calls)
 
     def heartbeat(self) -> Event:
         # An empty fragment: Ollama's clients parse every line, so keep-alives must be valid ones.

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from engine.output.events import OutputSpec
 from server.chat import Message, chat_text
 from server.errors import APIError
 
@@ -65,7 +66,12 @@ def _value(expr: str, values: dict[str, str]) -> str:
 
 
 def generate_prompt(
-    tokenizer: Any, prompt: str, system: str | None, template: str | None, raw: bool
+    tokenizer: Any,
+    prompt: str,
+    system: str | None,
+    template: str | None,
+    raw: bool,
+    output: OutputSpec | None = None,
 ) -> Prompt:
     """The text /api/generate feeds the model (see the module docstring)."""
     if raw:
@@ -76,7 +82,7 @@ def generate_prompt(
     if getattr(tokenizer, "chat_template", None):
         messages = [Message("system", system)] if system else []
         messages.append(Message("user", prompt))
-        text, special = chat_text(tokenizer, "", messages, transcript=True)
+        text, special = chat_text(tokenizer, "", messages, transcript=True, output=output)
         return Prompt(text, add_special_tokens=special)
     text = f"{system}\n\n{prompt}" if system else prompt
     return Prompt(text, add_special_tokens=True)

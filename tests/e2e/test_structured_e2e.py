@@ -11,7 +11,7 @@ from typing import Literal
 import jsonschema
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 pytestmark = pytest.mark.e2e
 
@@ -283,3 +283,49 @@ def test_constrained_and_free_streams_share_the_batch(client: OpenAI) -> None:
     assert together == solo
     for i, text in enumerate(structured):
         MODELS[i].model_validate_json(text)
+
+
+class Country(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # additionalProperties: false in its schema
+
+    name: str = Field(max_length=40)
+    capital: str = Field(max_length=40)
+    population_millions: int = Field(ge=0, le=2000)
+
+
+def get_current_weather(city: str) -> str:
+    """Get the current weather for a city.
+
+    Args:
+        city: The name of the city
+
+    Returns:
+        A short description of the weather
+    """
+    return f"sunny in {city}"
+
+
+def test_ollama_format_schema_and_tools(live_server: str) -> None:
+    import ollama
+
+    client = ollama.Client(host=live_server, timeout=300)
+    r = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me about France."}],
+        format=Country.model_json_schema(),
+        options={"temperature": 0, "num_predict": 200},
+    )
+    Country.model_validate_json(r.message.content or "")
+    r = client.generate(
+        model=MODEL, prompt="A JSON object about Japan.", format="json", options={"temperature": 0}
+    )
+    assert isinstance(json.loads(r.response), dict)
+    r = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Berlin?"}],
+        tools=[get_current_weather],
+        options={"temperature": 0, "num_predict": 200},
+    )
+    calls = r.message.tool_calls or []
+    assert calls and calls[0].function.name == "get_current_weather"
+    assert isinstance(calls[0].function.arguments, dict) and "city" in calls[0].function.arguments

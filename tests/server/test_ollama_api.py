@@ -148,12 +148,17 @@ def test_empty_messages_load_and_keep_alive_zero_unloads(client, eng):
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        ({"format": "json"}, "format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"think": True}, "thinking"),
+        ({"format": "yaml"}, "format"),
+        ({"format": {"type": "strin"}}, "format"),
+        ({"tools": [{"type": "function", "function": {"description": "f"}}]}, "tools[0]"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
+            '"not"',
+        ),
+        ({"think": True}, "thinking"),  # the fake model has no thinking markers
     ],
 )
-def test_unsupported_features_are_400(client, extra, fragment):
+def test_bad_structured_input_is_400(client, extra, fragment):
     r = client.post("/api/chat", json={**user("x"), **extra})
     assert r.status_code == 400
     assert fragment in r.json()["error"]
