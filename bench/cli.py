@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests first")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--api-key", default="", help="bearer token, if the server needs one")
+    p.add_argument(
+        "--constrained", type=float, default=0.0, help="fraction of requests with a JSON schema"
+    )
+    p.add_argument(
+        "--compare-constrained",
+        type=float,
+        metavar="F",
+        help="B is the same load with this fraction constrained (on URL2, else on --url)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -71,13 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         timeout=args.timeout,
         api_key=args.api_key,
+        constrained=args.constrained,
     )
     results: list[BenchResult] = []
     try:
         results.append(asyncio.run(_run(cfg, labels[0])))
-        if args.compare:
+        if args.compare or args.compare_constrained is not None:
             other = replace(
-                cfg, base_url=args.compare.rstrip("/"), model=args.compare_model or args.model
+                cfg,
+                base_url=(args.compare or args.url).rstrip("/"),
+                model=args.compare_model or args.model,
+                constrained=(
+                    cfg.constrained
+                    if args.compare_constrained is None
+                    else args.compare_constrained
+                ),
             )
             results.append(asyncio.run(_run(other, labels[1])))
     except Exception as e:  # unreachable server, no models: one line, no traceback

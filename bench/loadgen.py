@@ -36,6 +36,30 @@ _FILLER = (
 )  # ~32 tokens in common BPE vocabularies
 
 
+# Long enough that the grammar stays active for the whole completion.
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "minItems": 64,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 24},
+                    "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                    "kind": {"enum": ["river", "star", "train", "bread"]},
+                },
+                "required": ["name", "year", "kind"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["records"],
+    "additionalProperties": False,
+}
+
+
 @dataclass
 class LoadConfig:
     """One benchmark run against one server."""
@@ -52,6 +76,11 @@ class LoadConfig:
     timeout: float = 600.0
     api_key: str = ""
     temperature: float = 0.7
+    constrained: float = 0.0  # fraction of requests answering under a JSON schema
+
+    def is_constrained(self, index: int) -> bool:
+        """Request `index` carries a response_format (spread evenly over the run)."""
+        return int(index * self.constrained) != int((index - 1) * self.constrained)
 
     def requests_for(self, concurrency: int) -> int:
         return self.requests or max(2 * concurrency, 4)
@@ -227,7 +256,7 @@ class LoadGenerator:
         messages = [{"role": "user", "content": make_prompt(self.cfg.prompt_tokens, self._counter)}]
         if with_prefix:
             messages.insert(0, {"role": "system", "content": self.prefix})
-        return {
+        body: dict[str, Any] = {
             "model": model,
             "messages": messages,
             "max_tokens": self.cfg.max_tokens,
@@ -236,6 +265,12 @@ class LoadGenerator:
             "stream_options": {"include_usage": True},
             "ignore_eos": True,  # honoured by servers that know it (ours, vLLM); ignored elsewhere
         }
+        if self.cfg.is_constrained(self._counter):
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "records", "schema": BENCH_SCHEMA},
+            }
+        return body
 
     async def one(self, model: str, with_prefix: bool) -> RequestResult:
         """Send one streamed request; never raises (failures become ok=False with a message)."""

@@ -177,6 +177,8 @@ class RowGrammar:
         return not self.matcher.is_error()
 
     def accept(self, token: int) -> bool:
+        if self.matcher.is_stopped():  # done: what follows (ignore_eos) is not its business
+            return True
         return bool(self.matcher.consume_token(token))
 
 

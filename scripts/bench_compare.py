@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             from bench.cli import main as bench_main
 
-            return bench_main(
+            code = bench_main(
                 [
                     "--url", f"http://127.0.0.1:{p1}", "--model", name,
                     "--compare", f"http://127.0.0.1:{p2}", "--compare-model", "default_model",
@@ -153,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
                     *bench_args,
                 ]
             )  # fmt: skip
+        # Structured output inside the batch: the same load on mlxd, half the requests
+        # answering under a JSON schema, against none.
+        print("mlxd with half the requests constrained by a JSON schema:", flush=True)
+        code2 = bench_main(
+            [
+                "--url", f"http://127.0.0.1:{p1}", "--model", name,
+                "--compare-constrained", "0.5",
+                "--label", "free", "--label", "half constrained",
+                "--json", str(OUT / "structured.json"),
+                *bench_args,
+            ]
+        )  # fmt: skip
+        return code or code2
 
 
 if __name__ == "__main__":
