@@ -326,10 +326,14 @@ class AsyncEngine(EngineAPI):
 
         t0 = time.monotonic()
         plan = None
-        if request.output is not None:  # grammars compile here, off the engine thread
+        spec = request.output
+        if spec is not None and (spec.calls_tools or spec.json_schema is not None):
+            # Grammars compile here, off the engine thread, before the request is queued.
             handle = await self.get_model(request.model, request.keep_alive)
             plan = await asyncio.to_thread(prepare_output, handle.tokenizer, request)
         loaded = await self._thread.call(lambda: self._submit(request, sink))
+        if spec is not None and plan is None:  # reasoning only: cheap, nothing to compile
+            plan = prepare_output(loaded.tokenizer, request)
         load_time = time.monotonic() - t0
         rid = request.request_id
         hidden = set(loaded.eos_token_ids) | set(request.params.stop_token_ids)

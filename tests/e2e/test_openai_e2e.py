@@ -119,8 +119,9 @@ def test_bad_field_400(client: openai.OpenAI) -> None:
             model=MODEL,
             messages=HI,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
-    assert e.value.param == "tools"
+    assert e.value.param == "tool_choice"
 
 
 def test_raw_responses_match_openai_spec(live_server: str) -> None:
