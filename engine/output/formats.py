@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.output.events import OutputSpec, ToolSpec
+from engine.output.generic import GenericParser
 from engine.output.reasoning import ReasoningMarkers
 from engine.output.tool_parsers import (
-    GenericParser,
     Llama3Parser,
     MarkerParser,
     MistralParser,

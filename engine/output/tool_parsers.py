@@ -16,11 +16,11 @@ from engine.output.markers import split_at
 _DECODER = json.JSONDecoder()
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _call_of(
+def call_of(
     obj: Any, index: int, args_keys: tuple[str, ...] = ("arguments", "parameters")
 ) -> ToolCall | None:
     """A ToolCall from {"name": ..., "arguments": {...}}, or None when obj is not one."""
@@ -34,7 +34,7 @@ def _call_of(
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(index, obj["name"], _dumps(args))
+    return ToolCall(index, obj["name"], dumps(args))
 
 
 class ToolParser:
@@ -92,7 +92,7 @@ class MarkerParser(ToolParser):
 
     def parse_body(self, body: str) -> ToolCall | None:
         try:
-            return _call_of(json.loads(body), self.count)
+            return call_of(json.loads(body), self.count)
         except ValueError:
             return None
 
@@ -113,7 +113,7 @@ class Qwen3CoderParser(MarkerParser):
         for pm in self._PARAM.finditer(m.group(2)):
             key, raw = pm.group(1).strip(), pm.group(2)
             args[key] = _typed(raw, props.get(key, {}))
-        return ToolCall(self.count, name, _dumps(args))
+        return ToolCall(self.count, name, dumps(args))
 
 
 def _typed(raw: str, schema: dict[str, Any]) -> Any:
@@ -190,7 +190,7 @@ class Llama3Parser(JsonStreamParser):
         while True:
             saved = self._buf
             value = self._decode_next()
-            call = _call_of(value, self.count) if value is not None else None
+            call = call_of(value, self.count) if value is not None else None
             if call is None:
                 self._buf = saved
                 return calls
@@ -237,7 +237,7 @@ class MistralParser(ToolParser):
             self._buf = s[end:]
             out = []
             for obj in value if isinstance(value, list) else []:
-                call = _call_of(obj, self.count)
+                call = call_of(obj, self.count)
                 if call is not None:
                     out.append(call)
                     self.count += 1
@@ -251,39 +251,6 @@ class MistralParser(ToolParser):
         except ValueError:
             return None
         self._buf = rest.lstrip()[end:]
-        call = _call_of({"name": s[:at].strip(), "arguments": args}, self.count)
+        call = call_of({"name": s[:at].strip(), "arguments": args}, self.count)
         self.count += call is not None
         return [call] if call is not None else []
-
-
-class GenericParser(JsonStreamParser):
-    """Templates without tools: the whole output is `{"tool_calls": [...]}` or
-    `{"response": "..."}` (the envelope the generic grammar enforces)."""
-
-    def opening(self, final: bool) -> str:
-        s = self._buf.lstrip()
-        if s.startswith("{"):
-            return "json"
-        return "start" if not s and not final else "text"
-
-    def take_calls(self, final: bool) -> list[ToolCall]:
-        saved = self._buf
-        value = self._decode_next()
-        if not isinstance(value, dict):
-            self._buf = saved
-            return []
-        if "response" in value and "tool_calls" not in value:
-            answer = value["response"]
-            self._buf = answer if isinstance(answer, str) else _dumps(answer)
-            self._mode = "text"
-            return []
-        items = value.get("tool_calls") or ([value["tool_call"]] if "tool_call" in value else [])
-        calls: list[ToolCall] = []
-        for obj in items if isinstance(items, list) else []:
-            call = _call_of(obj, self.count)
-            if call is not None:
-                calls.append(call)
-                self.count += 1
-        if not calls:
-            self._buf = saved
-        return calls

@@ -159,3 +159,29 @@ def test_generic_prompt_describes_tools_and_rewrites_history():
     assert json.loads(msgs[3]["content"]) == {"tool_response": "sunny"}
     msgs, kwargs = tool_messages(spec, TEMPLATES["hermes"], history)
     assert msgs is history and kwargs["tools"][0]["function"]["name"] == "get_weather"
+
+
+GENERIC_ANSWER = '{"response": "Say \\"hi\\" to caf\\u00e9, \u00e9t\u00e9 and \\ud83d\\ude00\\n"}'
+
+
+def test_generic_answer_streams_decoded_at_every_split():
+    want = 'Say "hi" to caf\u00e9, \u00e9t\u00e9 and \U0001f600\n'
+    for pieces in _splits(GENERIC_ANSWER):
+        parser = make_parser("generic", TOOLS)
+        content, streamed = "", 0
+        for p in pieces:
+            c, calls = parser.feed(p)
+            content += c
+            streamed += bool(c)
+            assert not calls
+        c, calls = parser.finish()
+        assert content + c == want and not calls, pieces
+        if len(pieces) == len(GENERIC_ANSWER):  # char by char: it arrives as it is written
+            assert streamed > 20
+
+
+def test_generic_cut_by_max_tokens_shows_no_envelope():
+    content, calls = _run_parser("generic", ['{"response": "Hello wor'])
+    assert (content, calls) == ("Hello wor", [])
+    content, calls = _run_parser("generic", ['{"tool_calls": [{"name": "get_weather", "argu'])
+    assert (content, calls) == ("", [])
