@@ -37,6 +37,7 @@ from engine.types import (
     RequestMetrics,
     RequestOutput,
 )
+from engine.validation import check_embedding_inputs, check_generate_request
 
 log = logging.getLogger("mlxd.engine")
 
@@ -293,6 +294,7 @@ class AsyncEngine(EngineAPI):
             n_prompt = len(req.prompt_token_ids)
             if n_prompt == 0:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
+            check_generate_request(req, loaded.vocab_size)
             if n_prompt + req.params.max_tokens > ctx:
                 raise ContextLengthError(n_prompt, req.params.max_tokens, ctx)
             seq = Sequence(req)
@@ -418,6 +420,7 @@ class AsyncEngine(EngineAPI):
         def run() -> list[list[float]]:
             loaded = self.registry.acquire(model, None)
             try:
+                check_embedding_inputs(inputs, loaded.vocab_size)
                 return [embed_tokens(loaded.model, ids) for ids in inputs]
             finally:
                 self.registry.release(loaded.name, None)

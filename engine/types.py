@@ -25,6 +25,9 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+SEED_SPACE = 2**64  # seeds are folded onto [0, 2**64): the PRNG's key space
+
+
 @dataclass
 class SamplingParams:
     """How one sequence picks its tokens and when it stops. Defaults are the OpenAI API's."""
@@ -51,6 +54,12 @@ class SamplingParams:
     prompt_logprobs: bool = False  # score the prompt too: the first output carries prompt_logprobs
     # A llguidance matcher constraining the output (engine/grammar.py); set by the engine.
     grammar: Any = None
+
+    def __post_init__(self) -> None:
+        # Any integer seed names a stream: folded onto the PRNG's 64-bit key space here, so the
+        # sampler never sees one it cannot turn into a key (-1 and 2**64 - 1 draw alike).
+        if self.seed is not None:
+            self.seed = int(self.seed) % SEED_SPACE
 
     @property
     def greedy(self) -> bool:

@@ -50,6 +50,7 @@ class LoadedModel:
     weight_bytes: int
     weight_format: str
     kv_dtype_bytes: int = 4
+    vocab_size: int = 0  # token ids a request may use: [0, vocab_size) (see `vocab_size()`)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def make_cache(self, max_kv_size: int | None = None) -> list:
@@ -174,7 +175,25 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
         weight_bytes=int(weight_bytes),
         weight_format=fmt,
         kv_dtype_bytes=_activation_bytes(model),
+        vocab_size=vocab_size(model, config, tokenizer.vocab_size),
     )
+
+
+def vocab_size(model: nn.Module, config: dict[str, Any], tokenizer_size: int) -> int:
+    """The ids a gather into the token embedding can take, and the tokenizer knows: the smaller
+    of the embedding's rows and the tokenizer's size (tables are often padded past the vocabulary;
+    a tokenizer's added tokens may lack rows)."""
+    rows = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("embed_tokens", "wte", "tok_embeddings") and hasattr(
+            module, "weight"
+        ):
+            rows = int(module.weight.shape[0])
+            break
+    if rows <= 0:  # an architecture naming its table otherwise: the config built it
+        rows = int(text_config(config).get("vocab_size") or 0)
+    sizes = [n for n in (rows, tokenizer_size) if n > 0]
+    return min(sizes) if sizes else 0
 
 
 def _build(path: Path, name: str, arch: str) -> nn.Module:

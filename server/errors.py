@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -205,14 +206,76 @@ def read_json(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", code="invalid_encoding") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise APIError(
             400, f"request body is not valid JSON: {e.msg} at position {e.pos}", code="invalid_json"
         ) from None
+    except ValueError as e:  # NaN / Infinity, an integer of thousands of digits
+        msg = str(e).split(";")[0][:120]
+        raise APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(
+            400, "request body is not valid JSON: nested too deeply", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    bad = _unencodable(data, "")
+    if bad is not None:
+        raise APIError(
+            400,
+            f"invalid value for '{bad or 'request body'}': the string holds a lone UTF-16 "
+            "surrogate (an escape like \\ud800 without its pair), which is not valid Unicode",
+            param=bad or None,
+            code="invalid_encoding",
+        )
     return data
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have; no field can use them.
+    raise _NotFinite(f"'{name}' is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"the number {text[:32]} is out of range")
+    return value
+
+
+def _unencodable(value: Any, where: str) -> str | None:
+    """The path ('messages[0].content') of the first string, or key, holding a lone surrogate.
+
+    JSON may escape one (\\ud800); Python decodes it into a str no tokenizer or UTF-8 encoder
+    takes, so it is refused here, once, for every field of every route."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _is_utf8(item):
+                return path
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                child = f"{path}.{key}" if path else str(key)
+                if not _is_utf8(key):
+                    return path
+                stack.append((sub, child))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(data: dict[str, Any], schema: type[M]) -> M:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.errors import APIError
 from server.errors import parse_body as parse_json_body
@@ -36,12 +36,65 @@ class Message(_Body):
     thinking: str | None = None
 
 
+# Ollama's numeric options (api/types.go): JSON numbers, as Ollama's Go decoder wants them.
+_INT_OPTIONS = {
+    "num_ctx",
+    "num_predict",
+    "num_keep",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "top_k",
+    "repeat_last_n",
+    "seed",
+}
+_FLOAT_OPTIONS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "tfs_z",
+    "mirostat_tau",
+    "mirostat_eta",
+}
+INT_RANGE = (-(2**63), 2**64 - 1)  # int64 as Ollama reads them, and unsigned 64-bit seeds
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options with a wrong type are refused here, naming the option, before any int() or float()
+    conversion downstream can fail on them (NaN and infinities never parse: server/errors.py)."""
+    for key, value in options.items():
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in _INT_OPTIONS:
+            if not number or value != int(value) or not INT_RANGE[0] <= value <= INT_RANGE[1]:
+                raise ValueError(f"option '{key}' must be an integer")
+        elif key in _FLOAT_OPTIONS and not number:
+            raise ValueError(f"option '{key}' must be a number")
+        elif key == "stop" and not (
+            isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise ValueError("option 'stop' must be a string or a list of strings")
+    return options
+
+
 class _Generative(_Named):
     stream: bool = True
     format: Any = None
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: float | str | None = None
     think: bool | str | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _typed_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_options(value)
 
 
 class ChatBody(_Generative):

@@ -8,12 +8,28 @@ OpenAI spec in tests).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
-Float = Annotated[float, Field(strict=True)]  # ints are accepted, strings are not
-TokenId = Annotated[StrictInt, Field(ge=0)]
+# ints are accepted, strings are not; NaN and infinities never parse (server/errors.read_json)
+Float = Annotated[float, Field(strict=True)]
+# The engine checks ids against the model's vocabulary (engine/validation.py); this bound only
+# keeps an absurd integer from reaching the tokenizer's decode (a 32-bit id) first.
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+# OpenAI documents a signed 64-bit seed; unsigned 64-bit ones are taken too. The engine folds
+# every seed onto the PRNG's key space (SamplingParams).
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+_TOKEN_KEY = re.compile(r"^[0-9]{1,10}$")
 
 
 class _Schema(BaseModel):
@@ -33,7 +49,7 @@ class SamplingFields(_Schema):
     top_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = None
@@ -44,6 +60,16 @@ class SamplingFields(_Schema):
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # Keys are token ids as decimal strings (OpenAI's shape); the vocabulary bound is the
+        # engine's check.
+        for key in value or {}:
+            if not _TOKEN_KEY.match(key):
+                raise ValueError(f"keys must be token ids (decimal integers), got '{key[:32]}'")
+        return value
 
 
 class TextPart(_Schema):

@@ -32,10 +32,12 @@ from engine.types import (
     RequestOutput,
     TokenLogprob,
 )
+from engine.validation import check_embedding_inputs, check_generate_request
 
 FAKE_MODEL = "fake:latest"
 FAKE_CONTEXT = 256
 BOS_ID, EOS_ID, OFFSET = 1, 2, 3
+FAKE_VOCAB = 0x110000 + OFFSET  # every code point has an id; the engine's id check uses this
 DEFAULT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 
 
@@ -52,7 +54,12 @@ class FakeTokenizer:
         return [BOS_ID, *ids] if add_special_tokens else ids
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i - OFFSET) for i in ids if i >= OFFSET)
+        # Like a real tokenizer: unknown ids decode to nothing, text is always valid Unicode.
+        return "".join(
+            chr(i - OFFSET)
+            for i in ids
+            if OFFSET <= i < FAKE_VOCAB and not 0xD800 <= i - OFFSET <= 0xDFFF
+        )
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
@@ -205,6 +212,7 @@ class FakeEngine(EngineAPI):
         if script.reject is not None:
             raise script.reject
         model = self._get(request.model)
+        check_generate_request(request, FAKE_VOCAB)
         prompt_len = len(request.prompt_token_ids)
         context = model.status.context_length
         if prompt_len + request.params.max_tokens > context:
@@ -303,6 +311,7 @@ class FakeEngine(EngineAPI):
 
     async def embed(self, model: str, inputs: list[list[int]]) -> list[list[float]]:
         self._get(model)
+        check_embedding_inputs(inputs, FAKE_VOCAB)
         out = []
         for ids in inputs:
             vec = [float(sum(ids) % 7 + 1), float(len(ids)), 1.0, float(ids[0] if ids else 0)]
