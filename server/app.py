@@ -19,6 +19,7 @@ from server.errors import install_error_handlers
 from server.hostcheck import HostCheckMiddleware
 from server.metrics import install_metrics
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.ollama.blobs import router as blobs_router
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
 from server.settings import Settings
@@ -57,6 +58,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
 
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(blobs_router)
 
     # Added innermost first: requests pass CORS -> request id -> body limit -> auth -> routes.
     if settings.api_keys:

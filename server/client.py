@@ -6,10 +6,13 @@ Every user-facing failure is a ClientError with one line of text.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,8 +113,43 @@ class RemoteClient:
     def pull(self, name: str) -> AsyncIterator[Event]:
         return self._stream("/api/pull", {"model": name, "stream": True})
 
-    def create(self, name: str, source: str) -> AsyncIterator[Event]:
-        return self._stream("/api/create", {"model": name, "from": source, "stream": True})
+    async def create(self, name: str, source: str) -> AsyncIterator[Event]:
+        """A file or folder here is uploaded as blobs (the server never opens our paths, as
+        Ollama's CLI does it); anything else is a model name for the server."""
+        path = os.path.expanduser(source)
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            async for item in self._stream("/api/create", {"model": name, "from": source}):
+                yield item
+            return
+        files: dict[str, str] = {}
+        for upload_name, local in _model_files(path):
+            digest = await asyncio.to_thread(_sha256, local)
+            files[upload_name] = digest
+            if (await self._http.head(f"/api/blobs/{digest}")).status_code == 200:
+                continue
+            size = local.stat().st_size
+            yield {"status": f"uploading {upload_name}", "total": size, "completed": 0}
+            async for done in self._upload(local, digest):
+                yield {"status": f"uploading {upload_name}", "total": size, "completed": done}
+        async for item in self._stream("/api/create", {"model": name, "files": files}):
+            yield item
+
+    async def _upload(self, local: Path, digest: str) -> AsyncIterator[int]:
+        sent = [0]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(local, "rb") as f:
+                while chunk := await asyncio.to_thread(f.read, _CHUNK):
+                    sent[0] += len(chunk)
+                    yield chunk
+
+        try:
+            r = await self._http.post(f"/api/blobs/{digest}", content=chunks())
+        except httpx.HTTPError as e:
+            raise ClientError(f"uploading {local.name} failed: {type(e).__name__}") from None
+        if r.status_code >= 400:
+            raise ClientError(_error_text(r.text, r.status_code))
+        yield sent[0]
 
     async def tags(self) -> Event:
         return await self._json("GET", "/api/tags")
@@ -130,6 +168,29 @@ class RemoteClient:
 
     async def stop(self, name: str) -> None:
         await self._json("POST", "/api/generate", {"model": name, "keep_alive": 0, "stream": False})
+
+
+_CHUNK = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _model_files(path: str) -> list[tuple[str, Path]]:
+    """(name on the server, local file) to upload: a GGUF file, or a folder's visible files."""
+    p = Path(path)
+    if p.is_file():
+        name = p.name if p.name.lower().endswith(".gguf") else p.name + ".gguf"
+        return [(name, p)]
+    files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if not files:
+        raise ClientError(f"{path} holds no files to import")
+    return [(f.name, f) for f in files]
 
 
 def _error_text(text: str, status: int) -> str:

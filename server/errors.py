@@ -32,6 +32,7 @@ from engine.errors import (
     ModelNotFoundError,
     QueueFullError,
 )
+from server.logging_setup import REQUEST_ID
 
 log = logging.getLogger("mlxd.server")
 
@@ -125,7 +126,8 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, ModelError | EngineError):
         # Their messages are written to be shown to users (see engine/errors.py).
         return APIError(500, str(exc) or type(exc).__name__, code="engine_error")
-    log.error("unhandled error", exc_info=exc)
+    # Our bug, not the client's: the whole stack trace goes to the log with the request id.
+    log.error("unhandled error in request %s", REQUEST_ID.get(), exc_info=exc)
     return APIError(500, "internal server error", code="internal_error")
 
 

@@ -8,12 +8,16 @@ log shippers can read them. Values never contain a traceback, a path or a memory
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
 
 ACCESS_LOGGER = "mlxd.access"
+# The id of the HTTP request being served (set by RequestIdMiddleware), for log lines written
+# deep inside a handler, such as an unexpected error's stack trace.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mlxd_request_id", default="-")
 _LEVELS = {"critical", "error", "warning", "info", "debug", "trace"}
 _HANDLER_NAME = "mlxd-stderr"
 

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_response
+from server.logging_setup import REQUEST_ID
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -57,6 +58,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = assign_request_id(scope)
+        REQUEST_ID.set(rid)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -93,7 +95,9 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_bytes <= 0:
+        # Blob uploads (model files) stream to disk, hashed as they arrive: no request-size cap.
+        blob = scope.get("path", "").startswith("/api/blobs/")
+        if scope["type"] != "http" or self.max_bytes <= 0 or blob:
             await self.app(scope, receive, send)
             return
         length = _header(scope, b"content-length")

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     pinned: CommaList = key("models")
     memory_limit: int = key("models")
     weights_on_cpu: Literal["fp32", "as_stored"] = key("models")
+    # Folders /api/create may read a server-side `from` path in; empty: none (clients upload the
+    # file as a blob, as `mlxd import` and Ollama's clients do).
+    import_dirs: CommaList = key("models")
     # [engine]
     max_num_seqs: int = key("engine")
     max_num_batched_tokens: int = key("engine")
@@ -81,7 +84,7 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = key("engine")
     kv_fraction: float = key("engine")
 
-    @field_validator("api_keys", "cors_origins", "preload", "pinned", mode="before")
+    @field_validator("api_keys", "cors_origins", "preload", "pinned", "import_dirs", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

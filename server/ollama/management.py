@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from engine.api import EngineAPI
 from engine.types import ModelStatus
 from server.errors import APIError
+from server.ollama.blobs import blob_path
 from server.ollama.options import timestamp
 from server.ollama.schemas import CreateBody
 
 Event = dict[str, Any]
 FOREVER = "2318-01-01T00:00:00Z"  # what Ollama reports for a model kept loaded forever
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")  # C:\ or C:/
 _GGUF_QUANT = re.compile(r"^(q\d|iq\d|f16|bf16|f32|tq\d)", re.I)
 
 
@@ -149,23 +154,25 @@ def pull_events(engine: EngineAPI, name: str) -> AsyncIterator[Event]:
     return with_progress(lambda cb: engine.pull_model(name, progress=cb), "pulling manifest")
 
 
-def _source(body: CreateBody) -> str:
+def _check_create(body: CreateBody) -> None:
     if body.quantize:
         raise APIError(400, "quantize is not supported yet")
-    if body.files or body.adapters:
-        raise APIError(
-            400,
-            "create from uploaded files is not supported: set 'from' to a GGUF file or a safetensors folder on the server's machine",
-        )
+    if body.adapters:
+        raise APIError(400, "create: 'adapters' is not supported yet")
     for unsupported in ("template", "system", "parameters", "messages", "license"):
         if getattr(body, unsupported):
             raise APIError(400, f"create: '{unsupported}' is not supported yet")
+    if body.files and (body.from_ or body.modelfile):
+        raise APIError(400, "create: give either 'files' (uploaded blobs) or 'from', not both")
+
+
+def _source(body: CreateBody) -> str:
     source = body.from_
     if not source and body.modelfile:
         source = _modelfile_from(body.modelfile)
     if not source:
         raise APIError(
-            400, "create needs 'from': a GGUF file, a safetensors folder or a model name"
+            400, "create needs 'from' (a model name) or 'files' (uploaded blobs by file name)"
         )
     return source
 
@@ -184,16 +191,118 @@ def _modelfile_from(modelfile: str) -> str:
     return source
 
 
-def create_events(engine: EngineAPI, body: CreateBody) -> AsyncIterator[Event]:
-    """POST /api/create: from a GGUF file, a safetensors folder (paths on this machine) or a model."""
-    source = _source(body)
-    path = os.path.expanduser(source)
+def create_events(
+    engine: EngineAPI,
+    body: CreateBody,
+    import_dirs: list[str] | None = None,
+    models_dir: str | Path | None = None,
+) -> AsyncIterator[Event]:
+    """POST /api/create: from uploaded blobs (`files`), another model, or a path on this machine.
+
+    `import_dirs` None trusts the caller with any path it can read (the in-process CLI: the
+    user's own files); a list (the HTTP server's setting) confines server-side paths to those
+    folders, and any other path is a 403 that says nothing of whether it exists.
+    `models_dir` is where uploaded blobs live (server/ollama/blobs.py).
+    """
+    _check_create(body)
     name = body.model
+    if body.files:
+        if models_dir is None:
+            raise APIError(400, "create: 'files' needs a server to upload the blobs to")
+        return _create_from_blobs(engine, name, body.files, Path(models_dir))
+    source = _source(body)
+    if not _is_path(source) or (not source.startswith((".", "~")) and _known(engine, source)):
+        engine.model_status(source)  # 404 for an unknown model
+        return with_progress(lambda cb: engine.copy_model(source, name), f"copying model {source}")
+    path = os.path.expanduser(source)
+    if import_dirs is not None and not _inside(path, import_dirs):
+        raise APIError(
+            403,
+            "create: 'from' may name a path on the server only inside its import directories "
+            "(import_dirs); upload the file with POST /api/blobs/<digest> and create with "
+            "'files', as `mlxd import` and Ollama's clients do",
+        )
     if os.path.isfile(path):
         return with_progress(lambda cb: engine.import_gguf(path, name, progress=cb), "parsing GGUF")
     if os.path.isdir(path):
         return with_progress(lambda cb: engine.import_folder(path, name), "copying model files")
-    if os.path.sep in source or source.endswith(".gguf"):
-        raise APIError(400, "create: 'from' names no file or folder on the server's machine")
-    engine.model_status(source)  # 404 for an unknown model
-    return with_progress(lambda cb: engine.copy_model(source, name), f"copying model {source}")
+    raise APIError(400, "create: 'from' names no file or folder on the server's machine")
+
+
+def _is_path(source: str) -> bool:
+    """Whether `from` reads as a filesystem path rather than a model name."""
+    return (
+        source.startswith(("/", "~", ".", "\\"))
+        or "/" in source
+        or "\\" in source
+        or source.lower().endswith(".gguf")
+        or _DRIVE.match(source) is not None
+    )
+
+
+def _known(engine: EngineAPI, source: str) -> bool:
+    """A model name with a slash (a hub repo id, say) that the registry holds."""
+    try:
+        return engine.knows_model(source)
+    except Exception:  # an invalid model name is simply not one
+        return False
+
+
+def _inside(path: str, dirs: list[str]) -> bool:
+    """Whether `path`, symlinks resolved, lies inside one of `dirs` (resolved too). Nothing is
+    opened or stat-ed outside them: realpath of a missing path is still a path."""
+    real = os.path.realpath(path)
+    for d in dirs:
+        root = os.path.realpath(os.path.expanduser(d))
+        if os.path.commonpath([real, root]) == root:
+            return True
+    return False
+
+
+def _blob_files(files: dict[str, str], models_dir: Path) -> dict[str, Path]:
+    """File name -> stored blob, for `files`; 400 for a bad name or a blob never uploaded."""
+    out: dict[str, Path] = {}
+    for fname, digest in files.items():
+        if fname in ("", ".", "..") or Path(fname).name != fname or "\\" in fname:
+            raise APIError(400, f"create: invalid file name '{fname[:64]}' in 'files'")
+        path = blob_path(models_dir, digest)
+        if not path.is_file():
+            raise APIError(
+                400,
+                f"create: blob {digest} is not on the server; upload it first (POST /api/blobs)",
+            )
+        out[fname] = path
+    return out
+
+
+def _create_from_blobs(
+    engine: EngineAPI, name: str, files: dict[str, str], models_dir: Path
+) -> AsyncIterator[Event]:
+    """One .gguf file, or a safetensors folder's files (config.json, *.safetensors, tokenizer)."""
+    blobs = _blob_files(files, models_dir)
+    ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
+    if len(ggufs) == 1 and len(blobs) == 1:
+        gguf = str(blobs[ggufs[0]])
+        return with_progress(lambda cb: engine.import_gguf(gguf, name, progress=cb), "parsing GGUF")
+    if "config.json" not in blobs or ggufs:
+        raise APIError(
+            400,
+            "create: 'files' must hold one .gguf file, or a safetensors model's files "
+            "(config.json, *.safetensors, tokenizer.json, ...)",
+        )
+
+    async def from_folder(progress: Any) -> None:
+        # The folder import copies files in; a staging folder of links names the blobs.
+        stage = Path(
+            tempfile.mkdtemp(
+                prefix=".stage-", dir=blob_path(models_dir, files["config.json"]).parent
+            )
+        )
+        try:
+            for fname, path in blobs.items():
+                (stage / fname).symlink_to(path)
+            await engine.import_folder(str(stage), name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    return with_progress(from_folder, "copying model files")

@@ -99,7 +99,8 @@ async def pull(request: Request) -> Response:
 @router.post("/api/create")
 async def create(request: Request) -> Response:
     body = await parse_body(request, CreateBody)
-    events = mgmt.create_events(engine_of(request), body)
+    settings = request.app.state.settings
+    events = mgmt.create_events(engine_of(request), body, settings.import_dirs, settings.models_dir)
     return await respond_events(request, "ollama", events, body.stream)
 
 

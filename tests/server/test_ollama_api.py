@@ -253,6 +253,7 @@ def test_pull_streams_progress(client, eng):
 
 
 def test_create_from_gguf_file_folder_and_model(client, eng, tmp_path):
+    client.app.state.settings.import_dirs = [str(tmp_path)]
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     out = lines(client.post("/api/create", json={"model": "g:1", "from": str(gguf)}))
@@ -269,7 +270,7 @@ def test_create_from_gguf_file_folder_and_model(client, eng, tmp_path):
     ("body", "status"),
     [
         ({"model": "x:1"}, 400),
-        ({"model": "x:1", "from": "/no/such/file.gguf"}, 400),
+        ({"model": "x:1", "from": "/no/such/file.gguf"}, 403),  # outside import_dirs
         ({"model": "x:1", "from": "unknown-model"}, 404),
         ({"model": "x:1", "from": FAKE_MODEL, "quantize": "q4_K_M"}, 400),
         ({"model": "x:1", "files": {"a.gguf": "sha256:00"}}, 400),
