@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install serve test test-all lint bench doctor clean
+.PHONY: install serve test test-all fuzz lint bench doctor clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "" $(ARGS)
+
+# Hostile input, longer: the schema fuzz and the property tests with large budgets, and the chaos
+# test on the real model for two minutes (make test runs all three briefly).
+fuzz: install
+	MLXD_FUZZ_EXAMPLES=400 MLXD_CHAOS_SECONDS=120 $(PY) -m pytest -q -m "" \
+		tests/server/test_schema_fuzz.py tests/server/test_hostile_input.py \
+		tests/unit/test_token_check.py tests/e2e/test_chaos_e2e.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server engine models bench tests

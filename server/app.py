@@ -22,6 +22,7 @@ from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from server.ollama.blobs import router as blobs_router
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
+from server.openapi_doc import install_openapi
 from server.settings import Settings
 from server.sse import KEEPALIVE_SECONDS
 
@@ -59,6 +60,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(ollama_router)
     app.include_router(blobs_router)
+    install_openapi(app)
 
     # Added innermost first: requests pass CORS -> request id -> body limit -> auth -> routes.
     if settings.api_keys:
