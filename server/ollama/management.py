@@ -281,28 +281,26 @@ def _create_from_blobs(
     """One .gguf file, or a safetensors folder's files (config.json, *.safetensors, tokenizer)."""
     blobs = _blob_files(files, models_dir)
     ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
-    if len(ggufs) == 1 and len(blobs) == 1:
-        gguf = str(blobs[ggufs[0]])
-        return with_progress(lambda cb: engine.import_gguf(gguf, name, progress=cb), "parsing GGUF")
-    if "config.json" not in blobs or ggufs:
+    gguf = len(ggufs) == 1 and len(blobs) == 1
+    if not gguf and ("config.json" not in blobs or ggufs):
         raise APIError(
             400,
             "create: 'files' must hold one .gguf file, or a safetensors model's files "
             "(config.json, *.safetensors, tokenizer.json, ...)",
         )
 
-    async def from_folder(progress: Any) -> None:
-        # The folder import copies files in; a staging folder of links names the blobs.
-        stage = Path(
-            tempfile.mkdtemp(
-                prefix=".stage-", dir=blob_path(models_dir, files["config.json"]).parent
-            )
-        )
+    async def from_stage(progress: Any) -> None:
+        # Blobs are named by digest; importers read names (a .gguf suffix, config.json), so a
+        # staging folder of links gives them their file names. The imports copy the data in.
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=next(iter(blobs.values())).parent))
         try:
             for fname, path in blobs.items():
                 (stage / fname).symlink_to(path)
-            await engine.import_folder(str(stage), name)
+            if gguf:
+                await engine.import_gguf(str(stage / ggufs[0]), name, progress=progress)
+            else:
+                await engine.import_folder(str(stage), name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    return with_progress(from_folder, "copying model files")
+    return with_progress(from_stage, "parsing GGUF" if gguf else "copying model files")

@@ -20,11 +20,19 @@ def _started(server: ServerProcess) -> ServerProcess:
         pytest.fail(str(e))
 
 
+class LiveServer(str):
+    """The server's base URL (a str, as tests use it), with its process id for RSS checks."""
+
+    pid: int
+
+
 @pytest.fixture(scope="session")
 def live_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("server") / "server.log"
     with _started(mlxd_server(log, smollm2_dir.parent)) as server:
-        yield server.url
+        url = LiveServer(server.url)
+        url.pid = server.proc.pid
+        yield url
 
 
 @pytest.fixture

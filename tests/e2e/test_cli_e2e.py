@@ -154,3 +154,29 @@ def test_ps_and_stop_without_a_server_say_so(smollm2_dir: Path, verb: list[str])
     assert r.returncode == 1
     assert "no mlxd server is running at http://127.0.0.1:1" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+def test_import_uploads_to_a_running_server(live_server: str, tmp_path: Path):
+    """`mlxd import FILE` with a server up: the file goes over as a blob (the server, whose
+    import_dirs is empty, never opens the user's path) and the model is served."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    import httpx
+
+    from models.default import bundled_gguf
+
+    gguf = tmp_path / "copy.gguf"
+    gguf.symlink_to(bundled_gguf(MODEL))
+    port = str(urlparse(live_server).port)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLXD_HOST": "127.0.0.1", "MLXD_PORT": port}
+    cmd = [sys.executable, "-m", "server.cli", "import", str(gguf), "--name", "uploaded:1"]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        assert httpx.head(f"{live_server}/api/blobs/sha256:{digest}").status_code == 200
+        names = [m["name"] for m in httpx.get(live_server + "/api/tags").json()["models"]]
+        assert "uploaded:1" in names
+    finally:
+        httpx.request("DELETE", live_server + "/api/delete", json={"model": "uploaded:1"})

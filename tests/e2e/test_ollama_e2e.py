@@ -63,7 +63,9 @@ def test_create_copy_delete(client):
     assert gguf is not None
     name, copy = "e2e-created:latest", "e2e-copied:latest"
     try:
-        done = list(client.create(model=name, from_=str(gguf), stream=True))
+        # As Ollama's own CLI does it: upload the file as a blob, create from its digest.
+        digest = client.create_blob(gguf)
+        done = list(client.create(model=name, files={"model.gguf": digest}, stream=True))
         assert done[-1].status == "success"
         assert name in _names(client.list())
         client.copy(name, copy)
@@ -117,3 +119,10 @@ def test_unknown_model_is_404(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="no-such-model:1", messages=QUESTION)
     assert e.value.status_code == 404
+
+
+def test_create_from_a_server_path_is_refused(client):
+    for path in ("/etc/passwd", "/no/such/file.gguf"):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.create(model="evil:1", from_=path)
+        assert e.value.status_code == 403 and "import_dirs" in str(e.value)
