@@ -60,6 +60,9 @@ class SamplingParams:
         # sampler never sees one it cannot turn into a key (-1 and 2**64 - 1 draw alike).
         if self.seed is not None:
             self.seed = int(self.seed) % SEED_SPACE
+        # A window past any context is the whole context; MLX slices take 32-bit indices only.
+        if self.repeat_last_n >= 2**31:
+            self.repeat_last_n = -1
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -40,7 +41,7 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, bool):
         raise OptionError("keep_alive must be a duration like '5m' or a number of seconds")
     if isinstance(value, int | float):
-        return -1.0 if value < 0 else float(value)
+        return _bounded(-1.0 if value < 0 else float(value), value)
     if not isinstance(value, str):
         raise OptionError("keep_alive must be a duration like '5m' or a number of seconds")
     text = value.strip()
@@ -50,7 +51,16 @@ def parse_keep_alive(value: Any) -> float | None:
         seconds = float(body)
     except ValueError:
         seconds = _parse_go_duration(body, value)
-    return -1.0 if sign < 0 and seconds > 0 else seconds
+    return _bounded(-1.0 if sign < 0 and seconds > 0 else seconds, value)
+
+
+KEEP_ALIVE_MAX = 100 * 365 * 86400.0  # longer is forever: an expiry date must stay a date
+
+
+def _bounded(seconds: float, original: Any) -> float:
+    if not math.isfinite(seconds):  # "nan" and "inf" parse as floats
+        raise OptionError(f"invalid keep_alive: {str(original)[:32]!r}")
+    return -1.0 if seconds > KEEP_ALIVE_MAX else seconds
 
 
 def _parse_go_duration(body: str, original: str) -> float:

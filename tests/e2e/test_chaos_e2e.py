@@ -92,6 +92,19 @@ def hostile_table() -> list[Hostile]:
         ("POST", "/v1/chat/completions", '{"model":"m","temperature":NaN}', (400,)),
         ("POST", "/v1/chat/completions", '{"a":' + "[" * 100_000 + "}", (400,)),
         ("POST", "/v1/chat/completions", {**chat, "messages": []}, (400,)),
+        (
+            "POST",
+            "/api/generate",
+            {
+                "model": MODEL,
+                "prompt": "hi",
+                "stream": False,
+                "keep_alive": "99999999999h",
+                "options": {"num_predict": 2, "repeat_last_n": 10**12, "repeat_penalty": 1.2},
+            },
+            (200,),
+        ),  # fmt: skip
+        ("GET", "/api/ps", "", (200,)),
     ]
 
 

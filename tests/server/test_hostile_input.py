@@ -245,11 +245,26 @@ def test_ollama_options_limits(client: TestClient, options: dict) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"num_ctx": 10**15}, {"num_predict": 10**15}, {"top_k": 10**15}, {"seed": -1}, {"seed": 2**64 - 1}],
+    [{"num_ctx": 10**15}, {"num_predict": 10**15}, {"top_k": 10**15}, {"seed": -1}, {"seed": 2**64 - 1}, {"repeat_last_n": 10**12}],
 )  # fmt: skip
 def test_ollama_options_at_their_limits_run(client: TestClient, options: dict) -> None:
     body = {"model": FAKE_MODEL, "prompt": "hi", "stream": False, "options": options}
     assert client.post("/api/generate", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(1e300, -1.0), ("99999999999h", -1.0), (2**63, -1.0), ("5m", 300.0), ("nan", None), ("inf", None), ("1e400", None)],
+)  # fmt: skip
+def test_keep_alive_at_its_limits(value: object, seconds: float | None) -> None:
+    """A keep_alive past any date is forever (an expiry must stay a date /api/ps can print)."""
+    from server.ollama.options import OptionError, parse_keep_alive
+
+    if seconds is None:
+        with pytest.raises(OptionError):
+            parse_keep_alive(value)
+    else:
+        assert parse_keep_alive(value) == seconds
 
 
 def test_table_token_ids(client: TestClient) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -37,9 +36,16 @@ CHECKS = [
 ]
 
 ENGINE = FakeEngine()
-BLOBS = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlxd-fuzz-{os.getpid()}"
-APP = make_app(ENGINE, keepalive=0.5, models_dir=BLOBS, import_dirs=[str(BLOBS / "imports")])
+APP = make_app(ENGINE, keepalive=0.5)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_models_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Uploaded blobs and import_dirs live in a scratch folder, never in the user's models."""
+    root = tmp_path_factory.mktemp("fuzz")
+    APP.state.settings.models_dir = root / "models"
+    APP.state.settings.import_dirs = [str(root / "imports")]
 
 
 def _aim_at_the_model(body: object) -> None:

@@ -134,6 +134,16 @@ def test_any_integer_seed_samples(served: Served, seed: int) -> None:
     assert SamplingParams(seed=seed).seed == seed % 2**64
 
 
+@pytest.mark.parametrize("window", [10**12, 2**63, 2**31])
+def test_a_penalty_window_past_any_context_is_the_whole_context(
+    served: Served, window: int
+) -> None:
+    params = {"repetition_penalty": 1.3, "repeat_last_n": window, "temperature": 0.0}
+    assert served.generate([5, 6, 7], **params) == served.generate(
+        [5, 6, 7], **{**params, "repeat_last_n": -1}
+    )
+
+
 def test_engine_still_serves_after_refusals(served: Served) -> None:
     for bad in ([VOCAB], [-1], [2**64]):
         with pytest.raises(InvalidRequestError):
