@@ -18,6 +18,9 @@ from engine.api import EngineAPI
 from server.errors import APIError
 
 
+MAX_INPUTS = 2048  # OpenAI's limit; one request's inputs run back to back on the engine thread
+
+
 @dataclass
 class Embedded:
     vectors: list[list[float]]
@@ -43,6 +46,8 @@ async def embed_texts(
     dimensions: int | None = None,
 ) -> Embedded:
     """Tokenize (unless given token ids), fit each input to the context, and embed them."""
+    if len(inputs) > MAX_INPUTS:
+        raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param="input")
     if dimensions is not None and dimensions <= 0:
         raise APIError(400, "dimensions must be positive")
     started = time.monotonic()

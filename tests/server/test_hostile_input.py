@@ -178,6 +178,13 @@ def test_lone_surrogates_ollama(client: TestClient, path: str) -> None:
     assert "surrogate" in ollama_4xx(r)
 
 
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/api/embed"])
+def test_embedding_inputs_are_bounded(client: TestClient, path: str) -> None:
+    r = client.post(path, json={"model": FAKE_MODEL, "input": ["a"] * 2049})
+    assert r.status_code == 400 and "2048" in r.text
+    assert client.post(path, json={"model": FAKE_MODEL, "input": ["a"] * 2048}).status_code == 200
+
+
 def test_nul_is_text(client: TestClient) -> None:
     body = {**CHAT, "messages": [{"role": "user", "content": "a\u0000b"}], "stop": ["\u0000"]}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
