@@ -24,6 +24,7 @@ from models.files import (
     context_length,
     read_safetensors_header,
     sliding_window,
+    text_config,
     weight_files,
 )
 from models.memory import backend, kv_bytes_per_token

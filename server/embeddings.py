@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from engine.api import EngineAPI
 from server.errors import APIError
 
-
 MAX_INPUTS = 2048  # OpenAI's limit; one request's inputs run back to back on the engine thread
 
 

@@ -19,7 +19,7 @@ from server.openai import protocol as openai
 _BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": openai.ChatCompletionRequest,
     "/v1/completions": openai.CompletionRequest,
-    "/v1/embeddings": ollama.OpenAIEmbedBody,
+    "/v1/embeddings": openai.EmbeddingRequest,
     "/api/chat": ollama.ChatBody,
     "/api/generate": ollama.GenerateBody,
     "/api/show": ollama.ShowBody,

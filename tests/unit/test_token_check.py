@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 import models  # noqa: F401  (BLAS before mlx)
 from engine.async_engine import AsyncEngine
 from engine.errors import InvalidRequestError
-from engine.types import EngineConfig, FinishReason, GenerateRequest, SamplingParams
+from engine.types import FinishReason, GenerateRequest, SamplingParams
 from engine.validation import check_token_ids
+from server.settings import engine_config, load_settings
 from tests.tiny import make_tiny_model
 
 VOCAB = 300
@@ -58,7 +59,8 @@ class Served:
     def __init__(self, models_dir: Path):
         make_tiny_model(models_dir / "tiny--1", vocab=VOCAB)
         self.loop = asyncio.new_event_loop()
-        self.engine = AsyncEngine(EngineConfig(models_dir=models_dir, default_model=MODEL))
+        settings = load_settings(models_dir=models_dir, default_model=MODEL)
+        self.engine = AsyncEngine(engine_config(settings))
         self.run(self.engine.start())
         self.n = 0
 
