@@ -44,6 +44,7 @@ _REJECTIONS = {
     "insufficient_memory": "memory",
     "context_length_exceeded": "context",
     "shutting_down": "shutting_down",
+    "invalid_request": "invalid",  # the engine's own check: a token id past the vocabulary, ...
 }
 _QUIET_PATHS = ("/metrics", "/health")  # scraped often: logged at DEBUG only
 

@@ -285,6 +285,8 @@ def test_table_token_ids(client: TestClient) -> None:
     ollama_4xx(client.post("/api/generate", json=body))
     body = {"model": FAKE_MODEL, "input": [1, 2, FAKE_VOCAB]}
     openai_400(client.post("/v1/embeddings", json=body), "input")
+    # Counted as requests refused before running, not as engine failures.
+    assert 'mlxd_rejections_total{reason="invalid"}' in client.get("/metrics").text
 
 
 # --- 500s are ours, logged with the request id ---------------------------------------------------
