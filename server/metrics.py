@@ -44,7 +44,7 @@ _REJECTIONS = {
     "insufficient_memory": "memory",
     "context_length_exceeded": "context",
     "shutting_down": "shutting_down",
-    "invalid_request": "invalid",  # the engine's own check: a token id past the vocabulary, ...
+    "invalid_request": "invalid",  # the engine refused it: a token id past the vocabulary, a bad grammar
 }
 _QUIET_PATHS = ("/metrics", "/health")  # scraped often: logged at DEBUG only
 
