@@ -19,9 +19,20 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install serve test test-all fuzz lint bench doctor clean
+.PHONY: install kernels serve test test-all fuzz lint bench doctor clean
 
-install: $(STAMP)
+# mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
+# Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
+KERNELS := models/_kernels.json
+KERNEL_SRC := $(wildcard kernels/*.cpp kernels/*.h) kernels/CMakeLists.txt scripts/build_kernels.py
+
+install: $(STAMP) $(KERNELS)
+
+$(KERNELS): $(STAMP) $(KERNEL_SRC)
+	$(PY) scripts/build_kernels.py
+
+kernels: $(STAMP)
+	$(PY) scripts/build_kernels.py
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,4 +73,4 @@ doctor: install
 	$(VENV)/bin/mlxd doctor
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build models/_kernels*

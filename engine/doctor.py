@@ -20,6 +20,7 @@ class DoctorReport:
     gflops: float | None  # fp32 matmul throughput; None when not measured
     python: str
     machine: str
+    kernels: str = ""  # mlxd's CPU kernels: "avx2+vnni, 2 threads" or why they are not used
 
 
 def device_kind() -> str:
@@ -32,6 +33,13 @@ def doctor(measure: bool = True, n: int = 1024) -> DoctorReport:
     info = blas.preload()  # already done by `import models`; returns what was chosen
     import mlx.core as mx
 
+    from models import qkernels
+
+    if qkernels.available():
+        kernels = f"{qkernels.simd_path()}, {qkernels.num_threads()} threads"
+    else:
+        kernels = f"{qkernels.unavailable_reason()}; quantized weights load as fp32 on the CPU"
+
     return DoctorReport(
         mlx_version=getattr(mx, "__version__", "unknown"),
         backend=backend(),
@@ -42,4 +50,5 @@ def doctor(measure: bool = True, n: int = 1024) -> DoctorReport:
         gflops=blas.measure_gflops(n) if measure else None,
         python=platform.python_version(),
         machine=f"{platform.system()} {platform.machine()}",
+        kernels=kernels,
     )

@@ -1,8 +1,13 @@
 """Load a model folder (config.json, *.safetensors, tokenizer) into an mlx-lm model.
 
-On the CPU backend with weights_on_cpu="fp32", quantized and half-precision weights are converted to
-float32 module by module right after a lazy load (fp32 matmul goes through the fast BLAS; quantized
-and fp16 kernels are much slower there), so peak memory stays near the final size.
+On the CPU backend the weights take the form `weights_on_cpu` names, module by module right after a
+lazy load (so peak memory stays near the final size):
+- "as_stored": quantized layers the kernels read (GGUF Q4_0 / Q4_1 / Q8_0) stay as stored, other
+  matmul weights become 8-bit group-32; all run on mlxd's kernels (models/qkernels.py);
+- "q8": every matmul weight becomes 8-bit group-32 and runs on mlxd's kernels;
+- "fp32": quantized and half-precision weights become float32 (matmuls go through the fast BLAS).
+MLX's own quantized and fp16 CPU kernels are several times slower than fp32, so without mlxd's
+kernels (not built) the quantized formats load as fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from models import qkernels
 from models.cpu_layout import fast_activations, transpose_for_cpu
 from models.errors import ModelLoadError
 from models.files import (
@@ -27,12 +33,14 @@ from models.files import (
     text_config,
     weight_files,
 )
+from models.fused_layers import fuse_for_cpu
 from models.memory import backend, kv_bytes_per_token
+from models.quant_layers import CpuQuantizedEmbedding, quantize_for_cpu
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("mlxd.loader")
 
-WEIGHTS_ON_CPU = ("fp32", "as_stored")
+WEIGHTS_ON_CPU = ("as_stored", "q8", "fp32")
 
 
 @dataclass
@@ -93,6 +101,21 @@ def _dequantize_fp32(module: nn.Module) -> mx.array:
     return (vals.astype(mx.float32) * scales + biases).reshape(q.shape[0], -1)
 
 
+def cpu_weight_format(weights_on_cpu: str) -> str:
+    """The format a CPU load really uses: the quantized ones need mlxd's kernels (else fp32)."""
+    if weights_on_cpu != "fp32" and not qkernels.available():
+        return "fp32"
+    return weights_on_cpu
+
+
+def _upcast_small(model: nn.Module) -> None:
+    """Norm weights and biases in float32, so activations stay float32 between kernel matmuls."""
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    for key, value in params:
+        if value.ndim <= 1 and value.dtype in (mx.float16, mx.bfloat16):
+            model.update(tree_unflatten([(key, value.astype(mx.float32))]))
+
+
 def _to_fp32(model: nn.Module) -> None:
     """Dequantize quantized layers and upcast half weights to fp32, one module at a time."""
     for name, module in list(model.named_modules()):
@@ -118,6 +141,8 @@ def _to_fp32(model: nn.Module) -> None:
 
 def _activation_bytes(model: nn.Module) -> int:
     for _, m in model.named_modules():
+        if isinstance(m, CpuQuantizedEmbedding):
+            return 4
         if isinstance(m, nn.QuantizedEmbedding):
             return m.scales.dtype.size
         if isinstance(m, nn.Embedding):
@@ -147,13 +172,28 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
             raise ModelLoadError(name, f"a weights file is corrupt ({e})") from None
     tokenizer = Tokenizer.load(path, name, config)
     model = _build(path, name, arch)
-    dequant = backend() == "cpu" and weights_on_cpu == "fp32"
+    on_cpu = backend() == "cpu"
+    fmt_cpu = cpu_weight_format(weights_on_cpu) if on_cpu else weights_on_cpu
+    if on_cpu and fmt_cpu != weights_on_cpu:
+        log.warning(
+            "weights_on_cpu=%s needs mlxd's CPU kernels, which are %s; loading fp32",
+            weights_on_cpu,
+            qkernels.unavailable_reason(),
+        )
+    dequant = on_cpu and fmt_cpu == "fp32"
     stored = _quant_desc(config)
+    on_kernels = False
     try:
         if dequant:
             _to_fp32(model)
             transpose_for_cpu(model)  # fast small-M GEMMs for batched decoding: cpu_layout.py
             fast_activations(model)  # SwiGLU without MLX's slow CPU exp: cpu_layout.py
+        elif on_cpu and quantize_for_cpu(model, fmt_cpu):  # the kernels: quant_layers.py
+            on_kernels = True
+            _upcast_small(model)
+            fast_activations(model)
+        if (dequant or on_kernels) and qkernels.available():
+            fuse_for_cpu(model)  # one-pass RMSNorm / RoPE: fused_layers.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval
         raise ModelLoadError(name, f"its weights cannot be read ({type(e).__name__})") from None
@@ -161,6 +201,8 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
     weight_bytes = sum(v.nbytes for _, v in flat)
     if dequant and stored != "float32":
         fmt = f"fp32 (dequantized from {stored})"
+    elif on_kernels and (fmt_cpu == "q8" or "quantization" not in config):
+        fmt = f"q8 (8-bit, group 32, from {stored})"
     else:
         fmt = f"as stored ({stored})"
     return LoadedModel(

@@ -31,7 +31,7 @@ from models.errors import (
     ModelNotFoundError,
 )
 from models.gguf import import_gguf as _import_gguf
-from models.loader import LoadedModel, load_model
+from models.loader import LoadedModel, cpu_weight_format, load_model
 from models.memory import backend, default_memory_limit
 from models.names import model_dir, normalize_name
 
@@ -128,9 +128,13 @@ class ModelRegistry:
         return weights + int(self.kv_bytes_fn())
 
     def estimate_bytes(self, entry: ModelEntry) -> int:
-        """Weight bytes a load will take: fp32 on CPU when dequantizing, else the stored size."""
-        if backend() == "cpu" and self.weights_on_cpu == "fp32":
+        """Weight bytes a load will take: fp32 on CPU when dequantizing, ~1.1 bytes a parameter
+        for q8 (8 bits and two float16 per 32), else the stored size."""
+        fmt = cpu_weight_format(self.weights_on_cpu) if backend() == "cpu" else "as_stored"
+        if fmt == "fp32":
             return entry.parameters * 4
+        if fmt == "q8":
+            return entry.parameters * 9 // 8
         return sum(f.stat().st_size for f in entry.path.glob("*.safetensors"))
 
     def apply_mlx_limits(self) -> None:

@@ -68,6 +68,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("blas", f"{r.blas_name}" + (f" ({r.blas_path})" if r.blas_path else "")),
         ("python", r.python),
         ("machine", r.machine),
+        ("kernels", r.kernels),
     ]
     if r.gflops is not None:
         rows.append(("fp32 matmul", f"{r.gflops:.1f} GFLOP/s"))

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     preload: CommaList = key("models")
     pinned: CommaList = key("models")
     memory_limit: int = key("models")
-    weights_on_cpu: Literal["fp32", "as_stored"] = key("models")
+    weights_on_cpu: Literal["as_stored", "q8", "fp32"] = key("models")
     # Folders /api/create may read a server-side `from` path in; empty: none (clients upload the
     # file as a blob, as `mlxd import` and Ollama's clients do).
     import_dirs: CommaList = key("models")

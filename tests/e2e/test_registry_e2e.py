@@ -21,7 +21,7 @@ def two_model_server(
     shutil.copytree(smollm2_dir, models / smollm2_dir.name)
     shutil.copytree(smollm2_dir, models / "smollm2--twin")  # a second model of the same size
     # fp32 weights are 538 MB each: 900 MB holds one of them (plus its KV), never both.
-    return start_server(models, MLXD_MEMORY_LIMIT="900000000")
+    return start_server(models, MLXD_MEMORY_LIMIT="900000000", MLXD_WEIGHTS_ON_CPU="fp32")
 
 
 def test_interleaved_models_under_a_limit_for_one(two_model_server: ServerProcess) -> None:

@@ -29,9 +29,15 @@ def test_tiny_model_loads_and_runs(tmp_path: Path, arch: str) -> None:
 def test_quantized_model_fp32_vs_as_stored(tmp_path: Path) -> None:
     """weights_on_cpu="fp32" dequantizes on the CPU backend only; Metal and CUDA keep the
     stored format either way. The numbers agree in both cases."""
+    from models import qkernels
+
     path = make_tiny_model(tmp_path / "q", bits=4)
     fp32 = load_model(path, "q", "fp32")
     stored = load_model(path, "q", "as_stored")
+    if backend() == "cpu" and not qkernels.available():
+        # Without mlxd's kernels the quantized formats load as fp32 on the CPU backend.
+        assert stored.weight_format == fp32.weight_format
+        return
     assert stored.weight_format.startswith("as stored (4-bit")
     q_proj = fp32.model.model.layers[0].self_attn.q_proj
     if backend() == "cpu":
@@ -133,12 +139,14 @@ def test_cpu_layout_keeps_the_numbers(tmp_path: Path) -> None:
     x = mx.linspace(-80, 80, 10001)
     assert (mx.abs(fast_exp(x) - mx.exp(x)) / mx.exp(x)).max().item() < 1e-5
     assert fast_exp(mx.array([-mx.inf, -200.0])).tolist() == [0.0, 0.0]
-    lm = load_model(make_tiny_model(tmp_path / "t"), "t", "as_stored")
-    ids = mx.array([lm.tokenizer.encode("the quick brown fox jumps")])
-    ref = lm.model(ids)
-    assert transpose_for_cpu(lm.model) > 0 and fast_activations(lm.model) == 2
-    layer = lm.model.model.layers[0]
+    from tests.unit.engine_harness import tiny_llama
+
+    model = tiny_llama()  # mlx-lm's modules, as built
+    ids = mx.array([[3, 17, 42, 7, 99, 5]])
+    ref = model(ids)
+    assert transpose_for_cpu(model) > 0 and fast_activations(model) == 2
+    layer = model.model.layers[0]
     assert isinstance(layer.mlp, FastSwiGLUMLP) and isinstance(
         layer.mlp.gate_proj, TransposedLinear
     )
-    assert mx.allclose(lm.model(ids), ref, atol=1e-4).item()
+    assert mx.allclose(model(ids), ref, atol=1e-4).item()

@@ -1,0 +1,49 @@
+// Python bindings: mlxd's CPU kernels as the `models._kernels` module.
+#include <nanobind/nanobind.h>
+
+#include "fused.h"
+#include "qmm.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "mlxd CPU kernels for MLX (block-quantized matmul, RMSNorm, RoPE)";
+  m.def(
+      "qmm",
+      &mlxd::qmm,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "bits"_a,
+      "y = x @ dequantize(w, scales, biases, group_size=32, bits)^T in float32, on the CPU.");
+  m.def(
+      "dequantize",
+      &mlxd::dequantize,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "bits"_a,
+      "dequantize(w, scales, biases, group_size=32, bits) in float32, on the CPU.");
+  m.def(
+      "rms_norm",
+      &mlxd::rms_norm,
+      "x"_a,
+      "w"_a,
+      "eps"_a,
+      "x * rsqrt(mean(x^2, -1) + eps) * w in one pass (float32, CPU).");
+  m.def(
+      "rope",
+      &mlxd::rope,
+      "x"_a,
+      "offset"_a,
+      "dims"_a,
+      "traditional"_a,
+      "base"_a,
+      "scale"_a,
+      "mx.fast.rope in one pass (float32 x [B, H, L, D], int32 offset [B] or [1], CPU).");
+  m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
+  m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
+  m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");
+}

@@ -1,0 +1,50 @@
+// Block-quantized matmul for MLX's CPU backend: y = x @ dequantize(w)^T on MLX affine group-32
+// arrays (4 or 8 bits), the layout mlxd keeps GGUF's Q4_0 / Q4_1 / Q8_0 tensors in.
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mlxd {
+
+namespace mx = mlx::core;
+
+// x [..., K] float32; w uint32 [N, K * bits / 32]; scales, biases [N, K / 32] (f16, bf16 or f32).
+// Returns [..., N] float32. Runs on the CPU stream only.
+mx::array qmm(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits);
+
+// dequantize(w, scales, biases) in float32 [N, K] (same layouts as qmm).
+mx::array dequantize(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits);
+
+// The SIMD path compiled in ("avx512-vnni", "avx2", "scalar", ...) and the worker-thread count.
+const char* simd_path();
+int num_threads();
+void set_num_threads(int n);
+
+class QMatmul : public mx::UnaryPrimitive {
+ public:
+  QMatmul(mx::Stream stream, int bits) : mx::UnaryPrimitive(stream), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MlxdQMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const QMatmul&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+} // namespace mlxd

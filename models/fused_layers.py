@@ -1,0 +1,48 @@
+"""RMSNorm and RoPE modules on mlxd's one-pass CPU kernels (models/qkernels.py).
+
+MLX's CPU `fast.rms_norm` and `fast.rope` cost 50-130 us for one decode row (several ops each),
+about a fifth of a SmolLM2 decode step once the matmuls run on quantized kernels. `fuse_for_cpu`
+swaps a loaded model's nn.RMSNorm / nn.RoPE instances for these (same parameters, same results)
+through nn.Module's public `update_modules`; other norm classes (gemma's 1 + w) are left alone.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from models import qkernels
+
+
+class FastRMSNorm(nn.Module):
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.weight = norm.weight.astype(mx.float32)
+        self.eps = norm.eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return qkernels.rms_norm(x, self.weight, self.eps)
+
+
+class FastRoPE(nn.Module):
+    def __init__(self, rope: nn.RoPE):
+        super().__init__()
+        self.dims, self.traditional = rope.dims, rope.traditional
+        self.base, self.scale = rope.base, rope.scale
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        return qkernels.rope(x, self.dims, self.traditional, self.base, self.scale, offset)
+
+
+def fuse_for_cpu(model: nn.Module) -> int:
+    """Swap nn.RMSNorm and nn.RoPE instances for the fused ones; returns how many."""
+    swaps: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if type(m) is nn.RMSNorm:
+            swaps.append((name, FastRMSNorm(m)))
+        elif type(m) is nn.RoPE and m.base is not None:
+            swaps.append((name, FastRoPE(m)))
+    for name, new in swaps:
+        model.update_modules(tree_unflatten([(name, new)]))
+    return len(swaps)

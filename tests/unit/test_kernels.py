@@ -1,0 +1,169 @@
+"""mlxd's CPU kernels (kernels/, models/qkernels.py) against MLX's reference ops, and the
+kernel-backed layers in a model: same logits as dequantized weights, batched equals single."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import models  # noqa: F401  (BLAS before mlx)
+from models import qkernels
+from models.quant_layers import CpuQuantizedEmbedding, CpuQuantizedLinear, quantize_for_cpu
+
+pytestmark = pytest.mark.skipif(
+    not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
+)
+
+
+def _rel_err(got: mx.array, ref: mx.array) -> float:
+    return (mx.linalg.norm(got - ref) / mx.maximum(mx.linalg.norm(ref), 1e-6)).item()
+
+
+def _reference(x: mx.array, w: mx.array, s: mx.array, b: mx.array, bits: int) -> mx.array:
+    s, b = s.astype(mx.float32), b.astype(mx.float32)  # a float16 dequantize would round
+    dense = mx.dequantize(w, s, b, group_size=32, bits=bits)
+    return x.astype(mx.float32) @ dense.T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sdtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (33, 576), (577, 1536), (1536, 576)])
+def test_qmm_matches_dequantized_matmul(bits: int, sdtype, n: int, k: int) -> None:
+    mx.random.seed(n * 7 + k + bits)
+    w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.1, group_size=32, bits=bits)
+    s, b = s.astype(sdtype), b.astype(sdtype)
+    for m in (1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 70):  # 70: dequantize + BLAS
+        x = mx.random.normal((m, k))
+        got = qkernels.qmm(x, w, s, b, bits)
+        assert got.shape == (m, n) and got.dtype == mx.float32
+        # The fp32 product with the dequantized weights, up to float rounding.
+        assert _rel_err(got, _reference(x, w, s, b, bits)) < 1e-5, (m, n, k)
+
+
+def test_rows_are_independent_of_the_batch() -> None:
+    """Each row's result is bit-identical alone or in any batch (batched equals single)."""
+    w, s, b = mx.quantize(mx.random.normal((300, 192)), group_size=32, bits=4)
+    x = mx.random.normal((33, 192))
+    full = qkernels.qmm(x, w, s, b, 4)
+    for i in (0, 5, 32):
+        assert mx.array_equal(qkernels.qmm(x[i : i + 1], w, s, b, 4), full[i : i + 1]).item()
+    assert mx.array_equal(qkernels.qmm(x[4:9], w, s, b, 4), full[4:9]).item()
+
+
+def test_dequantize_matches_mlx() -> None:
+    from models.qkernels import _ext
+
+    for bits in (4, 8):
+        w, s, b = mx.quantize(mx.random.normal((33, 96)), group_size=32, bits=bits)
+        s, b = s.astype(mx.float16), b.astype(mx.float16)
+        ref = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), 32, bits)
+        assert mx.allclose(_ext.dequantize(w, s, b, bits), ref, atol=1e-6).item()
+
+
+def test_qmm_strided_and_batched_inputs() -> None:
+    w, s, b = mx.quantize(mx.random.normal((40, 64)), group_size=32, bits=8)
+    x3 = mx.random.normal((2, 3, 64))
+    ref = _reference(x3, w, s, b, 8)
+    assert qkernels.qmm(x3, w, s, b, 8).shape == (2, 3, 40)
+    assert _rel_err(qkernels.qmm(x3, w, s, b, 8), ref) < 0.01
+    xt = mx.random.normal((64, 5)).T  # a transposed (column-major) view
+    assert _rel_err(qkernels.qmm(xt, w, s, b, 8), _reference(xt, w, s, b, 8)) < 0.01
+    half = qkernels.qmm(x3.astype(mx.float16), w, s, b, 8)
+    assert half.dtype == mx.float32 and _rel_err(half, ref) < 0.01
+
+
+def test_qmm_rejects_bad_shapes() -> None:
+    w, s, b = mx.quantize(mx.random.normal((8, 64)), group_size=32, bits=4)
+    with pytest.raises(ValueError):
+        qkernels.qmm(mx.zeros((1, 32)), w, s, b, 4)
+    with pytest.raises(ValueError):
+        qkernels.qmm(mx.zeros((1, 64)), w, s, b, 3)
+
+
+def test_layers_match_mlx_quantized_layers() -> None:
+    lin = nn.QuantizedLinear(96, 50, bias=True, group_size=32, bits=4)
+    lin.bias = mx.random.normal((50,))
+    ours = CpuQuantizedLinear(lin.weight, lin.scales, lin.biases, 4, lin.bias)
+    x = mx.random.normal((3, 96))
+    assert _rel_err(ours(x), lin(x)) < 0.01
+    emb = nn.QuantizedEmbedding(70, 64, group_size=32, bits=8)
+    qemb = CpuQuantizedEmbedding(emb.weight, emb.scales, emb.biases, 8)
+    ids = mx.array([[1, 5, 69]])
+    assert qemb(ids).dtype == mx.float32 and mx.allclose(qemb(ids), emb(ids), atol=1e-3).item()
+    h = mx.random.normal((2, 64))
+    assert _rel_err(qemb.as_linear(h), emb.as_linear(h)) < 0.01
+
+
+def _tiny(bits: int | None):
+    from tests.unit.engine_harness import tiny_llama
+
+    model = tiny_llama()
+    if bits is not None:
+        nn.quantize(model, group_size=32, bits=bits)
+    return model
+
+
+@pytest.mark.parametrize(
+    "bits,fmt,want",
+    [(4, "as_stored", 4), (8, "as_stored", 8), (None, "as_stored", 8), (4, "q8", 8)],
+)
+def test_model_on_kernels_matches_reference(bits: int | None, fmt: str, want: int) -> None:
+    """A tiny llama: its logits on the kernels match MLX's on the same weights; "as_stored"
+    keeps the bits it can and makes float weights 8-bit, "q8" makes every matmul weight 8-bit
+    (the untied lm_head and the embeddings too)."""
+    model = _tiny(bits)
+    ids = mx.array([[3, 17, 42, 7, 99, 5]])
+    ref = model(ids)
+    assert quantize_for_cpu(model, fmt) == 16  # 2 layers x 7, the lm_head and the embeddings
+    layer = model.model.layers[0].mlp.gate_proj
+    assert isinstance(layer, CpuQuantizedLinear) and layer.bits == want
+    assert isinstance(model.model.embed_tokens, CpuQuantizedEmbedding)
+    # Exact for weights kept as stored; requantizing to 8 bits moves them a little.
+    assert _rel_err(model(ids), ref) < (1e-4 if bits == want else 0.05)
+    assert (mx.argmax(model(ids), -1) == mx.argmax(ref, -1)).all().item()
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
+def test_batched_equals_single_on_kernels(bits: int | None, fmt: str) -> None:
+    from tests.unit.engine_harness import Harness
+    from tests.unit.test_engine_batching import greedy, prompts
+
+    model = _tiny(bits)
+    quantize_for_cpu(model, fmt)
+    ps = prompts(5)
+    alone = {}
+    for i, p in enumerate(ps):
+        alone.update(Harness(model).run([greedy(i, p)]))
+    assert Harness(model).run([greedy(i, p) for i, p in enumerate(ps)], every=3) == alone
+
+
+@pytest.mark.parametrize("traditional,dims", [(False, 64), (True, 64), (False, 32)])
+def test_rope_matches_mlx(traditional: bool, dims: int) -> None:
+    from models.fused_layers import FastRoPE
+
+    ref = nn.RoPE(dims, traditional=traditional, base=100000.0, scale=0.5)
+    ours = FastRoPE(ref)
+    for b, h, length, offset in [
+        (1, 9, 1, 100),
+        (3, 2, 1, mx.array([5, 100, 0])),  # per-row offsets: left-padded batch caches
+        (2, 3, 17, 0),
+        (2, 3, 5, mx.array(3)),
+    ]:
+        # [B, L, H, D] transposed to [B, H, L, D], as attention layers hand it over
+        x = mx.random.normal((b, length, h, 64)).transpose(0, 2, 1, 3)
+        got = ours(x, offset)
+        assert got.shape == x.shape
+        assert mx.allclose(got, ref(x, offset), atol=1e-4).item(), (b, h, length)
+
+
+def test_rms_norm_matches_mlx() -> None:
+    from models.fused_layers import FastRMSNorm
+
+    ref = nn.RMSNorm(96, eps=1e-5)
+    ref.weight = mx.random.normal((96,))
+    ours = FastRMSNorm(ref)
+    for x in (mx.random.normal((3, 1, 96)), mx.random.normal((96, 5)).T, mx.zeros((1, 96))):
+        assert mx.allclose(ours(x), ref(x), atol=1e-5).item()
+    half = mx.random.normal((2, 96)).astype(mx.float16)  # not the kernel's: MLX's op
+    assert mx.allclose(ours(half), ref(half), atol=1e-2).item()
