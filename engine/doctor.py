@@ -20,7 +20,7 @@ class DoctorReport:
     gflops: float | None  # fp32 matmul throughput; None when not measured
     python: str
     machine: str
-    kernels: str = ""  # mlxd's CPU kernels: "avx2+vnni, 2 threads" or why they are not used
+    kernels: str = ""  # mlxd's CPU kernels: "avx512, 2 threads" or why they are not used
 
 
 def device_kind() -> str:

@@ -14,7 +14,7 @@ import pytest
 from models.errors import ImportFailedError
 from models.gguf import import_gguf, unpermute_rows
 from models.loader import LoadedModel, load_model
-from models.memory import device_kind
+from models.memory import backend
 
 TEXT = (
     "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is "
@@ -101,7 +101,7 @@ def test_smollm2_quantized_formats_keep_perplexity(
     weights of the Q4_1 file as stored within 1.2x the file's size."""
     from models import qkernels
 
-    if device_kind() == "cpu" and not qkernels.available():
+    if backend() == "cpu" and not qkernels.available():
         pytest.skip(f"mlxd kernels {qkernels.unavailable_reason()}")
     lm = load_model(smollm2_dir, "smollm2:135m", fmt)
     assert lm.weight_bytes * 3 < smollm2_fp32.weight_bytes
