@@ -333,8 +333,10 @@ void dequant_rows(const Job& j, int n0, int n1) {
 }
 
 void run_dequant(const Job& j) {
+  // On the calling thread only: the BLAS call that follows runs its own threads, and a worker of
+  // ours still spinning would take a core from it.
   const int chunk = 64;
-  pool().run((j.N + chunk - 1) / chunk, true, [&](int c) {
+  pool().run((j.N + chunk - 1) / chunk, false, [&](int c) {
     const int n0 = c * chunk, n1 = std::min(j.N, n0 + chunk);
     if (j.bits == 4) {
       dequant_rows<4>(j, n0, n1);
