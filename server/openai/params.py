@@ -52,6 +52,7 @@ def sampling_params(
         logit_bias=logit_bias(req.logit_bias),
         seed=req.seed,
         stop=stop_list(settings, req.stop),
+        ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )

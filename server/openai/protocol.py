@@ -60,6 +60,7 @@ class SamplingFields(_Schema):
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: StrictBool | None = None  # generate past EOS up to max_tokens (benchmarks)
 
     @field_validator("logit_bias")
     @classmethod

@@ -96,6 +96,18 @@ def test_sampling_params_reach_engine(client: TestClient, eng: FakeEngine) -> No
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_ignore_eos_extension_reaches_engine(client: TestClient, eng: FakeEngine) -> None:
+    assert chat(client).status_code == 200 and not eng.requests[0].params.ignore_eos
+    assert chat(client, ignore_eos=True).status_code == 200
+    assert eng.requests[1].params.ignore_eos
+    r = client.post(
+        "/v1/completions", json={"model": FAKE_MODEL, "prompt": "a", "ignore_eos": True}
+    )
+    assert r.status_code == 200 and eng.requests[2].params.ignore_eos
+    r = chat(client, ignore_eos="yes")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+
+
 def test_default_max_tokens_is_rest_of_context(client: TestClient, eng: FakeEngine) -> None:
     chat(client)
     req = eng.requests[0]

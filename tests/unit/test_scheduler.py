@@ -122,3 +122,17 @@ def test_shared_prefix_waits_for_the_prefill_in_progress():
     fake_run(s)
     fake_run(s)  # a finishes its prefill
     assert "b" in fake_run(s)
+
+
+def test_ignore_eos_runs_to_max_tokens_but_stop_token_ids_still_stop():
+    s = make(budget=100)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, stop_token_ids=[9])
+    a = Sequence(GenerateRequest("a", "m", [1, 2], params))
+    s.add(a)
+    for _ in range(3):
+        fake_run(s, token=0)  # EOS every step
+    assert a.output_ids == [0, 0, 0] and a.finish_reason is FinishReason.LENGTH
+    b = Sequence(GenerateRequest("b", "m", [1, 2], params))
+    s.add(b)
+    fake_run(s, token=9)
+    assert b.output_ids == [9] and b.finish_reason is FinishReason.STOP
