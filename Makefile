@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels serve test test-all fuzz lint bench doctor clean
+.PHONY: install kernels serve test test-all fuzz lint bench bench-quick bench-profile doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -65,9 +65,19 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# Our server and mlx-lm's own, on the same fp32 weights and BLAS, side by side with ratios.
+# mlxd, llama.cpp's llama-server (same GGUF; built once into ~/.cache/mlxd/llama.cpp, ~10 min) and
+# mlx-lm's server (same fp32 weights and BLAS): greedy and T=0.7 at 1/4/16 streams, one table with
+# ratios. Not part of `make test`. ARGS narrows it, e.g. ARGS="--servers mlxd,llama.cpp".
 bench: install
-	$(PY) scripts/bench_compare.py --concurrency 1,4,16 --max-tokens 64 $(ARGS)
+	$(PY) scripts/bench_compare.py $(ARGS)
+
+# A few minutes: greedy only, 1 and 16 streams, 32-token streams, one warm-up.
+bench-quick: install
+	$(PY) scripts/bench_compare.py --temperatures 0 --concurrency 1,16 --max-tokens 32 --warmup 1 $(ARGS)
+
+# Where a decode step's time goes, by op class, at 1, 4 and 16 rows (the model in-process).
+bench-profile: install
+	$(VENV)/bin/mlxd bench --profile $(ARGS)
 
 doctor: install
 	$(VENV)/bin/mlxd doctor

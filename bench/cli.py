@@ -2,6 +2,7 @@
 
 mlxd bench --url http://127.0.0.1:11434 --concurrency 1,4,16 --max-tokens 64 --json out.json
 mlxd bench --url URL_A --compare URL_B --label mlxd --label mlx-lm
+mlxd bench --profile [--rows 1,4,16]   (where a decode step's time goes, model in-process)
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="B is the same load with this fraction constrained (on URL2, else on --url)",
     )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: 0.7; --profile: 0)"
+    )
+    prof = p.add_argument_group("--profile: a decode step's time by op class, in-process")
+    prof.add_argument("--profile", action="store_true", help="profile instead of load testing")
+    prof.add_argument("--rows", type=_levels, default=[1, 4, 16], help="batch sizes, e.g. 1,4,16")
+    prof.add_argument("--context", type=int, default=128, help="tokens already in each row's KV")
+    prof.add_argument("--steps", type=int, default=8, help="measured decode steps per batch size")
     return p
 
 
@@ -67,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints a table (and writes JSON). Returns 0, 1 on any failed request,
     2 when a server could not be reached."""
     args = build_parser().parse_args(argv)
+    if args.profile:
+        import models  # noqa: F401  (loads the fast BLAS, which must precede mlx)
+        from bench.profile import run as profile  # imports mlx and the model: only here
+
+        args.temperature = args.temperature or 0.0
+        print(profile(args))
+        return 0
     labels = args.label + ["A", "B"][len(args.label) :]
     cfg = LoadConfig(
         base_url=args.url.rstrip("/"),
@@ -81,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         api_key=args.api_key,
         constrained=args.constrained,
+        temperature=0.7 if args.temperature is None else args.temperature,
     )
     results: list[BenchResult] = []
     try:

@@ -1,25 +1,29 @@
-"""`make bench`: our server and mlx-lm's own server on the same weights, the same load, one table.
+"""`make bench`: mlxd, mlx-lm's server and llama.cpp's server under the same load, one table.
 
-Steps: start `mlxd serve` on a free port (the default model, imported on first run); save a
-dequantized fp32 copy of that model for mlx-lm (cached under .bench/); start
-`python -m mlx_lm server` with the same BLAS preloaded (LD_PRELOAD of the MKL our models/blas.py
-loads); run `mlxd bench --compare` against both; stop both servers. Results: .bench/results.json.
+Steps: build llama.cpp's `llama-server` once (cached under ~/.cache/mlxd/llama.cpp/<version>);
+start `mlxd serve` on a free port (the default model, imported on first run); save a dequantized
+fp32 copy of that model for mlx-lm (cached under .bench/) and start `python -m mlx_lm server`
+with the same BLAS preloaded; start `llama-server` on the model's own GGUF file (-np 16 -t 2);
+run every protocol (greedy and T=0.7) at every concurrency level on each server in turn; stop all
+three. Results: .bench/results.json and .bench/results.md.
 
-    python scripts/bench_compare.py [--concurrency 1,4,16] [--max-tokens 64] [bench options...]
+    python scripts/bench_compare.py [--servers mlxd,llama.cpp,mlx-lm] [--temperatures 0,0.7]
+        [--concurrency 1,4,16] [--max-tokens 64] [--requests N] [--warmup 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import glob
+import json
 import os
+import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,40 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / ".bench"
 sys.path.insert(0, str(ROOT))
 
+from bench import llamacpp  # noqa: E402
+from bench.loadgen import LoadConfig  # noqa: E402
+from bench.servers import free_port, launched  # noqa: E402
+from bench.suite import Peer, format_suite, run_suite  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    """Poll `url` until it answers 200; fail early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} was not ready within {timeout:.0f} s")
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """Run a server for the duration of the block; SIGTERM (then SIGKILL) this one process."""
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+SERVERS = ("mlxd", "llama.cpp", "mlx-lm")
 
 
 def mkl_path() -> str | None:
@@ -98,74 +74,177 @@ def prepare_mlxlm_copy(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def _list(kind: type, text: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="our model name (default: the configured default)")
+    p.add_argument("--servers", default=",".join(SERVERS), help="a subset of " + ",".join(SERVERS))
+    p.add_argument("--temperatures", type=lambda s: _list(float, s), default=[0.0, 0.7])
+    p.add_argument("--concurrency", type=lambda s: _list(int, s), default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 4)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first")
+    p.add_argument(
+        "--no-structured",
+        dest="structured",
+        action="store_false",
+        help="skip the table of mlxd with half the requests under a JSON schema",
+    )
+    p.add_argument("--llama-server", type=Path, help="use this llama-server binary (no build)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    return p.parse_known_args(argv)
+    args = p.parse_args(argv)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown or not args.servers:
+        p.error(f"--servers takes names among {', '.join(SERVERS)}")
+    if min(args.concurrency, default=0) < 1:
+        p.error("--concurrency levels must be positive integers")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, bench_args = parse_args(argv)
+def _mlxd(stack: contextlib.ExitStack, name: str, env: dict[str, str], timeout: float) -> Peer:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", name]
+    print(f"starting mlxd on port {port} (the first run imports {name}) ...", flush=True)
+    url = f"http://127.0.0.1:{port}"
+    stack.enter_context(
+        launched(
+            cmd, url + "/health", OUT / "mlxd.log", env=env, cwd=ROOT, timeout=timeout, name="mlxd"
+        )
+    )
+    # Load the model (importing it on first use) before anything looks for its folder.
+    body = {"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+    httpx.post(url + "/api/generate", json=body, timeout=timeout).raise_for_status()
+    return Peer("mlxd", url, name)
+
+
+def _mlx_lm(stack: contextlib.ExitStack, name: str, env: dict[str, str], timeout: float) -> Peer:
     from models.names import model_dir  # no mlx: names only
     from server.settings import load_settings
 
-    settings = load_settings()
-    name = args.model or settings.default_model
-    OUT.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p1, p2 = free_port(), free_port()
-    ours = [sys.executable, "-m", "server.cli", "serve", "--port", str(p1), "--model", name]
-    with running(ours, env, OUT / "mlxd.log") as proc1:
-        print(f"starting mlxd on port {p1} (first run imports {name}) ...", flush=True)
-        wait_ready(f"http://127.0.0.1:{p1}/health", proc1, args.startup_timeout, "mlxd serve")
-        # Load the model (and import it if needed) before looking for its folder.
-        httpx.post(
-            f"http://127.0.0.1:{p1}/api/generate",
-            json={"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}},
-            timeout=args.startup_timeout,
-        )
-        src = model_dir(settings.models_dir, name)
-        if not (src / "config.json").exists():
-            print(f"make bench: model {name} is not in the models directory", file=sys.stderr)
-            return 2
-        dst = OUT / f"mlxlm-{src.name}-fp32"
-        print(f"preparing an fp32 copy for mlx-lm at {dst} ...", flush=True)
-        prepare_mlxlm_copy(src, dst)
-        env2 = dict(env)
-        mkl = mkl_path()
-        if mkl:
-            env2["LD_PRELOAD"] = mkl  # same BLAS as ours: compare servers, not BLAS libraries
-        theirs = [sys.executable, "-m", "mlx_lm", "server", "--model", str(dst), "--port", str(p2)]
-        with running(theirs, env2, OUT / "mlx_lm.log") as proc2:
-            print(f"starting mlx-lm server on port {p2} ...", flush=True)
-            wait_ready(
-                f"http://127.0.0.1:{p2}/health", proc2, args.startup_timeout, "mlx_lm server"
-            )
-            from bench.cli import main as bench_main
+    src = model_dir(load_settings().models_dir, name)
+    if not (src / "config.json").exists():
+        raise RuntimeError(f"model {name} is not in the models directory (start mlxd first)")
+    dst = OUT / f"mlxlm-{src.name}-fp32"
+    print(f"preparing an fp32 copy for mlx-lm at {dst} ...", flush=True)
+    prepare_mlxlm_copy(src, dst)
+    env = dict(env)
+    mkl = mkl_path()
+    if mkl:
+        env["LD_PRELOAD"] = mkl  # same BLAS as ours: compare servers, not BLAS libraries
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(dst), "--port", str(port)]
+    print(f"starting mlx-lm server on port {port} ...", flush=True)
+    url = f"http://127.0.0.1:{port}"
+    log = OUT / "mlx_lm.log"
+    stack.enter_context(
+        launched(cmd, url + "/health", log, env=env, cwd=ROOT, timeout=timeout, name="mlx_lm")
+    )
+    return Peer("mlx-lm", url, "default_model")
 
-            code = bench_main(
-                [
-                    "--url", f"http://127.0.0.1:{p1}", "--model", name,
-                    "--compare", f"http://127.0.0.1:{p2}", "--compare-model", "default_model",
-                    "--label", "mlxd", "--label", "mlx-lm",
-                    "--json", str(OUT / "results.json"),
-                    *bench_args,
-                ]
-            )  # fmt: skip
-        # Structured output inside the batch: the same load on mlxd, half the requests
-        # answering under a JSON schema, against none.
-        print("mlxd with half the requests constrained by a JSON schema:", flush=True)
-        code2 = bench_main(
-            [
-                "--url", f"http://127.0.0.1:{p1}", "--model", name,
-                "--compare-constrained", "0.5",
-                "--label", "free", "--label", "half constrained",
-                "--json", str(OUT / "structured.json"),
-                *bench_args,
-            ]
-        )  # fmt: skip
-        return code or code2
+
+def _llama(stack: contextlib.ExitStack, gguf: Path, binary: Path, timeout: float) -> Peer:
+    port = free_port()
+    cmd = llamacpp.server_command(binary, gguf, port, slots=16, threads=2)
+    print(f"starting llama-server on port {port} ({binary}) ...", flush=True)
+    url = f"http://127.0.0.1:{port}"
+    log = OUT / "llama_server.log"
+    stack.enter_context(launched(cmd, url + "/health", log, timeout=timeout, name="llama-server"))
+    return Peer("llama.cpp", url, "smollm2")
+
+
+def _structured(mlxd: Peer, args: argparse.Namespace) -> int:
+    """Structured output inside the batch: the same load on mlxd, half the requests answering
+    under a JSON schema, against none."""
+    from bench.cli import main as bench_main
+
+    print("mlxd with half the requests constrained by a JSON schema:", flush=True)
+    levels = ",".join(str(c) for c in args.concurrency)
+    return bench_main(
+        [
+            "--url", mlxd.base_url, "--model", mlxd.model,
+            "--compare-constrained", "0.5",
+            "--label", "free", "--label", "half constrained",
+            "--concurrency", levels, "--max-tokens", str(args.max_tokens),
+            "--requests", str(args.requests), "--warmup", str(args.warmup),
+            "--json", str(OUT / "structured.json"),
+        ]
+    )  # fmt: skip
+
+
+def machine() -> str:
+    """The CPU this run measured (numbers from another machine do not compare)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
+        simd = [
+            f
+            for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+            if f" {f}" in flags
+        ]
+        model += f" ({', '.join(simd) or 'no AVX2'})"
+    return f"{model}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from models.default import bundled_gguf
+    from server.settings import load_settings
+
+    name = args.model or load_settings().default_model
+    OUT.mkdir(exist_ok=True)
+    gguf = bundled_gguf(name) if "llama.cpp" in args.servers else None
+    if "llama.cpp" in args.servers and gguf is None:
+        print(
+            f"make bench: llama.cpp needs a bundled GGUF model; {name} is not one", file=sys.stderr
+        )
+        return 2
+    # Build before any server runs: the compile would otherwise share the cores with them.
+    binary = args.llama_server or (llamacpp.ensure_server() if gguf else None)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t = args.startup_timeout
+    with contextlib.ExitStack() as stack:
+        started = {}
+        if "mlxd" in args.servers or "mlx-lm" in args.servers:
+            started["mlxd"] = _mlxd(stack, name, env, t)  # mlx-lm's copy comes from its import
+        if "mlx-lm" in args.servers:
+            started["mlx-lm"] = _mlx_lm(stack, name, env, t)
+        if gguf is not None and binary is not None:
+            started["llama.cpp"] = _llama(stack, gguf, binary, t)
+        peers = [started[s] for s in SERVERS if s in args.servers]
+        base = LoadConfig(
+            base_url="",
+            concurrency=args.concurrency,
+            requests=args.requests,
+            prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens,
+            warmup=args.warmup,
+        )
+        labels = ", ".join(p.label for p in peers)
+        print(
+            f"benchmarking {labels}: temperatures {args.temperatures}, streams {args.concurrency}"
+        )
+        result = asyncio.run(run_suite(peers, base, args.temperatures))
+        code = 0
+        if "mlxd" in started and args.structured:
+            code = _structured(started["mlxd"], args)
+    table = f"{machine()}\n\n{format_suite(result)}"
+    print(table)
+    (OUT / "results.md").write_text(table + "\n")
+    (OUT / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    failed = sum(lv.errors for r in result.rows for lv in r.levels.values())
+    return 1 if failed else code
 
 
 if __name__ == "__main__":

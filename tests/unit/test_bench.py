@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from bench import llamacpp
 from bench.cli import main
 from bench.compare import format_comparison, format_result
 from bench.loadgen import (
     BenchResult,
+    LevelResult,
     LoadConfig,
     LoadGenerator,
     RequestResult,
     percentile,
     summarize,
 )
+from bench.servers import ServerStartError, free_port, launched
+from bench.suite import Peer, SuiteResult, SuiteRow, format_suite, run_suite
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -180,3 +187,149 @@ def test_cli_reports_an_unreachable_server_in_one_line(capsys: pytest.CaptureFix
 def test_cli_rejects_bad_levels() -> None:
     with pytest.raises(SystemExit):
         main(["--concurrency", "0,4"])
+
+
+# --- three servers side by side (bench/suite.py) ---------------------------------------------
+
+
+async def test_suite_interleaves_servers_per_level_and_protocol() -> None:
+    fakes = {"mlxd": FakeOpenAI(tokens=4), "peer": FakeOpenAI(tokens=2)}
+    order: list[tuple[str, float]] = []
+    for label, fake in fakes.items():
+        fake.app.middleware("http")(_recorder(order, label))
+    peers = [Peer("mlxd", "http://fake"), Peer("peer", "http://fake", "their-model")]
+    base = LoadConfig(base_url="", concurrency=[1, 2], requests=2, warmup=1)
+    clients = {label: fake.client() for label, fake in fakes.items()}
+    result = await run_suite(peers, base, [0.0, 0.7], clients)
+    for c in clients.values():
+        await c.aclose()
+    assert [(r.temperature, r.concurrency) for r in result.rows] == [
+        (0.0, 1), (0.0, 2), (0.7, 1), (0.7, 2)
+    ]  # fmt: skip
+    assert all(set(r.levels) == {"mlxd", "peer"} for r in result.rows)
+    assert result.rows[0].levels["mlxd"].output_tokens == 8  # 2 requests x 4 tokens
+    # each level runs on one server, then the other, before the next level starts
+    labels = [label for label, _ in order]
+    assert labels == ["mlxd", "peer"] + ["mlxd"] * 2 + ["peer"] * 2 + ["mlxd"] * 2 + [
+        "peer"
+    ] * 2 + (["mlxd", "peer"] + ["mlxd"] * 2 + ["peer"] * 2 + ["mlxd"] * 2 + ["peer"] * 2)
+    temps = [b["temperature"] for b in fakes["peer"].bodies]
+    assert temps == [0.0] * 5 + [0.7] * 5
+    assert all(b["ignore_eos"] is True for f in fakes.values() for b in f.bodies)
+    assert {b["model"] for b in fakes["peer"].bodies} == {"their-model"}
+    assert {b["model"] for b in fakes["mlxd"].bodies} == {"fake-model"}  # first listed
+
+
+def _recorder(order: list, label: str):
+    async def record(request: Request, call_next):
+        if request.url.path.endswith("/completions"):
+            order.append((label, 0.0))
+        return await call_next(request)
+
+    return record
+
+
+def _level(c: int, tps: float, ttft: float, itl: float, tokens: int = 64) -> LevelResult:
+    return LevelResult(c, 4, 0, 1.0, tokens * 4, tps, ttft, ttft * 2, itl, itl, 1.0)
+
+
+def test_suite_table_has_every_server_and_ratios_of_ours_to_each() -> None:
+    rows = [
+        SuiteRow(0.0, 1, {"mlxd": _level(1, 20, 0.1, 0.05), "llama.cpp": _level(1, 100, 0.05, 0.01),
+                          "mlx-lm": _level(1, 10, 0.2, 0.08, tokens=50)}),
+        SuiteRow(0.7, 16, {"mlxd": _level(16, 60, 0.5, 0.2), "llama.cpp": _level(16, 180, 1.0, 0.08),
+                           "mlx-lm": _level(16, 60, 0.4, 0.2)}),
+    ]  # fmt: skip
+    table = format_suite(SuiteResult(["mlxd", "llama.cpp", "mlx-lm"], {}, rows))
+    lines = table.splitlines()
+    assert "mlxd/llama.cpp tok/s" in lines[0] and "mlxd/mlx-lm tok/s" in lines[0]
+    assert "mlxd/llama.cpp TTFT p50" in lines[0]
+    greedy, sampled = lines[2], lines[3]
+    assert greedy.startswith("| greedy | 1 | 20.0 | 100.0 | 10.0 | 0.20x | 2.00x | 2.00x | 0.50x |")
+    assert "| 100 / 50 / 200 |" in greedy and "| 50.0 / 10.0 / 80.0 |" in greedy
+    assert sampled.startswith(
+        "| T=0.7 | 16 | 60.0 | 180.0 | 60.0 | 0.33x | 1.00x | 0.50x | 1.25x |"
+    )
+    assert "output tokens per request: mlxd 64.0, llama.cpp 64.0, mlx-lm 57.0" in table
+
+
+def test_suite_table_lists_errors() -> None:
+    bad = _level(4, 10, 0.1, 0.05)
+    bad.errors, bad.error_sample = 2, "HTTP 503: busy"
+    table = format_suite(SuiteResult(["mlxd"], {}, [SuiteRow(0.0, 4, {"mlxd": bad})]))
+    assert "mlxd (greedy, 4 streams): 2 errors, e.g. HTTP 503: busy" in table
+
+
+# --- starting servers (bench/servers.py) ----------------------------------------------------
+
+
+def test_launched_waits_for_health_and_stops_the_process(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    url = f"http://127.0.0.1:{port}/"
+    with launched(cmd, url, tmp_path / "log", cwd=tmp_path, timeout=30) as proc:
+        assert httpx.get(url).status_code == 200
+    assert proc.returncode is not None
+
+
+def test_launched_reports_an_early_exit_with_the_log_tail(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", "import sys; print('bad flag --xyz'); sys.exit(3)"]
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*bad flag --xyz"):
+        with launched(cmd, f"http://127.0.0.1:{free_port()}/", tmp_path / "log", timeout=30):
+            pass
+
+
+# --- llama.cpp's server (bench/llamacpp.py) -------------------------------------------------
+
+
+def test_llama_server_command_serves_16_slots_on_loopback() -> None:
+    cmd = llamacpp.server_command(Path("/x/llama-server"), Path("/m.gguf"), 8080)
+    text = " ".join(cmd)
+    assert "--host 127.0.0.1" in text and "--port 8080" in text
+    assert "-np 16" in text and "-t 2" in text and "-c 16384" in text and "-m /m.gguf" in text
+    flags = llamacpp.cmake_args(Path("/src"), Path("/b"))
+    assert {"-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"} <= set(flags)
+
+
+def test_cached_llama_server_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(llamacpp, "build", lambda *a, **k: pytest.fail("must not build"))
+    root = tmp_path / "mlxd" / "llama.cpp"
+    assert llamacpp.cached_binary(root) is None
+    for version in ("0.3.1", "0.3.2"):
+        (root / version).mkdir(parents=True)
+        (root / version / "llama-server").write_bytes(b"")
+    assert llamacpp.ensure_server("0.3.1") == root / "0.3.1" / "llama-server"
+    assert llamacpp.ensure_server() == root / "0.3.2" / "llama-server"  # the newest
+
+
+# --- the per-step profile (bench/profile.py) ------------------------------------------------
+
+
+def test_profile_wrappers_keep_the_output_and_time_every_op_class(tmp_path: Path) -> None:
+    import mlx.core as mx
+
+    from bench import profile
+    from models.loader import load_model
+    from tests.tiny import make_tiny_model
+
+    lm = load_model(make_tiny_model(tmp_path / "m"), "tiny")
+    batch, inputs = profile.make_batch(lm, 3, 12)
+    expected = lm.model(inputs, cache=batch)
+    clock = profile.Clock()
+    root = profile.instrument(lm.model, clock)
+    assert lm.model.layers[0].self_attn.n_heads == 4  # attributes still read through wrappers
+    batch, _ = profile.make_batch(lm, 3, 12)
+    clock.enabled = True
+    got = root(inputs, cache=batch)
+    clock.enabled = False
+    assert mx.allclose(got, expected, atol=1e-5)
+    timed = [profile.PROJ, profile.HEAD, profile.ATTN, profile.ROPE, profile.NORM, profile.ELEM]
+    assert all(clock.totals[c] > 0 for c in [*timed, profile.PYTHON])
+    args = argparse.Namespace(context=12, steps=2, warmup=1, temperature=0.7, model="tiny")
+    split = profile.barriered_steps(lm, root, clock, 3, args)
+    assert split[profile.SAMPLE] > 0 and split[profile.ATTN] > 0
+    real = {3: profile.real_steps(lm, 3, args)}  # wrappers switched off: the plain model
+    assert real[3][0] > real[3][1] > 0
+    text = profile.report(lm, real, {3: split}, args)
+    assert "3 rows" in text and "real step, no barriers" in text and "Barriers" in text
