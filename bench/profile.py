@@ -50,6 +50,7 @@ class Clock:
     """Exclusive seconds per op class; `stack` holds [children's seconds, class] per open wrapper."""
 
     enabled: bool = False
+    calls: int = 0  # timed module calls (two barriers each)
     totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     stack: list[list[Any]] = field(default_factory=list)
 
@@ -83,6 +84,7 @@ class Timed(nn.Module):
         clock = self.clock
         if not clock.enabled:
             return self.inner(*args, **kwargs)
+        clock.calls += 1
         t0 = time.perf_counter()
         mx.eval(_arrays(list(args)) + _arrays(kwargs))  # the parent's lazy ops feeding us
         t1 = time.perf_counter()
@@ -177,12 +179,13 @@ def real_steps(lm: Any, rows: int, args: argparse.Namespace) -> tuple[float, flo
 def barriered_steps(
     lm: Any, root: Timed, clock: Clock, rows: int, args: argparse.Namespace
 ) -> dict[str, float]:
-    """Mean seconds per step and op class, every submodule between barriers."""
+    """Mean seconds per step and op class, every submodule between barriers; `clock.calls`
+    is left at one step's count of timed module calls."""
     batch, inputs = make_batch(lm, rows, args.context)
     states = _states(rows, args.temperature)
     totals: dict[str, float] = defaultdict(float)
     for i in range(args.warmup + args.steps):
-        clock.totals = defaultdict(float)
+        clock.totals, clock.calls = defaultdict(float), 0
         clock.enabled = True
         logits = root(inputs, cache=batch)[:, -1, :]
         mx.eval(logits)
@@ -229,11 +232,15 @@ def run(args: argparse.Namespace) -> str:
     for rows in args.rows:
         with _quiet_progress(f"{rows} rows, steps with barriers"):
             split[rows] = barriered_steps(lm, root, clock, rows, args)
-    return report(lm, real, split, args)
+    return report(lm, real, split, args, clock.calls)
 
 
 def report(
-    lm: Any, real: dict[int, tuple[float, float]], split: dict[int, dict[str, float]], args: Any
+    lm: Any,
+    real: dict[int, tuple[float, float]],
+    split: dict[int, dict[str, float]],
+    args: Any,
+    calls: int = 0,
 ) -> str:
     rows = list(real)
     width = max(len(c) for c in CLASSES)
@@ -254,7 +261,8 @@ def report(
         lines.append(f"{cls:<{width}}" + "".join(f"{c:>16}" for c in cells))
     lines.append("-" * len(head))
     sums = [f"{sum(split[r].values()) * 1e3:8.1f}" for r in rows]
-    lines.append(f"{'sum, with barriers':<{width}}" + "".join(f"{c:>16}" for c in sums))
+    title = f"sum, with barriers ({calls} timed module calls)" if calls else "sum, with barriers"
+    lines.append(f"{title:<{width}}" + "".join(f"{c:>16}" for c in sums))
     steps = [f"{real[r][0] * 1e3:8.1f}" for r in rows]
     lines.append(f"{'real step, no barriers':<{width}}" + "".join(f"{c:>16}" for c in steps))
     builds = [f"{real[r][1] * 1e3:8.1f}" for r in rows]

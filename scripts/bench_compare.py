@@ -231,18 +231,21 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             warmup=args.warmup,
         )
+        load_before = os.getloadavg()[0]
         labels = ", ".join(p.label for p in peers)
         print(
             f"benchmarking {labels}: temperatures {args.temperatures}, streams {args.concurrency}"
         )
         result = asyncio.run(run_suite(peers, base, args.temperatures))
+        after = os.getloadavg()[0]
+        load = f"load average (1 min) before / after the run: {load_before:.1f} / {after:.1f}"
+        table = f"{machine()}\n\n{format_suite(result)}\n{load}"
+        print(table, flush=True)
+        (OUT / "results.md").write_text(table + "\n")
+        (OUT / "results.json").write_text(json.dumps(result.to_json(), indent=2))
         code = 0
-        if "mlxd" in started and args.structured:
+        if "mlxd" in args.servers and args.structured:
             code = _structured(started["mlxd"], args)
-    table = f"{machine()}\n\n{format_suite(result)}"
-    print(table)
-    (OUT / "results.md").write_text(table + "\n")
-    (OUT / "results.json").write_text(json.dumps(result.to_json(), indent=2))
     failed = sum(lv.errors for r in result.rows for lv in r.levels.values())
     return 1 if failed else code
 
