@@ -8,6 +8,7 @@ them about equally: the ratios are what the bench is for.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -72,7 +73,9 @@ async def run_suite(
             for c in base.concurrency:
                 row = SuiteRow(t, c, {})
                 for p in peers:
-                    row.levels[p.label] = await gens[p.label].level(models[p.label], c)
+                    lv = row.levels[p.label] = await gens[p.label].level(models[p.label], c)
+                    where = f"{protocol_name(t)}, {c} streams"
+                    print(f"  {where}: {p.label} {lv.tokens_per_s:.1f} tok/s", file=sys.stderr)
                 result.rows.append(row)
     return result
 

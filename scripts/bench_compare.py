@@ -33,8 +33,8 @@ OUT = ROOT / ".bench"
 sys.path.insert(0, str(ROOT))
 
 from bench import llamacpp  # noqa: E402
+from bench.launch import ServerProcess, free_port, mlxd_server  # noqa: E402
 from bench.loadgen import LoadConfig  # noqa: E402
-from bench.servers import free_port, launched  # noqa: E402
 from bench.suite import Peer, format_suite, run_suite  # noqa: E402
 
 SERVERS = ("mlxd", "llama.cpp", "mlx-lm")
@@ -109,23 +109,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _mlxd(stack: contextlib.ExitStack, name: str, env: dict[str, str], timeout: float) -> Peer:
-    port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", name]
-    print(f"starting mlxd on port {port} (the first run imports {name}) ...", flush=True)
-    url = f"http://127.0.0.1:{port}"
-    stack.enter_context(
-        launched(
-            cmd, url + "/health", OUT / "mlxd.log", env=env, cwd=ROOT, timeout=timeout, name="mlxd"
-        )
-    )
+def _start(stack: contextlib.ExitStack, server: ServerProcess, timeout: float) -> str:
+    """Start `server` (stopped when the stack closes, failed start or not); its base URL."""
+    stack.callback(server.stop)
+    server.start(timeout)
+    return server.url
+
+
+def _mlxd(stack: contextlib.ExitStack, name: str, timeout: float) -> Peer:
+    server = mlxd_server(OUT / "mlxd.log", args=["--model", name])
+    print(f"starting mlxd on port {server.port} (the first run imports {name}) ...", flush=True)
+    url = _start(stack, server, timeout)
     # Load the model (importing it on first use) before anything looks for its folder.
     body = {"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
     httpx.post(url + "/api/generate", json=body, timeout=timeout).raise_for_status()
     return Peer("mlxd", url, name)
 
 
-def _mlx_lm(stack: contextlib.ExitStack, name: str, env: dict[str, str], timeout: float) -> Peer:
+def _mlx_lm(stack: contextlib.ExitStack, name: str, timeout: float) -> Peer:
     from models.names import model_dir  # no mlx: names only
     from server.settings import load_settings
 
@@ -135,18 +136,13 @@ def _mlx_lm(stack: contextlib.ExitStack, name: str, env: dict[str, str], timeout
     dst = OUT / f"mlxlm-{src.name}-fp32"
     print(f"preparing an fp32 copy for mlx-lm at {dst} ...", flush=True)
     prepare_mlxlm_copy(src, dst)
-    env = dict(env)
     mkl = mkl_path()
-    if mkl:
-        env["LD_PRELOAD"] = mkl  # same BLAS as ours: compare servers, not BLAS libraries
+    # The same BLAS as ours: compare servers, not BLAS libraries.
+    env = {"LD_PRELOAD": mkl} if mkl else {}
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(dst), "--port", str(port)]
     print(f"starting mlx-lm server on port {port} ...", flush=True)
-    url = f"http://127.0.0.1:{port}"
-    log = OUT / "mlx_lm.log"
-    stack.enter_context(
-        launched(cmd, url + "/health", log, env=env, cwd=ROOT, timeout=timeout, name="mlx_lm")
-    )
+    url = _start(stack, ServerProcess(cmd, OUT / "mlx_lm.log", port, env), timeout)
     return Peer("mlx-lm", url, "default_model")
 
 
@@ -154,9 +150,7 @@ def _llama(stack: contextlib.ExitStack, gguf: Path, binary: Path, timeout: float
     port = free_port()
     cmd = llamacpp.server_command(binary, gguf, port, slots=16, threads=2)
     print(f"starting llama-server on port {port} ({binary}) ...", flush=True)
-    url = f"http://127.0.0.1:{port}"
-    log = OUT / "llama_server.log"
-    stack.enter_context(launched(cmd, url + "/health", log, timeout=timeout, name="llama-server"))
+    url = _start(stack, ServerProcess(cmd, OUT / "llama_server.log", port), timeout)
     return Peer("llama.cpp", url, "smollm2")
 
 
@@ -212,14 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Build before any server runs: the compile would otherwise share the cores with them.
     binary = args.llama_server or (llamacpp.ensure_server() if gguf else None)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     t = args.startup_timeout
     with contextlib.ExitStack() as stack:
         started = {}
         if "mlxd" in args.servers or "mlx-lm" in args.servers:
-            started["mlxd"] = _mlxd(stack, name, env, t)  # mlx-lm's copy comes from its import
+            started["mlxd"] = _mlxd(stack, name, t)  # mlx-lm's copy comes from its import
         if "mlx-lm" in args.servers:
-            started["mlx-lm"] = _mlx_lm(stack, name, env, t)
+            started["mlx-lm"] = _mlx_lm(stack, name, t)
         if gguf is not None and binary is not None:
             started["llama.cpp"] = _llama(stack, gguf, binary, t)
         peers = [started[s] for s in SERVERS if s in args.servers]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,6 @@ from bench.loadgen import (
     percentile,
     summarize,
 )
-from bench.servers import ServerStartError, free_port, launched
 from bench.suite import Peer, SuiteResult, SuiteRow, format_suite, run_suite
 
 
@@ -258,25 +256,6 @@ def test_suite_table_lists_errors() -> None:
     bad.errors, bad.error_sample = 2, "HTTP 503: busy"
     table = format_suite(SuiteResult(["mlxd"], {}, [SuiteRow(0.0, 4, {"mlxd": bad})]))
     assert "mlxd (greedy, 4 streams): 2 errors, e.g. HTTP 503: busy" in table
-
-
-# --- starting servers (bench/servers.py) ----------------------------------------------------
-
-
-def test_launched_waits_for_health_and_stops_the_process(tmp_path: Path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    url = f"http://127.0.0.1:{port}/"
-    with launched(cmd, url, tmp_path / "log", cwd=tmp_path, timeout=30) as proc:
-        assert httpx.get(url).status_code == 200
-    assert proc.returncode is not None
-
-
-def test_launched_reports_an_early_exit_with_the_log_tail(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-c", "import sys; print('bad flag --xyz'); sys.exit(3)"]
-    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*bad flag --xyz"):
-        with launched(cmd, f"http://127.0.0.1:{free_port()}/", tmp_path / "log", timeout=30):
-            pass
 
 
 # --- llama.cpp's server (bench/llamacpp.py) -------------------------------------------------
