@@ -59,7 +59,8 @@ def _arrays(tree: Any) -> list[mx.array]:
     if isinstance(tree, mx.array):
         return [tree]
     if isinstance(tree, list | tuple | dict):
-        return [v for _, v in tree_flatten(tree) if isinstance(v, mx.array)]
+        flat: list[tuple[str, Any]] = tree_flatten(tree)  # type: ignore[assignment]
+        return [v for _, v in flat if isinstance(v, mx.array)]
     return []
 
 
