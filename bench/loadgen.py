@@ -192,10 +192,12 @@ def make_prefix(tokens: int, nonce: str) -> str:
 class LoadGenerator:
     """Runs a LoadConfig against one server with a shared httpx.AsyncClient."""
 
-    def __init__(self, cfg: LoadConfig, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self, cfg: LoadConfig, client: httpx.AsyncClient | None = None, first_index: int = 0
+    ):
         self.cfg = cfg
         self._client = client
-        self._counter = 0
+        self._counter = first_index  # prompts are numbered from here: a later run repeats none
         self.prefix = make_prefix(cfg.prefix_tokens, uuid.uuid4().hex[:8])
 
     async def run(self, label: str = "") -> BenchResult:
@@ -226,6 +228,11 @@ class LoadGenerator:
             if owns:
                 await client.aclose()
                 self._client = None
+
+    @property
+    def sent(self) -> int:
+        """The index of the last prompt made (`first_index` + requests sent)."""
+        return self._counter
 
     async def first_model(self) -> str:
         assert self._client is not None

@@ -62,11 +62,15 @@ async def run_suite(
             if p.label not in conns:
                 client = httpx.AsyncClient(base_url=p.base_url, timeout=base.timeout, limits=limits)
                 conns[p.label] = await stack.enter_async_context(client)
+        gens: dict[str, LoadGenerator] = {}
         for t in temperatures:
-            gens, models = {}, {}
+            models = {}
             for p in peers:
                 cfg = replace(base, base_url=p.base_url, model=p.model, temperature=t)
-                gen = gens[p.label] = LoadGenerator(cfg, conns[p.label])
+                # Numbering continues across protocols: no prompt repeats, so no server's
+                # prompt cache serves a later protocol from an earlier one.
+                start = gens[p.label].sent if p.label in gens else 0
+                gen = gens[p.label] = LoadGenerator(cfg, conns[p.label], start)
                 models[p.label] = p.model or await gen.first_model()
                 for _ in range(base.warmup):
                     await gen.one(models[p.label], with_prefix=False)

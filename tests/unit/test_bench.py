@@ -216,6 +216,9 @@ async def test_suite_interleaves_servers_per_level_and_protocol() -> None:
     assert all(b["ignore_eos"] is True for f in fakes.values() for b in f.bodies)
     assert {b["model"] for b in fakes["peer"].bodies} == {"their-model"}
     assert {b["model"] for b in fakes["mlxd"].bodies} == {"fake-model"}  # first listed
+    asks = [b["messages"][0]["content"] for b in fakes["peer"].bodies]
+    assert len(set(asks)) == len(asks)  # no prompt repeats across levels and protocols
+    assert asks == [b["messages"][0]["content"] for b in fakes["mlxd"].bodies]  # same load
 
 
 def _recorder(order: list, label: str):
