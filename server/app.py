@@ -25,6 +25,7 @@ from server.openai.router import router as openai_router
 from server.openapi_doc import install_openapi
 from server.settings import Settings
 from server.sse import KEEPALIVE_SECONDS
+from server.webui import router as webui_router
 
 log = logging.getLogger("mlxd.server")
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
+    app.include_router(webui_router)
     app.include_router(openai_router)
     app.include_router(ollama_router)
     app.include_router(blobs_router)
