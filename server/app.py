@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from engine.api import EngineAPI
+from server.anthropic.router import router as anthropic_router
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
 from server.hostcheck import HostCheckMiddleware
@@ -60,6 +61,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
 
     app.include_router(webui_router)
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
     app.include_router(ollama_router)
     app.include_router(blobs_router)
     install_openapi(app)

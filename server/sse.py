@@ -1,5 +1,8 @@
 """The only place that frames streams: Server-Sent Events (OpenAI) and NDJSON (Ollama).
 
+Typed SSE streams (Anthropic Messages, OpenAI Responses) name each event: `event: <type>` then
+`data: <json>`, no `[DONE]`; their keep-alive is the API's own (Anthropic: a `ping` event).
+
 Routes produce async iterators of JSON-able dicts; these helpers turn them into bytes, insert
 keep-alive comments (SSE) while the producer is silent, turn a mid-stream exception into one error
 frame, and end SSE streams with `data: [DONE]`. Every frame is valid UTF-8.
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
 
@@ -43,6 +46,11 @@ def _has_surrogate(text: str) -> bool:
 
 def sse_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
+
+
+def sse_typed_event(obj: dict[str, Any]) -> bytes:
+    """`event: <obj["type"]>` and its `data:` line."""
+    return b"event: " + str(obj["type"]).encode("utf-8") + b"\n" + sse_event(obj)
 
 
 def ndjson_line(obj: dict[str, Any]) -> bytes:
@@ -97,6 +105,29 @@ async def sse_stream(
     yield SSE_DONE
 
 
+async def sse_typed_stream(
+    events: AsyncIterator[dict[str, Any]],
+    error_event: ErrorBody,
+    keepalive: float | None = KEEPALIVE_SECONDS,
+    keepalive_event: dict[str, Any] | None = None,
+) -> AsyncIterator[bytes]:
+    """Frame typed events (each has "type"); an exception becomes one last error event.
+
+    While the producer is silent, `keepalive_event` is sent (or a `: keep-alive` comment); before
+    the first event it is always the comment, so the stream's first event is the API's own."""
+    ping = SSE_KEEPALIVE if keepalive_event is None else sse_typed_event(keepalive_event)
+    started = False
+    try:
+        async for item in with_keepalive(events, keepalive):
+            if item is None:
+                yield ping if started else SSE_KEEPALIVE
+            else:
+                started = True
+                yield sse_typed_event(item)
+    except Exception as exc:  # headers are sent: the error must travel in-band
+        yield sse_typed_event(error_event(exc))
+
+
 async def ndjson_stream(
     events: AsyncIterator[dict[str, Any]],
     error_body: ErrorBody,
@@ -117,16 +148,22 @@ async def ndjson_stream(
         yield ndjson_line(error_body(exc))
 
 
+Framing = Literal["sse", "typed-sse", "ndjson"]
+
+
 def framed_response(
-    kind: str,
+    kind: Framing,
     events: AsyncIterator[dict[str, Any]],
     error_body: ErrorBody,
     keepalive: float | None,
     heartbeat: dict[str, Any] | None = None,
 ) -> StreamingResponse:
-    """`events` as a streamed response: kind "sse" (OpenAI) or "ndjson" (Ollama)."""
+    """`events` as a streamed response: "sse" (`data:` frames and [DONE]: OpenAI chat),
+    "typed-sse" (`event:` and `data:` lines: Anthropic) or "ndjson" (Ollama)."""
     if kind == "sse":
         return sse_response(sse_stream(events, error_body, keepalive))
+    if kind == "typed-sse":
+        return sse_response(sse_typed_stream(events, error_body, keepalive, heartbeat))
     return ndjson_response(ndjson_stream(events, error_body, keepalive, heartbeat))
 
 
