@@ -24,6 +24,7 @@ from server.ollama.blobs import router as blobs_router
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
 from server.openapi_doc import install_openapi
+from server.responses.router import router as responses_router
 from server.settings import Settings
 from server.sse import KEEPALIVE_SECONDS
 from server.webui import router as webui_router
@@ -62,6 +63,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
     app.include_router(webui_router)
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
     app.include_router(ollama_router)
     app.include_router(blobs_router)
     install_openapi(app)

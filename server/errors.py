@@ -154,7 +154,7 @@ def from_exception(exc: BaseException) -> APIError:
 
 
 # An error shape (and a stream framing, see server/jobs.py).
-API = Literal["openai", "ollama", "anthropic"]
+API = Literal["openai", "ollama", "anthropic", "responses"]
 
 
 def api_of_path(path: str) -> API:
@@ -170,6 +170,8 @@ def error_body(api: API, exc: BaseException) -> dict[str, Any]:
     err = from_exception(exc)
     if api == "anthropic":
         return err.anthropic_body()
+    if api == "responses":  # only in streams: its HTTP errors have OpenAI's shape (api_of_path)
+        return {"type": "error", "code": err.code, "message": err.message, "param": err.param}
     return err.ollama_body() if api == "ollama" else err.openai_body()
 
 

@@ -284,8 +284,14 @@ async def respond_events(
     return JSONResponse(last)
 
 
-# Ollama: NDJSON; OpenAI chat: `data:` frames and [DONE]; Anthropic: named events.
-FRAMING: dict[API, Framing] = {"ollama": "ndjson", "openai": "sse", "anthropic": "typed-sse"}
+# Ollama: NDJSON; OpenAI chat: `data:` frames and [DONE]; Anthropic: named events; OpenAI
+# Responses: named events with a sequence_number.
+FRAMING: dict[API, Framing] = {
+    "ollama": "ndjson",
+    "openai": "sse",
+    "anthropic": "typed-sse",
+    "responses": "numbered-sse",
+}
 
 
 def stream_response(

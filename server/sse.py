@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -110,22 +111,27 @@ async def sse_typed_stream(
     error_event: ErrorBody,
     keepalive: float | None = KEEPALIVE_SECONDS,
     keepalive_event: dict[str, Any] | None = None,
+    numbered: bool = False,
 ) -> AsyncIterator[bytes]:
     """Frame typed events (each has "type"); an exception becomes one last error event.
 
     While the producer is silent, `keepalive_event` is sent (or a `: keep-alive` comment); before
-    the first event it is always the comment, so the stream's first event is the API's own."""
+    the first event it is always the comment, so the stream's first event is the API's own.
+    `numbered`: each event, the error event included, gets the next `sequence_number`."""
     ping = SSE_KEEPALIVE if keepalive_event is None else sse_typed_event(keepalive_event)
+    count = itertools.count()
     started = False
+
+    def frame(event: dict[str, Any]) -> bytes:
+        nonlocal started
+        started = True
+        return sse_typed_event({**event, "sequence_number": next(count)} if numbered else event)
+
     try:
         async for item in with_keepalive(events, keepalive):
-            if item is None:
-                yield ping if started else SSE_KEEPALIVE
-            else:
-                started = True
-                yield sse_typed_event(item)
+            yield (ping if started else SSE_KEEPALIVE) if item is None else frame(item)
     except Exception as exc:  # headers are sent: the error must travel in-band
-        yield sse_typed_event(error_event(exc))
+        yield frame(error_event(exc))
 
 
 async def ndjson_stream(
@@ -148,7 +154,7 @@ async def ndjson_stream(
         yield ndjson_line(error_body(exc))
 
 
-Framing = Literal["sse", "typed-sse", "ndjson"]
+Framing = Literal["sse", "typed-sse", "numbered-sse", "ndjson"]
 
 
 def framed_response(
@@ -159,11 +165,13 @@ def framed_response(
     heartbeat: dict[str, Any] | None = None,
 ) -> StreamingResponse:
     """`events` as a streamed response: "sse" (`data:` frames and [DONE]: OpenAI chat),
-    "typed-sse" (`event:` and `data:` lines: Anthropic) or "ndjson" (Ollama)."""
+    "typed-sse" (`event:` and `data:` lines: Anthropic), "numbered-sse" (typed, with a
+    `sequence_number`: OpenAI Responses) or "ndjson" (Ollama)."""
     if kind == "sse":
         return sse_response(sse_stream(events, error_body, keepalive))
-    if kind == "typed-sse":
-        return sse_response(sse_typed_stream(events, error_body, keepalive, heartbeat))
+    if kind != "ndjson":
+        numbered = kind == "numbered-sse"
+        return sse_response(sse_typed_stream(events, error_body, keepalive, heartbeat, numbered))
     return ndjson_response(ndjson_stream(events, error_body, keepalive, heartbeat))
 
 
