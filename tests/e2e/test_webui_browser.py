@@ -136,3 +136,42 @@ def test_chat_page_shows_server_errors(live_server, page):
     page.wait_for_selector("#error:not([hidden])")
     text = page.inner_text("#error")
     assert text.startswith("Error 404") and "gone:1" in text
+
+
+def test_chat_page_folds_reasoning_renders_markdown_and_explains_429(live_server, page):
+    """What the default model never sends (reasoning, Markdown on demand) and a full queue: the
+    page is the real one; its chat requests are answered by the browser's request routing."""
+    chunks = [
+        {"delta": {"role": "assistant", "content": ""}},
+        {"delta": {"reasoning_content": "The user asks about France."}},
+        {"delta": {"content": "It is **Paris**.\n```py\nprint('<b>')\n```"}},
+        {"delta": {}, "finish_reason": "stop"},
+    ]
+    sse = "".join(
+        "data: " + json.dumps({"choices": [{"index": 0, "finish_reason": None, **c}]}) + "\n\n"
+        for c in chunks
+    )
+    full = {"error": {"message": "the queue is full", "type": "rate_limit_error", "param": None}}
+    replies = [
+        {"status": 200, "content_type": "text/event-stream", "body": sse + "data: [DONE]\n\n"},
+        {"status": 429, "headers": {"Retry-After": "3"}, "json": full},
+    ]
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(**replies.pop(0)))
+    page.goto(live_server + "/")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    page.fill("#prompt", "Capital of France?")
+    page.click("#send")
+    page.wait_for_function("() => !document.querySelector('#send').disabled")
+    details = page.locator(".msg.assistant details")
+    assert details.is_visible() and details.get_attribute("open") is None  # shown, folded
+    assert page.inner_text(".msg.assistant details summary") == "Reasoning"
+    assert page.locator(".msg.assistant .reasoning").text_content() == "The user asks about France."
+    content = page.inner_html(".msg.assistant .content")
+    assert "<strong>Paris</strong>" in content
+    assert "<pre><code class=\"language-py\">print('&lt;b&gt;')</code></pre>" in content
+
+    page.fill("#prompt", "And of Italy?")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    text = page.inner_text("#error")
+    assert "429" in text and "the queue is full" in text and "retry in 3 s" in text
