@@ -102,6 +102,16 @@ async function readSSE(body, onEvent) {
   }
 }
 
+// The request body: the conversation, and the sampling settings the user filled in.
+function requestBody() {
+  const body = { model: $("model").value, messages: state.messages, stream: true };
+  const temperature = $("temperature").value.trim();
+  const maxTokens = $("max-tokens").value.trim();
+  if (temperature !== "") body.temperature = Number(temperature);
+  if (maxTokens !== "") body.max_tokens = Number(maxTokens);
+  return body;
+}
+
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").hidden = !busy;
@@ -120,7 +130,7 @@ async function send(text) {
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({ model: $("model").value, messages: state.messages, stream: true }),
+      body: JSON.stringify(requestBody()),
     });
     if (!resp.ok) throw new Error(await describeFailure(resp));
     await readSSE(resp.body, (chunk) => {
@@ -162,6 +172,10 @@ $("clear").addEventListener("click", () => {
   showError("");
 });
 $("model").addEventListener("change", () => localStorage.setItem("mlxd.model", $("model").value));
+for (const id of ["temperature", "max-tokens"]) {
+  $(id).value = localStorage.getItem("mlxd." + id) || "";
+  $(id).addEventListener("change", () => localStorage.setItem("mlxd." + id, $(id).value.trim()));
+}
 $("apikey").value = sessionStorage.getItem("mlxd.key") || "";
 $("apikey").addEventListener("change", () => {
   sessionStorage.setItem("mlxd.key", $("apikey").value.trim());

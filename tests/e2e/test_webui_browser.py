@@ -82,6 +82,8 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(live_server, page, t
     assert '<pre><code class="language-py">x&lt;1</code></pre>' in html
 
     # A whole answer first: the page streams it and keeps it in the conversation.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "40")
     page.fill("#prompt", "What is the capital of France?")
     page.click("#send")
     answer = page.locator(".msg.assistant .content").nth(0)
@@ -89,6 +91,7 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(live_server, page, t
     assert answer.inner_text().strip()
 
     # A long answer: text appears while the stream is still open, then Stop ends it.
+    page.fill("#max-tokens", "2000")
     page.fill("#prompt", "Write a very long story about a dragon who learns to cook.")
     page.click("#send")
     second = page.locator(".msg.assistant .content").nth(1)
@@ -117,6 +120,7 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(live_server, page, t
     assert len(bodies) == 2
     assert [m["role"] for m in bodies[1]["messages"]] == ["user", "assistant", "user"]
     assert bodies[1]["stream"] is True
+    assert (bodies[0]["temperature"], bodies[0]["max_tokens"]) == (0, 40)
     assert not errors
     shot = tmp_path / "chat-page.png"
     page.screenshot(path=str(shot))
