@@ -1,7 +1,7 @@
 """The internal chat request every chat API converts to, and the Job it becomes.
 
-OpenAI chat completions, Ollama /api/chat and Anthropic messages (later OpenAI responses) map
-their bodies onto a ChatRequest; `chat_job` does the rest once for all of them: load the
+OpenAI chat completions and responses, Ollama /api/chat and Anthropic messages map their
+bodies onto a ChatRequest; `chat_job` does the rest once for all of them: load the
 model, render its chat template, fit the completion budget to the context (server/limits.py)
 and make one GenerateRequest per choice. What differs between APIs is a field here, not code.
 """
