@@ -1,21 +1,25 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API, a converter onto
 the internal chat request (server/chat.py) rendered from the job runner's output stream.
 
-Usage: `input_tokens` is the whole prompt (what count_tokens reports for the same request);
-`cache_read_input_tokens` says how many of them the prefix cache served.
+Content blocks in answer order: `thinking` (the model's reasoning), `text`, then one `tool_use`
+per call (`input` an object). Usage: `input_tokens` is the whole prompt (what count_tokens
+reports for the same request); `cache_read_input_tokens` says how many of them the prefix cache
+served.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from engine.output.events import ToolCall
 from engine.types import FinishReason, RequestOutput
-from server.anthropic.convert import chat_request, template_messages
+from server.anthropic.convert import chat_request, output_spec, template_messages
 from server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from server.chat import chat_job, render_chat
 from server.errors import API, read_json, validate
@@ -35,12 +39,49 @@ async def create_message(request: Request) -> Response:
 
 async def count_tokens(request: Request) -> JSONResponse:
     req = validate(read_json(await request.body()), CountTokensRequest)
+    output = output_spec(req)
     messages, prefill = template_messages(req)
     check_messages(settings_of(request), len(messages))
     handle = await engine_of(request).get_model(req.model)
-    return JSONResponse(
-        {"input_tokens": len(render_chat(handle, messages, False, prefill=prefill))}
-    )
+    ids = render_chat(handle, messages, False, output, prefill)
+    return JSONResponse({"input_tokens": len(ids)})
+
+
+def thinking_block(text: str) -> Event:
+    # No signature: the thinking comes from a local model, nothing to verify it against.
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
+def tool_use_block(call: ToolCall, input: Any = None) -> Event:
+    if input is None:
+        try:
+            input = json.loads(call.arguments or "{}")
+        except ValueError:
+            input = {}
+    tool_id = f"toolu_{call.id.removeprefix('call_')}"
+    return {"type": "tool_use", "id": tool_id, "name": call.name, "input": input}
+
+
+@dataclass
+class _Blocks:
+    """The stream's content blocks: one open at a time, indexes in order."""
+
+    index: int = -1
+    kind: str | None = None
+
+    def close(self) -> Iterator[Event]:
+        if self.kind is not None:
+            yield {"type": "content_block_stop", "index": self.index}
+            self.kind = None
+
+    def delta(self, kind: str, start: Event, delta: Event) -> Iterator[Event]:
+        """A delta for a `kind` block, opening one (and closing the last) when needed."""
+        if self.kind != kind or kind == "tool_use":
+            yield from self.close()
+            self.index += 1
+            self.kind = kind
+            yield {"type": "content_block_start", "index": self.index, "content_block": start}
+        yield {"type": "content_block_delta", "index": self.index, "delta": delta}
 
 
 @dataclass
@@ -49,6 +90,7 @@ class MessagesRenderer:
 
     job: Job
     api: API = "anthropic"
+    blocks: _Blocks = field(default_factory=_Blocks)
 
     def _head(self) -> Event:
         return {"id": self.job.id, "type": "message", "role": "assistant", "model": self.job.model}
@@ -57,7 +99,9 @@ class MessagesRenderer:
         matched = choice.stop_matched
         stops = self.job.requests[0].params.stop
         stop = matched if isinstance(matched, str) and matched in stops else None
-        if choice.finish_reason == FinishReason.LENGTH:
+        if choice.tool_calls:
+            reason = "tool_use"
+        elif choice.finish_reason == FinishReason.LENGTH:
             reason = "max_tokens"
         else:
             reason = "stop_sequence" if stop is not None else "end_turn"
@@ -81,17 +125,21 @@ class MessagesRenderer:
             "usage": self._usage(None),
         }
         yield {"type": "message_start", "message": start}
-        block = {"type": "text", "text": ""}
-        yield {"type": "content_block_start", "index": 0, "content_block": block}
 
     def chunks(self, out: RequestOutput, choice: Choice) -> Iterable[Event]:
+        if out.reasoning:
+            delta = {"type": "thinking_delta", "thinking": out.reasoning}
+            yield from self.blocks.delta("thinking", thinking_block(""), delta)
         if out.text:
             delta = {"type": "text_delta", "text": out.text}
-            yield {"type": "content_block_delta", "index": 0, "delta": delta}
+            yield from self.blocks.delta("text", {"type": "text", "text": ""}, delta)
+        for call in out.tool_calls:
+            delta = {"type": "input_json_delta", "partial_json": call.arguments}
+            yield from self.blocks.delta("tool_use", tool_use_block(call, {}), delta)
 
     def closing(self, result: JobResult) -> Iterable[Event]:
+        yield from self.blocks.close()
         usage = self._usage(result)
-        yield {"type": "content_block_stop", "index": 0}
         yield {
             "type": "message_delta",
             "delta": self._stop(result.choices[0]),
@@ -104,7 +152,10 @@ class MessagesRenderer:
 
     def body(self, result: JobResult) -> Event:
         choice = result.choices[0]
-        content = [{"type": "text", "text": choice.text}] if choice.text else []
+        content = [thinking_block(choice.reasoning)] if choice.reasoning else []
+        if choice.text:
+            content.append({"type": "text", "text": choice.text})
+        content.extend(tool_use_block(call) for call in choice.tool_calls)
         return {
             **self._head(),
             "content": content,

@@ -27,6 +27,7 @@ class ResponsesRequest(BaseModel):
     previous_response_id: StrictStr | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     metadata: dict[str, StrictStr] | None = None

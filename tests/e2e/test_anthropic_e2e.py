@@ -86,3 +86,54 @@ def test_errors_in_anthropic_shape(client, live_server: str):
         live_server + "/v1/messages", content=b"{", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and r.json()["type"] == "error"
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather of a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def test_tool_choice_any_gives_tool_use_and_a_tool_result_round_trip(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    msg = client.messages.create(
+        model=MODEL, max_tokens=60, messages=ask, tools=[WEATHER], tool_choice={"type": "any"}
+    )
+    assert msg.stop_reason == "tool_use"
+    call = next(b for b in msg.content if b.type == "tool_use")
+    assert call.name == "get_weather" and isinstance(call.input, dict)
+    assert isinstance(call.input.get("city"), str)
+    follow = [
+        *ask,
+        {"role": "assistant", "content": [b.model_dump() for b in msg.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 C"}],
+        },
+    ]
+    answer = client.messages.create(
+        model=MODEL, max_tokens=40, messages=follow, tools=[WEATHER], **GREEDY
+    )
+    assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert answer.content
+    counted = client.messages.count_tokens(model=MODEL, messages=follow, tools=[WEATHER])
+    assert counted.input_tokens == answer.usage.input_tokens
+
+
+def test_tool_use_streams(client):
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    call = next(b for b in final.content if b.type == "tool_use")
+    assert isinstance(call.input, dict) and "city" in call.input

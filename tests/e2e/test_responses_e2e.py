@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -70,3 +73,70 @@ def test_responses_errors(client, live_server: str):
             timeout=60,
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather of a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def test_text_format_json_schema(client):
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    resp = client.responses.create(
+        model=MODEL,
+        input=ASK,
+        max_output_tokens=60,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema}},
+    )
+    data = json.loads(resp.output_text)
+    jsonschema.validate(data, schema)
+
+
+def test_function_tool_gives_a_function_call_item_and_round_trips(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    resp = client.responses.create(
+        model=MODEL, input=ask, tools=[WEATHER], tool_choice="required", max_output_tokens=60
+    )
+    call = next(item for item in resp.output if item.type == "function_call")
+    assert call.id.startswith("fc_") and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments).get("city"), str)
+    follow = [
+        *ask,
+        {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+        },
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+    ]
+    answer = client.responses.create(
+        model=MODEL, input=follow, tools=[WEATHER], max_output_tokens=40, temperature=0
+    )
+    assert answer.status in ("completed", "incomplete") and answer.output
+
+
+def test_function_call_streams(client):
+    with client.responses.stream(
+        model=MODEL,
+        input="Weather in Oslo?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=60,
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response()
+    call = next(item for item in final.output if item.type == "function_call")
+    assert "".join(deltas) == call.arguments and "city" in json.loads(call.arguments)

@@ -7,11 +7,18 @@ from fastapi.testclient import TestClient
 
 import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.errors import InsufficientMemoryError, QueueFullError
+from engine.output.events import ToolCall
 from engine.types import FinishReason
 from tests.server.fake_engine import FAKE_CONTEXT, FAKE_MODEL, FakeEngine, Script, make_app
 from tests.typed_sse import typed_events
 
 URL = "/v1/messages"
+BIG = "big:latest"  # room for the tool prompt the fake template gets
+TOOL = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -127,16 +134,20 @@ def test_stream_error_mid_answer_is_an_error_event(client, eng):
         (body(messages=[{"role": "system", "content": "x"}]), "messages[0].role"),
         (body(stop_sequences="x"), "stop_sequences"),
         (body(stream="yes"), "stream"),
-        (body(tools=[{"name": "f", "input_schema": {"type": "object"}}]), "tools"),
+        (body(tools=[{"name": "f", "input_schema": "x"}]), "tools[0].input_schema"),
+        (body(tools=[{"name": "bad name", "input_schema": {}}]), "tools[0].name"),
+        (body(tools=[{"type": "web_search_20250305", "name": "web_search"}]), "tools[0].type"),
         (body(tool_choice={"type": "any"}), "tool_choice"),
-        (body(thinking={"type": "enabled", "budget_tokens": 1024}), "thinking"),
-        (body(output_config={"format": {"type": "json_schema", "schema": {}}}), "output_config"),
+        (body(tools=[TOOL], tool_choice={"type": "tool", "name": "other"}), "tool_choice.name"),
+        (body(tools=[TOOL], tool_choice={"type": "sometimes"}), "tool_choice.type"),
+        (body(thinking={"type": "maybe"}), "thinking.type"),
+        (body(output_config={"format": {"type": "xml"}}), "output_config.format.type"),
         (
             body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
             "messages[0].content[0].type",
         ),
         (
-            body(messages=[{"role": "user", "content": [{"type": "tool_result"}]}]),
+            body(messages=[{"role": "user", "content": [{"type": "tool_use", "name": "f"}]}]),
             "messages[0].content[0].type",
         ),
     ],
@@ -189,3 +200,114 @@ def test_length_finish_in_stream(client, eng):
     events = typed_events(client.post(URL, json=body(stream=True, max_tokens=4)).text)
     delta = next(e for e in events if e["type"] == "message_delta")
     assert delta["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_tools_map_onto_the_output_spec_and_tool_use_comes_back(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    eng.script = Script(text="", tool_calls=[ToolCall(0, "get_weather", '{"city": "Paris"}')])
+    r = client.post(URL, json=body(model=BIG, tools=[TOOL], tool_choice={"type": "any"}))
+    msg = r.json()
+    spec = eng.requests[0].output
+    assert spec.tool_choice == "required" and spec.tools[0].name == "get_weather"
+    assert spec.tools[0].parameters == TOOL["input_schema"] and spec.reasoning is False
+    assert msg["stop_reason"] == "tool_use"
+    [block] = msg["content"]
+    assert block["type"] == "tool_use" and block["id"].startswith("toolu_")
+    assert block["name"] == "get_weather" and block["input"] == {"city": "Paris"}
+    client.post(
+        URL, json=body(model=BIG, tools=[TOOL], tool_choice={"type": "tool", "name": "get_weather"})
+    )
+    assert (eng.requests[1].output.tool_choice, eng.requests[1].output.tool_name) == (
+        "named",
+        "get_weather",
+    )
+    choice = {"type": "auto", "disable_parallel_tool_use": True}
+    client.post(URL, json=body(model=BIG, tools=[TOOL], tool_choice=choice))
+    assert eng.requests[2].output.parallel_tool_calls is False
+
+
+def test_tool_use_streams_as_input_json_delta(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    eng.script = Script(
+        text="Let me check.", tool_calls=[ToolCall(0, "get_weather", '{"city": "Oslo"}')]
+    )
+    events = typed_events(client.post(URL, json=body(model=BIG, tools=[TOOL], stream=True)).text)
+    starts = [e for e in events if e["type"] == "content_block_start"]
+    assert [(e["index"], e["content_block"]["type"]) for e in starts] == [
+        (0, "text"),
+        (1, "tool_use"),
+    ]
+    assert starts[1]["content_block"]["input"] == {}
+    json_deltas = [e for e in events if e.get("delta", {}).get("type") == "input_json_delta"]
+    assert "".join(e["delta"]["partial_json"] for e in json_deltas) == '{"city": "Oslo"}'
+    assert all(e["index"] == 1 for e in json_deltas)
+    stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
+    assert stops == [0, 1]
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use"
+
+
+def test_tool_result_round_trip_reaches_the_template(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": "18C"}],
+                },
+                {"type": "text", "text": "Thanks!"},
+            ],
+        },
+    ]
+    r = client.post(URL, json=body(model=BIG, tools=[TOOL], messages=msgs))
+    assert r.status_code == 200, r.text
+    prompt = "".join(chr(i - 3) for i in eng.requests[0].prompt_token_ids)
+    # The fake template knows no tools: past calls and results are written as JSON envelopes.
+    assert '"get_weather"' in prompt and '"city": "Paris"' in prompt
+    assert "<tool>" in prompt and "18C" in prompt
+    assert prompt.index("18C") < prompt.index("<user>Thanks!")
+    counted = client.post(
+        URL + "/count_tokens", json=body(model=BIG, tools=[TOOL], messages=msgs)
+    ).json()
+    assert counted["input_tokens"] == len(eng.requests[0].prompt_token_ids)
+
+
+def test_thinking_blocks(client, eng):
+    eng.script = Script(text="Paris.", reasoning="Hmm.")
+    r = client.post(URL, json=body(thinking={"type": "enabled", "budget_tokens": 1024}))
+    assert eng.requests[0].output.reasoning is True
+    content = r.json()["content"]
+    assert content[0] == {"type": "thinking", "thinking": "Hmm.", "signature": ""}
+    assert content[1] == {"type": "text", "text": "Paris."}
+    events = typed_events(client.post(URL, json=body(stream=True)).text)
+    assert eng.requests[1].output.reasoning is False  # thinking is opt-in in this API
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    assert starts == ["thinking", "text"]
+    thinking = [
+        e["delta"]["thinking"] for e in events if e.get("delta", {}).get("type") == "thinking_delta"
+    ]
+    assert "".join(thinking) == "Hmm."
+
+
+def test_output_config_format_is_a_json_schema(client, eng):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = client.post(
+        URL, json=body(output_config={"format": {"type": "json_schema", "schema": schema}})
+    )
+    assert r.status_code == 200 and eng.requests[0].output.json_schema == schema

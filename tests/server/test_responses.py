@@ -7,10 +7,18 @@ from fastapi.testclient import TestClient
 
 import engine  # noqa: F401  (BLAS preload before anything imports mlx)
 from engine.errors import QueueFullError
+from engine.output.events import ToolCall
 from tests.server.fake_engine import FAKE_CONTEXT, FAKE_MODEL, FakeEngine, Script, make_app
 from tests.typed_sse import typed_events
 
 URL = "/v1/responses"
+BIG = "big:latest"  # room for the tool prompt the fake template gets
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
 
 
 def body(**extra):
@@ -137,13 +145,19 @@ def test_stream_incomplete_and_error_event(client, eng):
         (body(stream="yes"), "stream"),
         (body(previous_response_id="resp_1"), "previous_response_id"),
         (body(store=True), "store"),
-        (body(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
+        (body(tools=[{"type": "web_search"}]), "tools[0].type"),
+        (body(tools=[{"type": "function", "name": "a b"}]), "tools[0].name"),
+        (body(tools=[{"type": "function", "name": "f", "parameters": "x"}]), "tools[0].parameters"),
         (body(tool_choice="required"), "tool_choice"),
-        (body(text={"format": {"type": "json_object"}}), "text.format"),
-        (body(reasoning={"effort": "high"}), "reasoning"),
+        (body(tools=[TOOL], tool_choice={"type": "function", "name": "g"}), "tool_choice"),
+        (body(tool_choice="sometimes"), "tool_choice"),
+        (body(text={"format": {"type": "xml"}}), "text.format.type"),
+        (body(text={"format": {"type": "json_schema", "schema": "x"}}), "text.format.schema"),
+        (body(input=[{"type": "web_search_call", "id": "x"}]), "input[0].type"),
+        (body(input=[{"type": "function_call", "call_id": "c", "name": "f"}]), "input[0]"),
         (
-            body(input=[{"type": "function_call_output", "call_id": "c", "output": "x"}]),
-            "input[0].type",
+            body(input=[{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]),
+            "input[0].arguments",
         ),
         (body(input=[{"role": "robot", "content": "x"}]), "input[0].role"),
         (
@@ -183,3 +197,101 @@ def test_store_false_and_harmless_fields_accepted(client):
         ),
     )
     assert r.status_code == 200 and r.json()["metadata"] == {"a": "b"}
+
+
+def test_function_tools_and_function_call_items(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    eng.script = Script(text="", tool_calls=[ToolCall(0, "get_weather", '{"city": "Paris"}')])
+    resp = client.post(URL, json=body(model=BIG, tools=[TOOL], tool_choice="required")).json()
+    spec = eng.requests[0].output
+    assert spec.tool_choice == "required" and spec.tools[0].parameters == TOOL["parameters"]
+    [item] = resp["output"]
+    assert item["type"] == "function_call" and item["id"].startswith("fc_")
+    assert item["call_id"] and item["name"] == "get_weather"
+    assert item["arguments"] == '{"city": "Paris"}' and item["status"] == "completed"
+    named = {"type": "function", "name": "get_weather"}
+    client.post(
+        URL, json=body(model=BIG, tools=[TOOL], tool_choice=named, parallel_tool_calls=False)
+    )
+    spec = eng.requests[1].output
+    assert (spec.tool_choice, spec.tool_name, spec.parallel_tool_calls) == (
+        "named",
+        "get_weather",
+        False,
+    )
+
+
+def test_function_call_stream_events(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    eng.script = Script(text="Ok.", tool_calls=[ToolCall(0, "get_weather", '{"city": "Oslo"}')])
+    events = typed_events(client.post(URL, json=body(model=BIG, tools=[TOOL], stream=True)).text)
+    kinds = [e["type"] for e in events]
+    n = kinds.count("response.output_text.delta")
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * n,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    call_events = events[-5:-1]
+    assert {e["output_index"] for e in call_events} == {1}
+    assert (
+        call_events[0]["item"]["arguments"] == ""
+        and call_events[-1]["item"]["arguments"] == '{"city": "Oslo"}'
+    )
+    assert call_events[2]["arguments"] == '{"city": "Oslo"}'
+    final = events[-1]["response"]["output"]
+    assert [i["type"] for i in final] == ["message", "function_call"]
+
+
+def test_function_call_round_trip_reaches_the_template(client, eng):
+    eng.add_model(BIG, context_length=8192)
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ]
+    r = client.post(URL, json=body(model=BIG, input=items, tools=[TOOL]))
+    assert r.status_code == 200, r.text
+    prompt = "".join(chr(i - 3) for i in eng.requests[0].prompt_token_ids)
+    assert '"get_weather"' in prompt and '"city": "Paris"' in prompt and "18C" in prompt
+
+
+def test_reasoning_item_and_text_format(client, eng):
+    eng.script = Script(text="{}", reasoning="Hmm.")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "name": "x", "schema": schema, "strict": True}
+    resp = client.post(URL, json=body(text={"format": fmt})).json()
+    assert eng.requests[0].output.json_schema == schema and eng.requests[0].output.reasoning
+    assert [i["type"] for i in resp["output"]] == ["reasoning", "message"]
+    assert resp["output"][0]["content"] == [{"type": "reasoning_text", "text": "Hmm."}]
+    assert resp["output"][0]["id"].startswith("rs_")
+    client.post(
+        URL, json=body(text={"format": {"type": "json_object"}}, reasoning={"effort": "none"})
+    )
+    assert eng.requests[1].output.json_schema == {"type": "object"}
+    assert eng.requests[1].output.reasoning is False
+    events = typed_events(client.post(URL, json=body(stream=True)).text)
+    kinds = [e["type"] for e in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.reasoning_text.delta"]
+    done = kinds.index("response.reasoning_text.done")
+    assert kinds[done + 1] == "response.output_item.done"
+    assert events[done + 2]["output_index"] == 1  # the message comes second
+    deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
+    assert "".join(deltas) == "Hmm."
