@@ -1,5 +1,7 @@
-"""Anthropic Messages request -> the internal chat request (server/chat.py's ChatRequest). Tool use becomes the template's assistant `tool_calls`, tool results its `tool`
-messages; `tools` / `tool_choice` / `thinking` / `output_config.format` become the OutputSpec."""
+"""Anthropic Messages request -> the internal chat request (server/chat.py's ChatRequest).
+
+Tool use becomes the template's assistant `tool_calls`, tool results its `tool` messages;
+`tools` / `tool_choice` / `thinking` / `output_config.format` become the OutputSpec."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def output_spec(req: CountTokensRequest) -> OutputSpec:
     # Thinking is opt-in in this API: without `thinking`, a reasoning model is asked not to think.
     thinking = (req.thinking or {}).get("type", "disabled")
     if thinking not in ("enabled", "disabled", "adaptive"):
-        raise bad("thinking.type", "must be 'enabled' or 'disabled'")
+        raise bad("thinking.type", "must be 'enabled', 'adaptive' or 'disabled'")
     spec.reasoning = thinking != "disabled"
     fmt = (req.output_config or {}).get("format")
     if fmt is not None:
