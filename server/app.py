@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from engine.api import EngineAPI
+from server.anthropic.router import router as anthropic_router
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
 from server.hostcheck import HostCheckMiddleware
@@ -23,8 +24,10 @@ from server.ollama.blobs import router as blobs_router
 from server.ollama.router import router as ollama_router
 from server.openai.router import router as openai_router
 from server.openapi_doc import install_openapi
+from server.responses.router import router as responses_router
 from server.settings import Settings
 from server.sse import KEEPALIVE_SECONDS
+from server.webui import router as webui_router
 
 log = logging.getLogger("mlxd.server")
 
@@ -57,7 +60,10 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
+    app.include_router(webui_router)
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
+    app.include_router(responses_router)
     app.include_router(ollama_router)
     app.include_router(blobs_router)
     install_openapi(app)

@@ -1,4 +1,6 @@
-"""Optional API keys: `Authorization: Bearer <key>` checked in constant time; /health stays open."""
+"""Optional API keys: `Authorization: Bearer <key>` or `x-api-key: <key>` (Anthropic's header),
+checked in constant time. /health and the chat page's static files stay open (the page asks for
+the key and sends it with its API calls)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError, error_response
+from server.webui import ASSET_PATHS
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"}) | ASSET_PATHS
 
 
 def key_matches(given: str, keys: list[str]) -> bool:
@@ -21,11 +24,17 @@ def key_matches(given: str, keys: list[str]) -> bool:
 
 
 def bearer_token(scope: Scope) -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>`, else `x-api-key: <key>`."""
+    token = None
     for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, bearer = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and bearer.strip():
+                return bearer.strip()
+        elif name == b"x-api-key" and value.strip():
+            token = value.decode("latin-1").strip()
+    return token
 
 
 class APIKeyMiddleware:

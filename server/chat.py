@@ -1,7 +1,7 @@
 """The internal chat request every chat API converts to, and the Job it becomes.
 
-OpenAI chat completions and Ollama /api/chat (later Anthropic messages and OpenAI responses)
-map their bodies onto a ChatRequest; `chat_job` does the rest once for all of them: load the
+OpenAI chat completions and responses, Ollama /api/chat and Anthropic messages map their
+bodies onto a ChatRequest; `chat_job` does the rest once for all of them: load the
 model, render its chat template, fit the completion budget to the context (server/limits.py)
 and make one GenerateRequest per choice. What differs between APIs is a field here, not code.
 """
@@ -57,6 +57,7 @@ class ChatRequest:
     base_model_transcript: bool = False
     # Tools, tool choice, a JSON answer, reasoning (engine/output): the output pipeline's spec.
     output: OutputSpec | None = None
+    prefill: str = ""  # the start of the assistant's answer, which the model continues
 
 
 def chat_text(
@@ -101,10 +102,11 @@ def render_chat(
     messages: list[Message],
     transcript: bool,
     output: OutputSpec | None = None,
+    prefill: str = "",
 ) -> list[int]:
-    """The prompt's token ids (see chat_text)."""
+    """The prompt's token ids (see chat_text), `prefill` appended after the assistant's turn."""
     text, special = chat_text(handle.tokenizer, handle.name, messages, transcript, output)
-    return list(handle.tokenizer.encode(text, add_special_tokens=special))
+    return list(handle.tokenizer.encode(text + prefill, add_special_tokens=special))
 
 
 def usable_context(handle: ModelHandle, num_ctx: int | None) -> int:
@@ -165,7 +167,7 @@ async def chat_job(engine: EngineAPI, settings: Settings, req: ChatRequest) -> J
     """Load the model, render the chat and fit its budget: the Job the runner executes."""
     check_messages(settings, len(req.messages))
     handle = await engine.get_model(req.model, keep_alive=req.keep_alive)
-    ids = render_chat(handle, req.messages, req.base_model_transcript, req.output)
+    ids = render_chat(handle, req.messages, req.base_model_transcript, req.output, req.prefill)
     context = usable_context(handle, req.num_ctx)
     max_tokens = completion_budget(
         len(ids), context, req.max_tokens, req.overflow, req.budget_param

@@ -1,7 +1,8 @@
 """The only place that maps exceptions to HTTP error responses, in each API's shape.
 
-OpenAI shape: {"error": {"message", "type", "param", "code"}}; Ollama shape: {"error": "<message>"}.
-The shape is chosen by path: /api/* is Ollama's, everything else OpenAI's. No response ever carries a
+OpenAI shape: {"error": {"message", "type", "param", "code"}}; Ollama shape: {"error": "<message>"};
+Anthropic shape: {"type": "error", "error": {"type", "message"}}. The shape is chosen by path:
+/api/* is Ollama's, /v1/messages* Anthropic's, everything else OpenAI's. No response ever carries a
 traceback, a filesystem path or a memory address: unexpected exceptions become a generic 500.
 """
 
@@ -48,6 +49,18 @@ _TYPES = {
     503: "server_error",
 }
 
+# Anthropic's documented error types by status; its "overloaded" status is 529, not 503.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
 
 class APIError(Exception):
     """An error with everything an API response needs. Raise it from any handler."""
@@ -82,6 +95,15 @@ class APIError(Exception):
 
     def ollama_body(self) -> dict[str, Any]:
         return {"error": self.message}
+
+    def anthropic_status(self) -> int:
+        return 529 if self.status == 503 else self.status
+
+    def anthropic_body(self) -> dict[str, Any]:
+        status = self.anthropic_status()
+        default = "invalid_request_error" if status < 500 else "api_error"
+        kind = _ANTHROPIC_TYPES.get(status, default)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -131,25 +153,34 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-API = Literal["openai", "ollama"]  # an error shape (and a stream framing, see server/jobs.py)
+# An error shape (and a stream framing, see server/jobs.py).
+API = Literal["openai", "ollama", "anthropic", "responses"]
 
 
 def api_of_path(path: str) -> API:
-    """/api/* and / are Ollama's; everything else (/v1, /health, /metrics) answers as OpenAI."""
+    """/api/* and / are Ollama's, /v1/messages* Anthropic's; everything else (/v1, /health,
+    /metrics) answers as OpenAI."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
     return "ollama" if path in ("/", "/api") or path.startswith("/api/") else "openai"
 
 
 def error_body(api: API, exc: BaseException) -> dict[str, Any]:
     """`exc` as `api`'s JSON error object (a response body, or a stream's last frame)."""
     err = from_exception(exc)
+    if api == "anthropic":
+        return err.anthropic_body()
+    if api == "responses":  # only in streams: its HTTP errors have OpenAI's shape (api_of_path)
+        return {"type": "error", "code": err.code, "message": err.message, "param": err.param}
     return err.ollama_body() if api == "ollama" else err.openai_body()
 
 
 def error_response(path: str, exc: BaseException) -> JSONResponse:
     """The JSON error response for `exc`, in the shape of the API that `path` belongs to."""
     err = from_exception(exc)
-    body = error_body(api_of_path(path), err)
-    return JSONResponse(body, status_code=err.status, headers=err.headers())
+    api = api_of_path(path)
+    status = err.anthropic_status() if api == "anthropic" else err.status
+    return JSONResponse(error_body(api, err), status_code=status, headers=err.headers())
 
 
 # --- request validation ----------------------------------------------------------------------

@@ -35,7 +35,7 @@ from engine.types import (
 from server.concurrency import ClientGone, merged, prime, unless_disconnected
 from server.errors import API, APIError, error_body
 from server.settings import Settings
-from server.sse import framed_response
+from server.sse import Framing, framed_response
 
 Event = dict[str, Any]
 
@@ -67,6 +67,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
+    stop_matched: str | int | None = None  # the stop string or token that ended it
     metrics: RequestMetrics | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -79,6 +80,7 @@ class Choice:
             self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.stop_matched = out.stop_matched
             self.metrics = out.metrics
 
 
@@ -144,7 +146,8 @@ class Renderer(Protocol):
         ...
 
     def heartbeat(self) -> Event | None:
-        """What an idle NDJSON stream sends as keep-alive (None: SSE's comment line)."""
+        """What an idle stream sends as keep-alive: an NDJSON line or a typed SSE event (None:
+        SSE's comment line)."""
         ...
 
 
@@ -281,13 +284,23 @@ async def respond_events(
     return JSONResponse(last)
 
 
+# Ollama: NDJSON; OpenAI chat: `data:` frames and [DONE]; Anthropic: named events; OpenAI
+# Responses: named events with a sequence_number.
+FRAMING: dict[API, Framing] = {
+    "ollama": "ndjson",
+    "openai": "sse",
+    "anthropic": "typed-sse",
+    "responses": "numbered-sse",
+}
+
+
 def stream_response(
     request: Request, api: API, events: AsyncIterator[Event], renderer: Renderer | None
 ) -> Response:
     """Frame `events` in `api`'s stream format; an exception becomes its last frame."""
     heartbeat = renderer.heartbeat() if renderer is not None else None
     return framed_response(
-        "ndjson" if api == "ollama" else "sse",
+        FRAMING[api],
         events,
         lambda exc: error_body(api, exc),
         keepalive_of(request),

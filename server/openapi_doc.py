@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from server.errors import api_of_path
 from server.ollama import schemas as ollama
 from server.openai import protocol as openai
 
@@ -56,6 +57,18 @@ _OPENAI_ERROR = {
                 "code": {"type": ["string", "null"]},
             },
         }
+    },
+}
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
     },
 }
 _OLLAMA_ERROR = {
@@ -117,8 +130,11 @@ def _complete_op(path: str, method: str, op: dict[str, Any], components: dict[st
         responses["200"] = ok
     for status, why in _ERRORS.items():
         responses[status] = _error(why, path)
+    if api_of_path(path) == "anthropic":  # Anthropic's "overloaded" is 529, not 503
+        responses["529"] = responses.pop("503")
 
 
 def _error(description: str, path: str) -> dict[str, Any]:
-    schema = _OLLAMA_ERROR if path == "/api" or path.startswith("/api/") else _OPENAI_ERROR
+    api = api_of_path(path)
+    schema = {"ollama": _OLLAMA_ERROR, "anthropic": _ANTHROPIC_ERROR}.get(api, _OPENAI_ERROR)
     return {"description": description, "content": {"application/json": {"schema": schema}}}

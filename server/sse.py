@@ -1,5 +1,8 @@
 """The only place that frames streams: Server-Sent Events (OpenAI) and NDJSON (Ollama).
 
+Typed SSE streams (Anthropic Messages, OpenAI Responses) name each event: `event: <type>` then
+`data: <json>`, no `[DONE]`; their keep-alive is the API's own (Anthropic: a `ping` event).
+
 Routes produce async iterators of JSON-able dicts; these helpers turn them into bytes, insert
 keep-alive comments (SSE) while the producer is silent, turn a mid-stream exception into one error
 frame, and end SSE streams with `data: [DONE]`. Every frame is valid UTF-8.
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
 
@@ -43,6 +47,11 @@ def _has_surrogate(text: str) -> bool:
 
 def sse_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
+
+
+def sse_typed_event(obj: dict[str, Any]) -> bytes:
+    """`event: <obj["type"]>` and its `data:` line."""
+    return b"event: " + str(obj["type"]).encode("utf-8") + b"\n" + sse_event(obj)
 
 
 def ndjson_line(obj: dict[str, Any]) -> bytes:
@@ -97,6 +106,34 @@ async def sse_stream(
     yield SSE_DONE
 
 
+async def sse_typed_stream(
+    events: AsyncIterator[dict[str, Any]],
+    error_event: ErrorBody,
+    keepalive: float | None = KEEPALIVE_SECONDS,
+    keepalive_event: dict[str, Any] | None = None,
+    numbered: bool = False,
+) -> AsyncIterator[bytes]:
+    """Frame typed events (each has "type"); an exception becomes one last error event.
+
+    While the producer is silent, `keepalive_event` is sent (or a `: keep-alive` comment); before
+    the first event it is always the comment, so the stream's first event is the API's own.
+    `numbered`: each event, the error event included, gets the next `sequence_number`."""
+    ping = SSE_KEEPALIVE if keepalive_event is None else sse_typed_event(keepalive_event)
+    count = itertools.count()
+    started = False
+
+    def frame(event: dict[str, Any]) -> bytes:
+        nonlocal started
+        started = True
+        return sse_typed_event({**event, "sequence_number": next(count)} if numbered else event)
+
+    try:
+        async for item in with_keepalive(events, keepalive):
+            yield (ping if started else SSE_KEEPALIVE) if item is None else frame(item)
+    except Exception as exc:  # headers are sent: the error must travel in-band
+        yield frame(error_event(exc))
+
+
 async def ndjson_stream(
     events: AsyncIterator[dict[str, Any]],
     error_body: ErrorBody,
@@ -117,16 +154,24 @@ async def ndjson_stream(
         yield ndjson_line(error_body(exc))
 
 
+Framing = Literal["sse", "typed-sse", "numbered-sse", "ndjson"]
+
+
 def framed_response(
-    kind: str,
+    kind: Framing,
     events: AsyncIterator[dict[str, Any]],
     error_body: ErrorBody,
     keepalive: float | None,
     heartbeat: dict[str, Any] | None = None,
 ) -> StreamingResponse:
-    """`events` as a streamed response: kind "sse" (OpenAI) or "ndjson" (Ollama)."""
+    """`events` as a streamed response: "sse" (`data:` frames and [DONE]: OpenAI chat),
+    "typed-sse" (`event:` and `data:` lines: Anthropic), "numbered-sse" (typed, with a
+    `sequence_number`: OpenAI Responses) or "ndjson" (Ollama)."""
     if kind == "sse":
         return sse_response(sse_stream(events, error_body, keepalive))
+    if kind != "ndjson":
+        numbered = kind == "numbered-sse"
+        return sse_response(sse_typed_stream(events, error_body, keepalive, heartbeat, numbered))
     return ndjson_response(ndjson_stream(events, error_body, keepalive, heartbeat))
 
 

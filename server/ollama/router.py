@@ -11,7 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 
 from server.embeddings import embed_texts
 from server.errors import APIError
@@ -127,11 +127,6 @@ async def version() -> JSONResponse:
     except metadata.PackageNotFoundError:
         ours = "dev"
     return JSONResponse({"version": OLLAMA_COMPAT_VERSION, "mlxd": ours})
-
-
-@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-async def root() -> PlainTextResponse:
-    return PlainTextResponse("Ollama is running")
 
 
 @router.post("/api/embed")

@@ -17,12 +17,13 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.api import EngineAPI, ModelHandle
 from engine.detokenizer import Detokenizer
 from engine.errors import ContextLengthError, InvalidModelNameError, ModelNotFoundError
+from engine.output.events import ToolCall
 from engine.types import (
     EngineStats,
     FinishReason,
@@ -93,6 +94,8 @@ class Script:
     error_after: int | None = None
     error_message: str = "the engine failed on this request"
     cached_tokens: int = 0
+    reasoning: str = ""  # streamed (one character an output) before the text
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last output
 
 
 def fake_status(name: str = FAKE_MODEL, context_length: int = FAKE_CONTEXT) -> ModelStatus:
@@ -238,6 +241,8 @@ class FakeEngine(EngineAPI):
             await script.gate.wait()
         if script.first_delay:
             await asyncio.sleep(script.first_delay)
+        for ch in script.reasoning:
+            yield RequestOutput(request_id=rid, reasoning=ch, token_ids=[ord(ch) + OFFSET])
         # The engine's own detokenizer holds back what may start a stop string.
         detok = Detokenizer(tok.decode, None, params.stop)
         for i, ch in enumerate(text):
@@ -271,9 +276,11 @@ class FakeEngine(EngineAPI):
             yield RequestOutput(request_id=rid, text=out_text, token_ids=ids, logprobs=lp)
         reason = script.finish_reason
         eos = EOS_ID if reason == FinishReason.STOP else None
-        yield self._last(
+        last = self._last(
             rid, request, len(text), reason, start, script, text=detok.flush(), stop=eos
         )
+        last.tool_calls = list(script.tool_calls)
+        yield last
 
     def _last(
         self,

@@ -292,11 +292,9 @@ def test_copy_and_delete(client, eng):
     assert r.status_code == 404 and "not found" in r.json()["error"]
 
 
-def test_version_and_root(client):
+def test_version(client):
+    # GET / ("Ollama is running") lives with the chat page: tests/server/test_webui.py
     assert isinstance(client.get("/api/version").json()["version"], str)
-    r = client.get("/")
-    assert r.status_code == 200 and r.text == "Ollama is running"
-    assert client.head("/").status_code == 200
 
 
 # --- embeddings -----------------------------------------------------------------------------
@@ -347,4 +345,4 @@ def test_host_check_refuses_foreign_hosts(eng):
         assert c.get("/api/tags").status_code == 200
         r = c.get("/api/tags", headers={"Host": "evil.example.com"})
         assert r.status_code == 403 and "error" in r.json()
-        assert c.get("/", headers={"Host": "127.0.0.1:11434"}).status_code == 200
+        assert c.get("/api/version", headers={"Host": "127.0.0.1:11434"}).status_code == 200
