@@ -102,7 +102,12 @@ WEATHER = {
 def test_tool_choice_any_gives_tool_use_and_a_tool_result_round_trip(client):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     msg = client.messages.create(
-        model=MODEL, max_tokens=60, messages=ask, tools=[WEATHER], tool_choice={"type": "any"}
+        model=MODEL,
+        max_tokens=60,
+        messages=ask,
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
+        **GREEDY,
     )
     assert msg.stop_reason == "tool_use"
     call = next(b for b in msg.content if b.type == "tool_use")
@@ -132,6 +137,7 @@ def test_tool_use_streams(client):
         messages=[{"role": "user", "content": "Weather in Oslo?"}],
         tools=[WEATHER],
         tool_choice={"type": "tool", "name": "get_weather"},
+        **GREEDY,
     ) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use"

@@ -107,7 +107,12 @@ def test_text_format_json_schema(client):
 def test_function_tool_gives_a_function_call_item_and_round_trips(client):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     resp = client.responses.create(
-        model=MODEL, input=ask, tools=[WEATHER], tool_choice="required", max_output_tokens=60
+        model=MODEL,
+        input=ask,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_output_tokens=60,
+        temperature=0,
     )
     call = next(item for item in resp.output if item.type == "function_call")
     assert call.id.startswith("fc_") and call.name == "get_weather"
@@ -135,6 +140,7 @@ def test_function_call_streams(client):
         tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"},
         max_output_tokens=60,
+        temperature=0,
     ) as stream:
         deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
         final = stream.get_final_response()
