@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.api import EngineAPI, ModelHandle
-from engine.core import EngineCore, StepOutput
+from engine.core import EngineCore
 from engine.detokenizer import Detokenizer
 from engine.doctor import doctor
 from engine.embeddings import embed_tokens
@@ -21,11 +22,11 @@ from engine.errors import (
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
+from engine.model_manager import ModelManager
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
-from engine.prefix_cache import PrefixCache
-from engine.runner import ModelRunner
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.outputs import StepOutput
+from engine.scheduler import ROW_FAILED
 from engine.sequence import Sequence
 from engine.structured import prepare_output
 from engine.types import (
@@ -59,13 +60,15 @@ class AsyncEngine(EngineAPI):
         limit = self.registry.memory_limit
         self.kv = KVManager(int(limit * config.kv_fraction))
         self.registry.kv_bytes_fn = lambda: self.kv.used_bytes
-        self.cores: dict[str, EngineCore] = {}
+        self._thread = EngineThread(self._step_all, self._housekeeping, _settle_mlx)
+        self.models = ModelManager(config, self.registry, self.kv, self._thread, self._emit)
         self._owner: dict[str, tuple[str, EngineCore]] = {}  # request id -> (model, core)
         self._sinks: dict[str, Callable[[StepOutput], None]] = {}
-        self._thread = EngineThread(self._step_all, self._housekeeping, _settle_mlx)
         self._accepting = True
         self._shutdown: asyncio.Future[None] | None = None
         self._snapshot = EngineStats(kv_budget_bytes=self.kv.budget_bytes)
+        self._failed_streams = 0  # requests whose output failed on the async side (detokenizer)
+        self._embedding = threading.Lock()  # one embedding batch at a time bounds its memory
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -86,27 +89,9 @@ class AsyncEngine(EngineAPI):
             self.kv.budget_bytes / 1e9,
         )
         self._thread.start()
-        await asyncio.to_thread(self._ensure_default)
+        await asyncio.to_thread(self.models.ensure_default)
         for name in self.config.preload:
             await self.get_model(name)
-
-    def _ensure_default(self) -> None:
-        name = self.config.default_model
-        step: list[int] = []
-
-        def progress(done: int, total: int, what: str) -> None:
-            pct = 100 * done // max(total, 1)
-            if not step:  # called only when the model has to be imported
-                log.info("importing the bundled model %s into %s ...", name, self.config.models_dir)
-                step.append(0)
-            if pct >= step[0] + 25 or done == total:  # a line every quarter
-                step[0] = pct
-                log.info("importing %s: %d%% (%d/%d tensors)", name, pct, done, total)
-
-        try:
-            self.registry.ensure_default(name, progress)
-        except Exception as e:  # serving other models still works; say why the default is missing
-            log.warning("default model %s unavailable: %s", name, e)
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         # Idempotent: a signal handler and the lifespan may both ask; both await one drain.
@@ -121,175 +106,79 @@ class AsyncEngine(EngineAPI):
             await asyncio.sleep(0.05)
         if self._thread.alive:
             await self._thread.call(self._abort_everything)
-            await self._thread.call(self._unload_all)
+            await self._thread.call(self.models.unload_all)
         await asyncio.to_thread(self._thread.stop)
 
     def _abort_everything(self) -> None:
-        for core in self.cores.values():
+        for core in self.models.cores.values():
             core.abort_all(FinishReason.ABORT)
-
-    def _unload_all(self) -> None:
-        for name in list(self.cores):
-            self._drop_core(name)
-        self.registry.unload_all()
 
     # --- the engine thread's loop body ----------------------------------------------------------
     def _step_all(self) -> bool:
         busy = False
-        for name, core in list(self.cores.items()):
+        for name, core in list(self.models.cores.items()):
             if not core.has_work:
                 continue
             busy = True
             try:
-                core.step()
-            except Exception:  # a failed step fails that model's requests, not the server
+                core.step()  # handles a request's failure itself
+            except Exception:  # our bug in the recovery: log it, keep every model's queue
                 log.exception("step failed for model %s", name)
-                core.abort_all(FinishReason.ERROR)
-                self._drop_core(name)
         if busy:
             self._snapshot = self._take_snapshot()
         return busy
 
     def _housekeeping(self) -> None:
         self._snapshot = self._take_snapshot()
-        self.registry.evict_expired()
-        loaded = {m.name: m.model for m in self.registry.loaded()}
-        for name, core in list(self.cores.items()):
-            if loaded.get(name) is not core.runner.model and not core.has_work:
-                self._drop_core(name)
+        self.models.housekeeping()
 
-    def _drop_core(self, name: str) -> None:
-        core = self.cores.pop(name, None)
-        if core is not None and core.runner.prefix_cache is not None:
-            core.runner.prefix_cache.clear()
-
-    def _core_for(self, loaded: Any) -> EngineCore:
-        core = self.cores.get(loaded.name)
-        if core is not None and core.runner.model is loaded.model:
-            return core
-        # max_context caps the KV kept, not the conversation: past it a rotating cache keeps
-        # the most recent tokens and generation goes on.
-        window = self.config.max_context
-        window = window if 0 < window < loaded.context_length else 0
-        scheduler_config = SchedulerConfig(
-            max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_waiting=self.config.max_waiting,
-            kv_bytes_per_token=loaded.kv_bytes_per_token(),
-            context_length=loaded.context_length,
-            kv_window=window,
-        )
-        prefix = PrefixCache(self.config.prefix_cache_bytes)
-        make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
-        runner = ModelRunner(loaded.model, make_cache, prefix)
-        scheduler = Scheduler(scheduler_config, self.kv, prefix.lookup)
-        tok = loaded.tokenizer
-        core = EngineCore(
-            scheduler, runner, set(loaded.eos_token_ids), self._emit, tok.id_to_token_text
-        )
-        self.cores[loaded.name] = core
-        return core
-
-    # --- models -----------------------------------------------------------------------------------
-    def _status(self, entry: Any) -> ModelStatus:
-        st = self.registry.status(entry.name)
-        return ModelStatus(
-            name=entry.name,
-            architecture=entry.architecture,
-            parameters=entry.parameters,
-            context_length=entry.context_length,
-            quantization=entry.quantization,
-            size_bytes=entry.size_bytes,
-            modified_at=entry.modified_at,
-            family=entry.family,
-            digest=entry.digest,
-            loaded=st.loaded,
-            weight_bytes=st.weight_bytes,
-            weight_format=st.weight_format,
-            expires_at=st.expires_at,
-            active_requests=st.refcount,
-        )
-
+    # --- models: the manager's -------------------------------------------------------------------
     def list_models(self) -> list[ModelStatus]:
-        return [self._status(e) for e in self.registry.list_models()]
+        return self.models.list_models()
 
     def knows_model(self, name: str) -> bool:
-        """On disk, or a bundled model the registry can import offline (the default one)."""
-        return bool(self.registry.knows(name))
+        return self.models.knows_model(name)
 
     def model_status(self, name: str) -> ModelStatus:
-        return self._status(self.registry.resolve(name))
+        return self.models.model_status(name)
 
     def running_models(self) -> list[ModelStatus]:
-        return [self.model_status(m.name) for m in self.registry.loaded()]
+        return self.models.running_models()
 
     async def get_model(self, name: str, keep_alive: float | None = None) -> ModelHandle:
         self._check_accepting()
-
-        def load() -> Any:
-            loaded = self._acquire(name, keep_alive)
-            self.registry.release(loaded.name, keep_alive)
-            self._core_for(loaded)
-            return loaded
-
-        t0, loads = time.monotonic(), self.registry.load_count
-        loaded = await self._thread.call(load)
-        load_time = time.monotonic() - t0 if self.registry.load_count != loads else 0.0
-        return ModelHandle(loaded.name, self.model_status(loaded.name), loaded.tokenizer, load_time)
+        return await self.models.get_model(name, keep_alive)
 
     async def unload_model(self, name: str) -> None:
-        canonical = self.registry.resolve(name).name
-
-        def unload() -> None:
-            if self.registry.unload(canonical):
-                self._drop_core(canonical)
-
-        await self._thread.call(unload)
+        await self.models.unload_model(name)
 
     async def import_gguf(self, path: str, name: str, progress: Any = None) -> ModelStatus:
-        entry = await asyncio.to_thread(self.registry.import_gguf, path, name, progress)
-        return self._status(entry)
+        return await self.models.import_gguf(path, name, progress)
 
     async def import_folder(self, path: str, name: str) -> ModelStatus:
-        entry = await asyncio.to_thread(self.registry.import_folder, path, name)
-        return self._status(entry)
+        return await self.models.import_folder(path, name)
 
     async def pull_model(self, name: str, progress: Any = None) -> ModelStatus:
-        entry = await asyncio.to_thread(self.registry.pull, name, None, progress)
-        return self._status(entry)
+        return await self.models.pull_model(name, progress)
 
     async def copy_model(self, src: str, dst: str) -> None:
-        await asyncio.to_thread(self.registry.copy, src, dst)
+        await self.models.copy_model(src, dst)
 
     async def delete_model(self, name: str) -> None:
-        canonical = self.registry.resolve(name).name
-        await self._thread.call(lambda: self.registry.unload(canonical))
-        await asyncio.to_thread(self.registry.delete, canonical)
+        await self.models.delete_model(name)
 
     # --- inference --------------------------------------------------------------------------------
     def _check_accepting(self) -> None:
         if not self._accepting:
             raise EngineShuttingDownError()
 
-    def _acquire(self, name: str, keep_alive: float | None) -> Any:
-        """The registry's acquire, with a log line when it had to load the weights."""
-        before = self.registry.load_count
-        t0 = time.monotonic()
-        loaded = self.registry.acquire(name, keep_alive)
-        if self.registry.load_count != before:
-            log.info(
-                "loaded %s in %.1f s: %s, %.0f MB",
-                loaded.name,
-                time.monotonic() - t0,
-                loaded.weight_format,
-                loaded.weight_bytes / 1e6,
-            )
-        return loaded
-
-    def _submit(self, req: GenerateRequest, sink: Callable[[StepOutput], None]) -> Any:
-        loaded = self._acquire(req.model, req.keep_alive)
+    def _submit(
+        self, req: GenerateRequest, loaded: Any, sink: Callable[[StepOutput], None]
+    ) -> None:
+        """Queue a request on its model's core (engine thread); `loaded` holds a reference,
+        released here on failure and when the request ends."""
         try:
-            core = self._core_for(loaded)
+            core = self.models.core_for(loaded)
             ctx = core.scheduler.config.context_length
             n_prompt = len(req.prompt_token_ids)
             if n_prompt == 0:
@@ -306,7 +195,6 @@ class AsyncEngine(EngineAPI):
             self.registry.release(loaded.name, req.keep_alive)
             raise
         self._owner[req.request_id] = (loaded.name, core)
-        return loaded
 
     def _emit(self, seq: Sequence, out: StepOutput) -> None:
         sink = self._sinks.get(seq.id)
@@ -316,7 +204,10 @@ class AsyncEngine(EngineAPI):
             if owner is not None:
                 self.registry.release(owner[0], seq.request.keep_alive)
         if sink is not None:
-            sink(out)
+            try:
+                sink(out)
+            except Exception:  # this request's consumer is gone or broken: no one else's concern
+                log.exception("could not deliver output of request %s", seq.id)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:  # type: ignore[override]
         self._check_accepting()
@@ -327,16 +218,15 @@ class AsyncEngine(EngineAPI):
             loop.call_soon_threadsafe(q.put_nowait, out)
 
         t0 = time.monotonic()
-        plan = None
-        spec = request.output
-        if spec is not None and (spec.calls_tools or spec.json_schema is not None):
-            # Grammars compile here, off the engine thread, before the request is queued.
-            handle = await self.get_model(request.model, request.keep_alive)
-            plan = await asyncio.to_thread(prepare_output, handle.tokenizer, request)
-        loaded = await self._thread.call(lambda: self._submit(request, sink))
-        if spec is not None and plan is None:  # reasoning only: cheap, nothing to compile
-            plan = prepare_output(loaded.tokenizer, request)
+        # Loading (when needed) runs on a worker thread: the engine thread keeps stepping.
+        loaded = await asyncio.to_thread(self.models.acquire, request.model, request.keep_alive)
         load_time = time.monotonic() - t0
+        try:
+            plan = await self._plan(loaded, request)
+        except BaseException:
+            self.registry.release(loaded.name, request.keep_alive)
+            raise
+        await self._thread.call(lambda: self._submit(request, loaded, sink))
         rid = request.request_id
         hidden = set(loaded.eos_token_ids) | set(request.params.stop_token_ids)
         decode = decoder_for(plan, loaded.tokenizer.decode, hidden)
@@ -347,36 +237,65 @@ class AsyncEngine(EngineAPI):
         try:
             while True:
                 out = await q.get()
-                delta = pipe.add(out.token_ids)
-                if pipe.stopped is not None:
-                    done = True
-                    self._thread.post(lambda: self._abort_on_thread(rid))
-                    delta.extend(pipe.finish_stopped())
-                    yield self._final(rid, delta, out, FinishReason.STOP, pipe.stopped, load_time)
-                    return
-                if out.finish_reason is not None:
-                    done = True
-                    delta.extend(pipe.flush())
-                    stop = (
-                        out.token_ids[-1]
-                        if out.finish_reason is FinishReason.STOP and out.token_ids
-                        else None
-                    )
-                    yield self._final(rid, delta, out, out.finish_reason, stop, load_time)
-                    return
-                if delta or out.logprobs or out.prompt_logprobs:
-                    yield RequestOutput(
+                try:
+                    res = self._to_output(rid, pipe, out, load_time)
+                except Exception:  # this request's text, stop strings or parsers: end it alone
+                    log.exception("output processing failed for request %s", rid)
+                    self._failed_streams += 1
+                    res = self._final(
                         rid,
-                        delta.content,
-                        delta.reasoning,
-                        delta.tool_calls,
-                        out.token_ids,
-                        out.logprobs,
-                        prompt_logprobs=out.prompt_logprobs,
+                        OutputDelta(),
+                        StepOutput([], metrics=out.metrics, error=ROW_FAILED),
+                        FinishReason.ERROR,
+                        None,
+                        load_time,
                     )
+                if res is not None:
+                    yield res
+                if res is not None and res.finished:
+                    done = out.finish_reason is not None
+                    return
         finally:
             if not done:
                 self._thread.post(lambda: self._abort_on_thread(rid))
+
+    async def _plan(self, loaded: Any, request: GenerateRequest) -> Any:
+        """The output plan (reasoning, tool calls, a grammar) of a request that asks for one."""
+        spec = request.output
+        if spec is None:
+            return None
+        if spec.calls_tools or spec.json_schema is not None:
+            # Grammars compile here, off the engine thread, before the request is queued.
+            return await asyncio.to_thread(prepare_output, loaded.tokenizer, request)
+        return prepare_output(loaded.tokenizer, request)  # reasoning only: nothing to compile
+
+    def _to_output(
+        self, rid: str, pipe: OutputPipeline, out: StepOutput, load_time: float
+    ) -> RequestOutput | None:
+        """One step's output as the stream's next increment (None: nothing to say yet)."""
+        delta = pipe.add(out.token_ids)
+        if pipe.stopped is not None:
+            delta.extend(pipe.finish_stopped())
+            return self._final(rid, delta, out, FinishReason.STOP, pipe.stopped, load_time)
+        if out.finish_reason is not None:
+            delta.extend(pipe.flush())
+            stop = (
+                out.token_ids[-1]
+                if out.finish_reason is FinishReason.STOP and out.token_ids
+                else None
+            )
+            return self._final(rid, delta, out, out.finish_reason, stop, load_time)
+        if delta or out.logprobs or out.prompt_logprobs:
+            return RequestOutput(
+                rid,
+                delta.content,
+                delta.reasoning,
+                delta.tool_calls,
+                out.token_ids,
+                out.logprobs,
+                prompt_logprobs=out.prompt_logprobs,
+            )
+        return None
 
     def _final(
         self,
@@ -418,19 +337,23 @@ class AsyncEngine(EngineAPI):
         self._check_accepting()
 
         def run() -> list[list[float]]:
-            loaded = self.registry.acquire(model, None)
+            loaded = self.models.acquire(model, None)
             try:
                 check_embedding_inputs(inputs, loaded.vocab_size)
-                return [embed_tokens(loaded.model, ids) for ids in inputs]
+                with self._embedding:
+                    return [embed_tokens(loaded.model, ids) for ids in inputs]
             finally:
                 self.registry.release(loaded.name, None)
 
-        return await self._thread.call(run)
+        # A worker thread, not the engine thread: embeddings never stall the streams.
+        return await asyncio.to_thread(run)
 
     def _take_snapshot(self) -> EngineStats:
         """Counts read on the engine thread between steps; stats() serves the latest copy."""
-        cores = list(self.cores.values())
-        prefix = [c.runner.prefix_cache for c in cores if c.runner.prefix_cache is not None]
+        cores = list(self.models.cores.values())
+        runners = list(self.models.runners.values())
+        dropped = self.models.dropped
+        prefix = [r.prefix_cache for r in runners if r.prefix_cache is not None]
         rejections: dict[str, int] = {}
         for c in cores:
             for k, v in c.scheduler.rejections.items():
@@ -438,12 +361,14 @@ class AsyncEngine(EngineAPI):
         return EngineStats(
             running=sum(len(c.scheduler.running) for c in cores),
             waiting=sum(len(c.scheduler.waiting) for c in cores),
-            kv_bytes=sum(c.runner.kv_bytes() for c in cores),
+            kv_bytes=sum(r.kv_bytes() for r in runners),
             kv_budget_bytes=self.kv.budget_bytes,
             prefix_cache_bytes=sum(p.nbytes for p in prefix),
             prefix_cache_hits=sum(p.hits for p in prefix),
             prefix_cache_queries=sum(p.queries for p in prefix),
-            steps=sum(c.steps for c in cores),
+            steps=dropped.get("steps", 0) + sum(c.steps for c in cores),
+            failed_requests=dropped.get("failed", 0) + sum(c.failed_rows for c in cores),
+            preemptions=dropped.get("preemptions", 0) + sum(c.scheduler.preemptions for c in cores),
             rejections=rejections,
         )
 
@@ -453,6 +378,7 @@ class AsyncEngine(EngineAPI):
         snap = self._snapshot
         return dataclasses.replace(
             snap,
+            failed_requests=snap.failed_requests + self._failed_streams,
             mlx_active_bytes=mx.get_active_memory(),
             mlx_peak_bytes=mx.get_peak_memory(),
             mlx_cache_bytes=mx.get_cache_memory(),

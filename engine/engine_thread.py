@@ -85,15 +85,23 @@ class EngineThread:
             except queue.Empty:
                 return
 
+    def _guarded(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run a part of the loop; an Exception is logged, never the end of the thread."""
+        try:
+            return fn()
+        except Exception:
+            log.exception(what)
+            return False
+
     def _run(self) -> None:
         last_housekeeping = time.monotonic()
         try:
             busy = False
             while not self._stop.is_set():
                 self._drain(block=not busy)
-                busy = self._step_all()
+                busy = self._guarded(self._step_all, "engine step failed")
                 if time.monotonic() - last_housekeeping >= IDLE_TICK:
-                    self._housekeeping()
+                    self._guarded(self._housekeeping, "engine housekeeping failed")
                     last_housekeeping = time.monotonic()
         except BaseException as e:  # the engine is dead: /health says so
             self.failed = e

@@ -1,8 +1,8 @@
 """KV memory accounting in tokens and bytes (no MLX): admit, free, report.
 
-A sequence reserves KV for its whole future at admission (prompt + max_tokens, capped by the
-context), so a running sequence never runs out of cache mid-stream and never has to be preempted.
-One KVManager is shared by every loaded model: they draw from one memory budget.
+A sequence reserves KV for what it holds plus a chunk, and more as it grows (the scheduler
+decides; when the budget runs out it preempts the youngest running sequences). One KVManager is
+shared by every loaded model: they draw from one memory budget.
 """
 
 from __future__ import annotations

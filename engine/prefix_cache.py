@@ -2,7 +2,8 @@
 
 Entries are per-layer (keys, values) of one sequence. MLX arrays have value semantics, so an
 entry is never changed by the caches built from it. Only plain (non-rotating) caches are kept:
-a rotating cache has forgotten its oldest tokens and cannot serve a prefix.
+a rotating cache has forgotten its oldest tokens and cannot serve a prefix. Entries are indexed
+by a token trie: a lookup walks the query once, whatever the number of entries.
 """
 
 from __future__ import annotations
@@ -12,27 +13,51 @@ from collections import OrderedDict
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+Key = tuple[int, ...]
+
+
+class _Node:
+    """A trie node: `count` entries pass through it; `end` is the entry ending here."""
+
+    __slots__ = ("children", "count", "end")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.count = 0
+        self.end: Key | None = None
+
 
 class PrefixCache:
     def __init__(self, budget_bytes: int, min_tokens: int = 16):
         self.budget_bytes = budget_bytes
         self.min_tokens = min_tokens
-        self._entries: OrderedDict[tuple[int, ...], list[tuple[mx.array, mx.array]]] = OrderedDict()
-        self._bytes: dict[tuple[int, ...], int] = {}
+        self._entries: OrderedDict[Key, list[tuple[mx.array, mx.array]]] = OrderedDict()
+        self._bytes: dict[Key, int] = {}
+        self._root = _Node()
         self.nbytes = 0
         self.hits = 0
         self.queries = 0
 
-    def _match(self, tokens: list[int]) -> tuple[tuple[int, ...] | None, int]:
-        best, best_len = None, 0
-        for key in self._entries:
-            n = min(len(key), len(tokens))
-            i = 0
-            while i < n and key[i] == tokens[i]:
-                i += 1
-            if i > best_len:
-                best, best_len = key, i
-        return best, best_len
+    def _walk(self, tokens: list[int] | Key) -> list[_Node]:
+        """The trie's nodes along `tokens`, as far as they go (the root excluded)."""
+        path, node = [], self._root
+        for t in tokens:
+            child = node.children.get(t)
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def _match(self, tokens: list[int] | Key) -> tuple[Key | None, int]:
+        """An entry sharing the longest prefix with `tokens`, and that prefix's length."""
+        path = self._walk(tokens)
+        if not path:
+            return None, 0
+        node = path[-1]
+        while node.end is None:  # every node lies on some entry: go down to where one ends
+            node = next(iter(node.children.values()))
+        return node.end, len(path)
 
     def lookup(self, tokens: list[int]) -> int:
         """How many leading tokens of `tokens` have KV here (0 when under min_tokens)."""
@@ -65,12 +90,15 @@ class PrefixCache:
         if not all(type(c) is KVCache and c.offset >= n for c in caches):
             return
         key = tuple(tokens)
-        for other in list(self._entries):
-            if len(other) >= n and other[:n] == key:
-                self._entries.move_to_end(other)
-                return  # an entry already covers this prefix
-            if len(other) < n and key[: len(other)] == other:
-                self._drop(other)  # the new entry covers the old one
+        path = self._walk(key)
+        if len(path) == n:  # an entry already covers this prefix
+            covering, _ = self._match(key)
+            assert covering is not None
+            self._entries.move_to_end(covering)
+            return
+        for node in path:  # entries the new one covers go
+            if node.end is not None:
+                self._drop(node.end)
         # Copies, evaluated: a view, or a copy not yet computed, keeps its source's whole buffer
         # (a step-allocated cache, or a batch's) alive for as long as the entry lives.
         entry = [
@@ -85,12 +113,27 @@ class PrefixCache:
         self._entries[key] = entry
         self._bytes[key] = size
         self.nbytes += size
+        node = self._root
+        for t in key:
+            node = node.children.setdefault(t, _Node())
+            node.count += 1
+        node.end = key
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: Key) -> None:
         del self._entries[key]
         self.nbytes -= self._bytes.pop(key)
+        node = self._root
+        for t in key:
+            child = node.children[t]
+            child.count -= 1
+            if child.count == 0:
+                del node.children[t]  # nothing else passes here: the rest of the path goes too
+                return
+            node = child
+        node.end = None
 
     def clear(self) -> None:
         self._entries.clear()
         self._bytes.clear()
+        self._root = _Node()
         self.nbytes = 0

@@ -1,7 +1,9 @@
-"""Who advances this step, and by how many tokens (no MLX; unit-tested with a fake runner)."""
+"""Who advances this step, and by how many tokens; and every state transition its outcome
+causes, in one `update_from_output` (vLLM v1's shape). No MLX: unit-tested with a fake runner."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -9,12 +11,16 @@ from dataclasses import dataclass, field
 
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
+from engine.outputs import RunnerOutput, Sampled, StepOutput
 from engine.sequence import Sequence
-from engine.types import FinishReason, RequestStatus
+from engine.types import FinishReason, RequestStatus, TokenLogprob
 
 # A prompt sharing at least this many tokens with one still prefilling waits for it, so its
 # prefill can start from that prompt's cached KV (n > 1 choices, bursts with one system prompt).
+log = logging.getLogger("mlxd.engine")
 SHARED_PREFIX_WAIT = 32
+ROW_FAILED = "the engine failed on this request"
+NO_MEMORY = "not enough memory for this request's KV cache"
 
 
 @dataclass
@@ -24,12 +30,16 @@ class ScheduledSeq:
     start: int  # position of the first of them
     samples: bool  # the chunk reaches the end of the known tokens: sample the next one
     cached: int = 0  # set on a sequence's first step: prompt tokens to take from the prefix cache
+    preemptions: int = 0  # the sequence's count when scheduled: prompt scores of an older run drop
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # to release from the runner's caches
+    # Sent back to the queue to free their KV: the runner drops their caches, keeps their
+    # sampling state; they prefill again (prompt and output so far) when readmitted.
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +47,7 @@ class SchedulerOutput:
 
     @property
     def empty(self) -> bool:
-        return not self.scheduled and not self.finished
+        return not self.scheduled and not self.finished and not self.preempted
 
 
 @dataclass
@@ -49,6 +59,10 @@ class SchedulerConfig:
     kv_bytes_per_token: int = 1
     context_length: int = 2048
     kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)
+    kv_chunk: int = 32  # KV is reserved for what a sequence has, plus this many tokens at a time
+
+
+Outputs = list[tuple[Sequence, StepOutput]]
 
 
 class Scheduler:
@@ -57,14 +71,22 @@ class Scheduler:
         config: SchedulerConfig,
         kv: KVManager,
         prefix_lookup: Callable[[list[int]], int] = lambda tokens: 0,
+        eos_ids: set[int] | frozenset[int] = frozenset(),
+        token_text: Callable[[int], str] = str,
     ):
         self.config = config
         self.kv = kv
         self.prefix_lookup = prefix_lookup
+        self.eos_ids = eos_ids
+        self.token_text = token_text  # a token's text, for logprobs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._to_release: list[Sequence] = []
+        self._errors: dict[str, str] = {}  # finished with an error not yet reported
+        self._prompt_scores: dict[str, list[TokenLogprob]] = {}  # held until the first token
         self.rejections: dict[str, int] = {}
+        self.failed = 0  # requests ended by an engine error (their own, or their step's)
+        self.preemptions = 0
 
     # --- intake ---------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -76,12 +98,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, seq_id: str, reason: FinishReason = FinishReason.ABORT) -> Sequence | None:
-        for seq in self.waiting:
-            if seq.id == seq_id:
-                self.waiting.remove(seq)
-                seq.mark_finished(reason)
-                return seq
-        for seq in self.running:
+        self._prompt_scores.pop(seq_id, None)
+        for seq in [*self.waiting, *self.running]:
             if seq.id == seq_id:
                 self.finish(seq, reason)
                 return seq
@@ -97,17 +115,24 @@ class Scheduler:
         # budget: running sequences first (decodes, then unfinished prefills, oldest first), then
         # waiting ones in arrival order while sequences, KV and budget allow. There is no separate
         # prefill mode: a long prompt is cut into chunks and never stalls the streams running.
+        # KV grows as sequences do; when it runs out the youngest running ones are preempted.
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        for seq in sorted(self.running, key=lambda s: s.prefilling):
+        queue = sorted(self.running, key=lambda s: s.prefilling)
+        while queue:
+            seq = queue.pop(0)
             n = min(seq.to_compute, budget)
             if n <= 0 or (not seq.prefilling and seq.done_generating):
                 continue
+            if not self._grow(seq, seq.num_computed + n, queue, out):
+                continue  # preempted itself, or alone and out of memory
             out.scheduled.append(self._advance(seq, n))
             budget -= n
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.in_flight:
+                break  # preempted with a token in flight: readmitted once it is read
             if self._should_wait_for_shared_prefix(seq):
                 skipped.append(self.waiting.popleft())
                 continue
@@ -130,30 +155,80 @@ class Scheduler:
         samples = seq.num_computed == seq.num_tokens
         if samples:
             seq.in_flight += 1
-        return ScheduledSeq(seq, n, start, samples)
+        return ScheduledSeq(seq, n, start, samples, preemptions=seq.preemptions)
 
-    def _kv_tokens(self, seq: Sequence) -> int:
-        tokens = min(seq.num_prompt + seq.params.max_tokens, self.config.context_length)
-        return min(tokens, self.config.kv_window) if self.config.kv_window else tokens
+    # --- KV on demand ---------------------------------------------------------------------------
+    def _kv_cap(self) -> int:
+        """The most KV tokens one sequence ever holds."""
+        cap = self.config.context_length
+        return min(cap, self.config.kv_window) if self.config.kv_window else cap
+
+    def _reserve(self, seq: Sequence, tokens: int) -> bool:
+        """Hold KV for `tokens` (plus a chunk, so a decode grows once every kv_chunk tokens)."""
+        cap = self._kv_cap()
+        if seq.kv_tokens >= min(tokens, cap):
+            return True
+        want = min(max(tokens, seq.kv_tokens + self.config.kv_chunk), cap)
+        if not self.kv.reserve(seq.id, (want - seq.kv_tokens) * self.config.kv_bytes_per_token):
+            return False
+        seq.kv_tokens = want
+        return True
+
+    def _grow(
+        self, seq: Sequence, tokens: int, queue: list[Sequence], out: SchedulerOutput
+    ) -> bool:
+        """Make room for a running sequence's next tokens, preempting the youngest running
+        sequences not yet scheduled this step (vLLM's policy). False: `seq` itself can't run."""
+        while not self._reserve(seq, tokens):
+            if queue:
+                victim = max(queue, key=self.running.index)
+                queue.remove(victim)
+                self._preempt(victim, out)
+            elif len(self.running) > 1:
+                self._preempt(seq, out)
+                return False
+            else:  # alone and the budget can't hold it: nothing to wait for
+                self._reject(seq, during_run=True)
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Free a running sequence's KV and send it back to the front of the queue; it prefills
+        its prompt and output again when readmitted and goes on where it stopped."""
+        self.running.remove(seq)
+        self.kv.free(seq.id)
+        seq.kv_tokens = seq.num_computed = 0
+        seq.status = RequestStatus.WAITING
+        seq.preemptions += 1
+        self._prompt_scores.pop(seq.id, None)  # a prompt being scored is scored again from 0
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.preemptions += 1
+
+    def _reject(self, seq: Sequence, during_run: bool = False) -> None:
+        self.rejections["memory"] = self.rejections.get("memory", 0) + 1
+        self._errors[seq.id] = NO_MEMORY
+        if during_run:
+            self.failed += 1
+        self.finish(seq, FinishReason.ERROR)
 
     def _admit(self, seq: Sequence) -> bool:
-        need = self._kv_tokens(seq) * self.config.kv_bytes_per_token
-        if not self.kv.reserve(seq.id, need):
+        resumed = bool(seq.output_ids)
+        seq.num_prefill = seq.num_prompt + len(seq.output_ids)
+        if not self._reserve(seq, seq.num_prefill + self.config.kv_chunk):
             if not self.running:  # nothing will ever free room: fail it rather than wait forever
-                self.rejections["memory"] = self.rejections.get("memory", 0) + 1
-                self.waiting.popleft()
-                seq.mark_finished(FinishReason.ERROR)
-                self._to_release.append(seq)
+                self._reject(seq)
             return False
         # Reuse KV of an earlier prompt; at least the last prompt token is computed for logits.
         # Scoring the prompt needs its logits, so cached KV can't stand in for it.
-        cached = 0 if seq.params.prompt_logprobs else self.prefix_lookup(seq.prompt_ids)
-        seq.num_cached = min(cached, seq.num_prompt - 1)
+        cached = 0 if seq.params.prompt_logprobs else self.prefix_lookup(seq.prefill_ids)
+        seq.num_cached = min(cached, seq.num_prefill - 1)
         seq.num_computed = seq.num_cached
-        seq.metrics.cached_tokens = seq.num_cached
         seq.status = RequestStatus.RUNNING
-        seq.admitted_at = time.monotonic()
-        seq.metrics.queue_time = seq.admitted_at - seq.request.arrival_time
+        if not resumed:
+            seq.metrics.cached_tokens = seq.num_cached
+            seq.admitted_at = time.monotonic()
+            seq.metrics.queue_time = seq.admitted_at - seq.request.arrival_time
         self.running.append(seq)
         return True
 
@@ -166,27 +241,96 @@ class Scheduler:
         return False
 
     # --- results ------------------------------------------------------------------------------
-    def append_token(self, seq: Sequence, token: int, eos_ids: set[int]) -> None:
-        """Record a token read back from the runner; finish the sequence if it must stop."""
-        seq.in_flight -= 1
-        if seq.status is RequestStatus.FINISHED:
-            return  # sampled in flight after an abort or stop: dropped
+    def update_from_output(self, out: SchedulerOutput, res: RunnerOutput) -> Outputs:
+        """Every transition a step's outcome causes: tokens appended, in-flight counts, stops,
+        finishes, failed rows, metrics. Returns what each request's queue is sent."""
+        outputs: Outputs = []
+        for seq in out.finished:
+            if (error := self._errors.pop(seq.id, None)) is not None:
+                outputs.append((seq, self._final(seq, error)))
+        now = time.monotonic()
+        for sched in out.scheduled:
+            seq = sched.seq
+            if sched.samples:
+                seq.in_flight -= 1
+            if seq.status is RequestStatus.FINISHED:
+                continue  # aborted or stopped while this step was in flight: its tokens drop
+            if seq.id in res.failed:
+                outputs += self.fail([seq], ROW_FAILED)
+                continue
+            scores = res.prompt_scores.get(seq.id)
+            if scores and sched.preemptions == seq.preemptions:
+                held = self._prompt_scores.setdefault(seq.id, [])
+                held.extend(lp for s in scores if (lp := self._logprob(s)) is not None)
+            if tokens := res.tokens.get(seq.id):
+                outputs.append((seq, self._append(seq, tokens, now)))
+        return outputs
+
+    def _append(self, seq: Sequence, tokens: list[Sampled], now: float) -> StepOutput:
+        if not seq.first_token_at:
+            seq.first_token_at = now
+            seq.metrics.ttft = now - seq.request.arrival_time
+            seq.metrics.prefill_time = now - seq.admitted_at
         p = seq.params
+        ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
         if p.max_tokens == 0:  # scoring a prompt: the sampled token is not part of the answer
             self.finish(seq, FinishReason.LENGTH)
-            return
-        seq.output_ids.append(token)
-        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self.finish(seq, FinishReason.STOP)
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_prompt + len(seq.output_ids) >= (
-            self.config.context_length
-        ):
-            self.finish(seq, FinishReason.LENGTH)
+            tokens = []
+        for tok in tokens:
+            if p.grammar is not None and not p.grammar.accept(tok.token):
+                log.warning("request %s: the grammar rejected token %d", seq.id, tok.token)
+            seq.output_ids.append(tok.token)
+            ids.append(tok.token)
+            if (lp := self._logprob(tok)) is not None:
+                logprobs.append(lp)
+            if (tok.token in self.eos_ids and not p.ignore_eos) or tok.token in p.stop_token_ids:
+                self.finish(seq, FinishReason.STOP)
+            elif len(seq.output_ids) >= p.max_tokens or (
+                seq.num_prompt + len(seq.output_ids) >= self.config.context_length
+            ):
+                self.finish(seq, FinishReason.LENGTH)
+            if seq.finish_reason is not None:
+                break  # tokens accepted past a stop are not part of the answer
+        seq.metrics.completion_tokens = len(seq.output_ids)
+        done = seq.finish_reason
+        return StepOutput(
+            ids,
+            logprobs or None,
+            prompt_logprobs=self._prompt_scores.pop(seq.id, None),
+            finish_reason=done,
+            metrics=seq.metrics if done else None,
+        )
+
+    def _logprob(self, tok: Sampled) -> TokenLogprob | None:
+        if tok.logprob is None:
+            return None
+        text = self.token_text
+        top = [(i, text(i), lp) for i, lp in tok.top]
+        return TokenLogprob(tok.token, text(tok.token), tok.logprob, top)
+
+    def fail(self, seqs: list[Sequence], message: str) -> Outputs:
+        """End these requests with an error (the rest of the batch goes on)."""
+        outputs: Outputs = []
+        for seq in seqs:
+            if seq.finish_reason is None:
+                self._prompt_scores.pop(seq.id, None)
+                self.finish(seq, FinishReason.ERROR)
+                self.failed += 1
+                outputs.append((seq, self._final(seq, message)))
+        return outputs
+
+    @staticmethod
+    def _final(seq: Sequence, error: str) -> StepOutput:
+        return StepOutput([], finish_reason=FinishReason.ERROR, metrics=seq.metrics, error=error)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq in self.running:
             self.running.remove(seq)
             self.kv.free(seq.id)
+            self._to_release.append(seq)
+        elif seq in self.waiting:  # never admitted, or preempted (the runner holds its state)
+            self.waiting.remove(seq)
             self._to_release.append(seq)
         seq.mark_finished(reason)
 

@@ -24,18 +24,26 @@ class Sequence:
       `num_computed` counts tokens whose KV is in the cache. Tokens still to compute =
       num_tokens - num_computed: the prompt's remainder while prefilling, 1 while decoding.
       A chunk that reaches the prompt's end samples: its last token is decoded in the batch.
+      `num_prefill` is what a prefill computes: the prompt, or the prompt and the tokens it
+      had generated when it was preempted (its KV is recomputed on return).
     """
 
     request: GenerateRequest
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens taken from the prefix cache
+    num_prefill: int = 0
+    kv_tokens: int = 0  # KV reserved for this many tokens
+    preemptions: int = 0
     in_flight: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     admitted_at: float = 0.0
     first_token_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.num_prefill = self.num_prefill or len(self.request.prompt_token_ids)
 
     @property
     def id(self) -> str:
@@ -54,6 +62,10 @@ class Sequence:
         return len(self.request.prompt_token_ids)
 
     @property
+    def prefill_ids(self) -> list[int]:
+        return self.all_token_ids()[: self.num_prefill]
+
+    @property
     def num_tokens(self) -> int:
         return self.num_prompt + len(self.output_ids) + self.in_flight
 
@@ -68,7 +80,7 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.num_prompt
+        return self.num_computed < self.num_prefill
 
     @property
     def done_generating(self) -> bool:

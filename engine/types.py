@@ -180,6 +180,8 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
     steps: int = 0
+    failed_requests: int = 0  # requests the engine ended with an error (theirs or their step's)
+    preemptions: int = 0  # running sequences sent back to the queue to free KV
     mlx_active_bytes: int = 0
     mlx_peak_bytes: int = 0
     mlx_cache_bytes: int = 0

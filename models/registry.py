@@ -171,10 +171,10 @@ class ModelRegistry:
     # --- load / unload --------------------------------------------------------------------
     def acquire(self, name: str, keep_alive: float | None = None) -> LoadedModel:
         """The loaded model (loading it if needed), with its refcount raised; pair with release()."""
+        if (lm := self._take(self._canonical(name), keep_alive)) is not None:
+            return lm  # loaded: no folder read on a request's path
         entry = self.resolve(name)
         key = entry.name
-        if (lm := self._take(key, keep_alive)) is not None:
-            return lm
         with self._lock:
             lock = self._name_locks.setdefault(key, threading.Lock())
         with lock:

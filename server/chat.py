@@ -18,7 +18,7 @@ from engine.output.prompting import tool_messages
 from engine.types import GenerateRequest, SamplingParams
 from server.errors import APIError
 from server.jobs import Job
-from server.limits import check_context, check_messages, resolve_max_tokens
+from server.limits import check_context, check_messages, default_budget, resolve_max_tokens
 from server.settings import Settings
 
 
@@ -124,13 +124,16 @@ def completion_budget(
     requested: int | None,
     overflow: Literal["reject", "clamp"],
     param: str,
+    default: int = 0,
 ) -> int:
-    """max_tokens for a prompt in a context (see ChatRequest.overflow)."""
+    """max_tokens for a prompt in a context (see ChatRequest.overflow); `default` stands in
+    for an absent one (the default_max_tokens setting)."""
     if overflow == "reject":
-        return resolve_max_tokens(requested, prompt_tokens, context, param)
-    room = context - prompt_tokens
+        return resolve_max_tokens(requested, prompt_tokens, context, param, default)
     check_context(prompt_tokens, 1, context, param)  # not even one token fits
-    return room if requested is None else min(requested, room)
+    if requested is None:
+        return default_budget(default, prompt_tokens, context)
+    return min(requested, context - prompt_tokens)
 
 
 def choice_params(params: SamplingParams, i: int, **changes: Any) -> SamplingParams:
@@ -170,7 +173,12 @@ async def chat_job(engine: EngineAPI, settings: Settings, req: ChatRequest) -> J
     ids = render_chat(handle, req.messages, req.base_model_transcript, req.output, req.prefill)
     context = usable_context(handle, req.num_ctx)
     max_tokens = completion_budget(
-        len(ids), context, req.max_tokens, req.overflow, req.budget_param
+        len(ids),
+        context,
+        req.max_tokens,
+        req.overflow,
+        req.budget_param,
+        settings.default_max_tokens,
     )
     params = dataclasses.replace(req.params, max_tokens=max_tokens)
     return prompt_job(req.id, handle, ids, params, req.n, req.keep_alive, req.output)

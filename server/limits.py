@@ -32,8 +32,17 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int, param: str)
         raise context_error(ContextLengthError(prompt_tokens, max_tokens, context), param)
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, param: str) -> int:
-    """The completion budget; absent, what the context has left (at least one token must fit)."""
-    wanted = max(context - prompt_tokens, 1) if requested is None else requested
+def resolve_max_tokens(
+    requested: int | None, prompt_tokens: int, context: int, param: str, default: int = 0
+) -> int:
+    """The completion budget. Absent, `default` (the default_max_tokens setting; 0: what the
+    context has left), never past the context (at least one token must fit)."""
+    wanted = requested if requested is not None else default_budget(default, prompt_tokens, context)
     check_context(prompt_tokens, wanted, context, param)
     return wanted
+
+
+def default_budget(default: int, prompt_tokens: int, context: int) -> int:
+    """A request's budget when it names none: the server's default, or what the context has left."""
+    room = max(context - prompt_tokens, 1)
+    return min(default, room) if default > 0 else room

@@ -249,6 +249,8 @@ class EngineCollector(Collector):
             ("mlxd_prefix_cache_hits", "Prefix-cache lookups that hit", s.prefix_cache_hits),
             ("mlxd_prefix_cache_queries", "Prefix-cache lookups", s.prefix_cache_queries),
             ("mlxd_engine_steps", "Engine steps executed", s.steps),
+            ("mlxd_engine_failed_requests", "Requests ended by an engine error", s.failed_requests),
+            ("mlxd_engine_preemptions", "Sequences preempted to free KV", s.preemptions),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     max_context: int = key("engine")
     prefix_cache_bytes: int = key("engine")
     kv_fraction: float = key("engine")
+    default_max_tokens: int = key("engine")
 
     @field_validator("api_keys", "cors_origins", "preload", "pinned", "import_dirs", mode="before")
     @classmethod

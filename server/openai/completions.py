@@ -71,7 +71,11 @@ async def prepare(
     requests = []
     for p, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(
-            req.max_tokens, len(prompt.ids), handle.context_length, "prompt"
+            req.max_tokens,
+            len(prompt.ids),
+            handle.context_length,
+            "prompt",
+            settings.default_max_tokens,
         )
         params = sampling_params(
             req, settings, max_tokens, req.logprobs is not None, req.logprobs or 0

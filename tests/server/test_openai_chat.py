@@ -114,6 +114,18 @@ def test_default_max_tokens_is_rest_of_context(client: TestClient, eng: FakeEngi
     assert req.params.max_tokens == 256 - len(req.prompt_token_ids)
 
 
+def test_default_max_tokens_setting_applies_when_a_request_gives_none(eng: FakeEngine) -> None:
+    with TestClient(make_app(eng, default_max_tokens=7)) as c:
+        assert chat(c).status_code == 200
+        assert c.post("/v1/completions", json={"model": FAKE_MODEL, "prompt": "x"}).is_success
+        assert chat(c, max_tokens=3).status_code == 200
+        body = {"model": FAKE_MODEL, "messages": USER, "stream": False}
+        assert c.post("/api/chat", json=body).status_code == 200
+        body["options"] = {"num_predict": 2}
+        assert c.post("/api/chat", json=body).status_code == 200
+    assert [r.params.max_tokens for r in eng.requests] == [7, 7, 3, 7, 2]
+
+
 def test_content_parts_and_roles(client: TestClient, eng: FakeEngine) -> None:
     messages = [
         {"role": "developer", "content": "be brief"},

@@ -6,8 +6,9 @@ import mlx.core as mx
 from mlx_lm.models import gemma3_text, llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from engine.core import EngineCore, StepOutput
+from engine.core import EngineCore
 from engine.kv_manager import KVManager
+from engine.outputs import StepOutput
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -66,6 +67,7 @@ class Harness:
         context_length: int = 1000,
         max_kv_size: int | None = None,
         pipelined: bool | None = None,
+        kv_chunk: int = 8,
     ):
         self.outputs: dict[str, list[int]] = {}
         self.finals: dict[str, StepOutput] = {}
@@ -78,14 +80,16 @@ class Harness:
                 max_waiting=256,
                 kv_bytes_per_token=1,
                 context_length=context_length,
+                kv_chunk=kv_chunk,
             ),
             self.kv,
             self.prefix.lookup if self.prefix else (lambda t: 0),
+            {EOS},
         )
         self.runner = ModelRunner(
             model, lambda: make_prompt_cache(model, max_kv_size), self.prefix, pipelined
         )
-        self.core = EngineCore(self.scheduler, self.runner, {EOS}, self._emit)
+        self.core = EngineCore(self.scheduler, self.runner, self._emit, self.runner.pipelined)
 
     def _emit(self, seq: Sequence, out: StepOutput) -> None:
         self.outputs.setdefault(seq.id, []).extend(out.token_ids)

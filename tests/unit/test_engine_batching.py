@@ -124,15 +124,21 @@ def test_rotating_cache_matches_full_within_window_and_runs_past_it():
     assert batched == alone
 
 
-def test_kv_budget_queues_then_admits(llama_model):
-    ps = prompts(4, seed=7)
-    reqs = [greedy(i, p) for i, p in enumerate(ps)]
-    need = max(len(p) + 10 + i for i, p in enumerate(ps))
-    h = Harness(llama_model, kv_budget=need + 5)  # room for one sequence at a time
-    out = h.run(reqs)
-    assert out == Harness(llama_model).run(reqs)
-    assert {f.finish_reason for f in h.finals.values()} <= {FinishReason.STOP, FinishReason.LENGTH}
-    assert h.kv.used_bytes == 0
+@pytest.mark.parametrize("pipelined", [False, True], ids=["read-now", "read-a-step-late"])
+def test_kv_grows_on_demand_and_preemption_changes_no_output(llama_model, pipelined):
+    ps = prompts(6, seed=7)
+    reqs = [greedy(i, p) if i % 2 else seeded(i, p) for i, p in enumerate(ps)]
+    for r in reqs:
+        r.params.max_tokens, r.params.ignore_eos = 24, True
+    unpreempted = Harness(llama_model, pipelined=pipelined).run(reqs)
+    # Room for about two sequences' KV: the youngest running are preempted and come back.
+    most = max(len(p) for p in ps) + 24
+    h = Harness(llama_model, kv_budget=2 * most, pipelined=pipelined)
+    out = h.run(reqs, every=1)
+    assert h.scheduler.preemptions > 0
+    assert out == unpreempted
+    assert {f.finish_reason for f in h.finals.values()} == {FinishReason.LENGTH}
+    assert h.kv.used_bytes == 0 and not h.runner.states and not h.runner.rows
 
 
 def test_prompt_scoring_matches_a_direct_forward(llama_model):

@@ -46,3 +46,33 @@ def test_lookup_restore_and_lru_budget():
     pc.insert(list(range(100, 120)), caches(20, 2.0))  # over budget: the older entry goes
     assert pc.lookup(list(range(12))) == 0 and pc.lookup(list(range(100, 110))) == 10
     assert pc.nbytes == one_entry
+
+
+def test_the_trie_finds_the_longest_shared_prefix_and_forgets_dropped_entries():
+    import random
+
+    rng = random.Random(0)
+
+    def caches(n: int) -> list[KVCache]:
+        c = KVCache()
+        c.update_and_fetch(mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2)))
+        return [c]
+
+    pc = PrefixCache(budget_bytes=30 * 2 * 2 * 40 * 4, min_tokens=2)  # about 30 entries
+    for _ in range(200):  # a small alphabet: prefixes are shared often
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(2, 40))]
+        pc.insert(tokens, caches(len(tokens)))
+        query = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        best = 0
+        for key in pc._entries:
+            n = 0
+            while n < min(len(key), len(query)) and key[n] == query[n]:
+                n += 1
+            best = max(best, n)
+        assert pc.lookup(query) == (best if best >= 2 else 0)
+        if best >= 2:
+            restored = pc.restore(query, best)
+            assert restored is not None and restored[0].offset == best
+    for key in list(pc._entries):
+        pc._drop(key)
+    assert not pc._root.children and pc.nbytes == 0
