@@ -294,6 +294,7 @@ class AsyncEngine(EngineAPI):
                 out.token_ids,
                 out.logprobs,
                 prompt_logprobs=out.prompt_logprobs,
+                call_deltas=delta.call_deltas,
             )
         return None
 
@@ -320,6 +321,7 @@ class AsyncEngine(EngineAPI):
             stop_matched=stop,
             metrics=metrics,
             error=out.error,
+            call_deltas=delta.call_deltas,
         )
 
     def _abort_on_thread(self, request_id: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.output.events import OutputSpec, ToolCall
+from engine.output.events import OutputSpec, ToolCall, ToolCallDelta
 
 
 class FinishReason(str, enum.Enum):
@@ -123,8 +123,9 @@ class RequestOutput:
 
     `text` is the newly decoded answer text (always whole UTF-8 characters, never part of a stop
     string or of tool-call or reasoning markup); `reasoning` the model's new thinking text;
-    `tool_calls` the calls completed in this increment. `finish_reason` is set exactly once, on
-    the last output, together with `metrics`.
+    `tool_calls` the calls completed in this increment, `call_deltas` the calls' pieces as they
+    stream (a call's pieces come before or with its completion). `finish_reason` is set exactly
+    once, on the last output, together with `metrics`.
     """
 
     request_id: str
@@ -140,6 +141,7 @@ class RequestOutput:
     stop_matched: str | int | None = None  # the stop string or token that ended the request
     metrics: RequestMetrics | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    call_deltas: list[ToolCallDelta] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

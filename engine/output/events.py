@@ -57,17 +57,45 @@ class ToolCall:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a tool call as the model writes it. A call's first piece carries its `id` and
+    `name`; every piece may carry an `arguments` fragment (their concatenation is the call's
+    `arguments`); its last piece has `done` set, in the same output as the complete ToolCall.
+    A call cut short (max_tokens) never gets `done`."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    done: bool = False
+
+
+def add_call_delta(deltas: list[ToolCallDelta], d: ToolCallDelta) -> None:
+    """Append `d`, merged into the last piece when it continues the same unfinished call."""
+    last = deltas[-1] if deltas else None
+    if last is not None and last.index == d.index and not last.done and d.id is None:
+        last.arguments += d.arguments
+        last.done = d.done
+    else:
+        deltas.append(ToolCallDelta(d.index, d.arguments, d.id, d.name, d.done))
+
+
+@dataclass
 class OutputDelta:
-    """What one step added to the answer, reasoning and tool calls (any may be empty)."""
+    """What one step added to the answer, reasoning and tool calls (any may be empty):
+    `call_deltas` the calls' pieces in order, `tool_calls` the calls completed."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    call_deltas: list[ToolCallDelta] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
+        return bool(self.content or self.reasoning or self.tool_calls or self.call_deltas)
 
     def extend(self, other: OutputDelta) -> None:
         self.content += other.content
         self.reasoning += other.reasoning
         self.tool_calls.extend(other.tool_calls)
+        for d in other.call_deltas:
+            add_call_delta(self.call_deltas, d)

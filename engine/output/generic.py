@@ -2,31 +2,39 @@
 `{"tool_calls": [...]}` or `{"response": <answer>}` (the generic grammar enforces it).
 
 A string answer streams as it is written: its JSON escapes are decoded as they complete, and
-the envelope around it is never shown. Calls are released when the envelope closes."""
+the envelope around it is never shown. Calls stream as their arguments are written."""
 
 from __future__ import annotations
 
 import json
+import re
 
+from engine.output.calls import CallStreamer, ToolParser, call_parts, dumps
 from engine.output.events import ToolCall, ToolSpec
-from engine.output.tool_parsers import ToolParser, call_of, dumps
 
 _OPEN = '{"response": "'  # how the grammar writes a string answer's start
+_CALLS = '{"tool_calls":['  # a call list's start, without its layout
+_CALLS_HEAD = re.compile(r'\{\s*"tool_calls"\s*:\s*\[')
 
 
 class GenericParser(ToolParser):
     def __init__(self, tools: list[ToolSpec]):
         super().__init__(tools)
         self._buf = ""
-        self._mode = "start"  # start | string | json | done | text
+        self._mode = "start"  # start | string | calls | json | done | text
+        self._call: CallStreamer | None = None
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         self._buf += text
         if self._mode == "start":
             s = self._buf.lstrip()
+            calls = _CALLS_HEAD.match(s)
+            maybe = _OPEN.startswith(s) or _CALLS.startswith(re.sub(r"\s", "", s))
             if s.startswith(_OPEN):
                 self._mode, self._buf = "string", s[len(_OPEN) :]
-            elif s.startswith("{") and not _OPEN.startswith(s):
+            elif calls is not None:
+                self._mode, self._buf = "calls", s[calls.end() :]
+            elif s.startswith("{") and not maybe:
                 self._mode = "json"
             elif s and not s.startswith("{"):
                 self._mode = "text"  # not the envelope at all (no grammar): plain text
@@ -36,6 +44,8 @@ class GenericParser(ToolParser):
                 self._mode = "json"
         if self._mode == "string":
             return self._string(final), []
+        if self._mode == "calls":
+            return "", self._calls(final)
         if self._mode == "json":
             return self._json(final)
         if self._mode == "text":
@@ -72,6 +82,32 @@ class GenericParser(ToolParser):
         except ValueError:
             return safe
 
+    def _calls(self, final: bool) -> list[ToolCall]:
+        """The call list's objects, each streamed as it is written."""
+        calls: list[ToolCall] = []
+        while self._mode == "calls":
+            if self._call is None:
+                s = self._buf.lstrip(" \n\t,")
+                if s.startswith("]"):
+                    self._buf, self._mode = "", "done"  # the envelope's end is layout
+                    break
+                if not s.startswith("{"):
+                    self._buf = "" if final else s  # cut short: nothing more to release
+                    break
+                self._buf, self._call = s, CallStreamer(self)
+            reader = self._call
+            rest, self._buf = reader.feed(self._buf), ""
+            if rest is None:
+                if final:  # cut by max_tokens: the call never completes
+                    self._call = None
+                    self.abandon()
+                break
+            self._call, self._buf = None, rest
+            call = reader.close()
+            if call is not None:
+                calls.append(call)
+        return calls
+
     def _json(self, final: bool) -> tuple[str, list[ToolCall]]:
         try:
             value, _ = json.JSONDecoder().raw_decode(self._buf.lstrip())
@@ -88,10 +124,10 @@ class GenericParser(ToolParser):
         items = value.get("tool_calls") or ([value["tool_call"]] if "tool_call" in value else [])
         calls: list[ToolCall] = []
         for obj in items if isinstance(items, list) else []:
-            call = call_of(obj, self.count)
+            parts = call_parts(obj)
+            call = self.release(*parts) if parts is not None else None
             if call is not None:
                 calls.append(call)
-                self.count += 1
         return "", calls
 
 

@@ -93,6 +93,7 @@ class OutputPipeline:
             out.reasoning, text = self.splitter.feed(text, final)
         if self.parser is not None:
             text, out.tool_calls = self.parser.feed(text, final)
+            out.call_deltas = self.parser.take_deltas()
             self.calls += len(out.tool_calls)
         out.content = text
         return out

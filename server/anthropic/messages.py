@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.output.events import ToolCall
 from engine.types import FinishReason, RequestOutput
 from server.anthropic.convert import chat_request, output_spec, template_messages
 from server.anthropic.protocol import CountTokensRequest, MessagesRequest
@@ -52,14 +51,18 @@ def thinking_block(text: str) -> Event:
     return {"type": "thinking", "thinking": text, "signature": ""}
 
 
-def tool_use_block(call: ToolCall, input: Any = None) -> Event:
-    if input is None:
-        try:
-            input = json.loads(call.arguments or "{}")
-        except ValueError:
-            input = {}
-    tool_id = f"toolu_{call.id.removeprefix('call_')}"
-    return {"type": "tool_use", "id": tool_id, "name": call.name, "input": input}
+def tool_use_block(call_id: str, name: str, arguments: str | None) -> Event:
+    """A tool_use block; arguments None: just opened (its input streams as partial JSON)."""
+    try:
+        input = json.loads(arguments or "{}")
+    except ValueError:
+        input = {}
+    return {
+        "type": "tool_use",
+        "id": f"toolu_{call_id.removeprefix('call_')}",
+        "name": name,
+        "input": input,
+    }
 
 
 @dataclass
@@ -74,14 +77,17 @@ class _Blocks:
             yield {"type": "content_block_stop", "index": self.index}
             self.kind = None
 
-    def delta(self, kind: str, start: Event, delta: Event) -> Iterator[Event]:
-        """A delta for a `kind` block, opening one (and closing the last) when needed."""
-        if self.kind != kind or kind == "tool_use":
+    def delta(
+        self, kind: str, start: Event, delta: Event | None, new: bool = False
+    ) -> Iterator[Event]:
+        """A delta for a `kind` block, opening one (and closing the last) when needed or `new`."""
+        if self.kind != kind or new:
             yield from self.close()
             self.index += 1
             self.kind = kind
             yield {"type": "content_block_start", "index": self.index, "content_block": start}
-        yield {"type": "content_block_delta", "index": self.index, "delta": delta}
+        if delta is not None:
+            yield {"type": "content_block_delta", "index": self.index, "delta": delta}
 
 
 @dataclass
@@ -133,9 +139,12 @@ class MessagesRenderer:
         if out.text:
             delta = {"type": "text_delta", "text": out.text}
             yield from self.blocks.delta("text", {"type": "text", "text": ""}, delta)
-        for call in out.tool_calls:
-            delta = {"type": "input_json_delta", "partial_json": call.arguments}
-            yield from self.blocks.delta("tool_use", tool_use_block(call, {}), delta)
+        for d in out.call_deltas:  # a call's input streams as it is written
+            start = tool_use_block(d.id or "", d.name or "", None)
+            piece = {"type": "input_json_delta", "partial_json": d.arguments}
+            yield from self.blocks.delta(
+                "tool_use", start, piece if d.arguments else None, new=d.id is not None
+            )
 
     def closing(self, result: JobResult) -> Iterable[Event]:
         yield from self.blocks.close()
@@ -155,7 +164,7 @@ class MessagesRenderer:
         content = [thinking_block(choice.reasoning)] if choice.reasoning else []
         if choice.text:
             content.append({"type": "text", "text": choice.text})
-        content.extend(tool_use_block(call) for call in choice.tool_calls)
+        content.extend(tool_use_block(c.id, c.name, c.arguments) for c in choice.tool_calls)
         return {
             **self._head(),
             "content": content,

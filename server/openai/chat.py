@@ -139,7 +139,7 @@ class ChatRenderer:
         if out.text or out.logprobs:
             lp = chat_logprobs(out.logprobs or []) if self.logprobs else None
             yield self._chunk(i, {"content": out.text}, lp=lp)
-        for delta in tools.tool_call_deltas(out.tool_calls):
+        for delta in tools.tool_call_deltas(out.call_deltas):
             yield self._chunk(i, {"tool_calls": [delta]})
         if out.finished:
             last = self._chunk(i, {}, finish_reason(out.finish_reason, bool(choice.tool_calls)))

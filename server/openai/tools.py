@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from engine.grammar import schema_error
-from engine.output.events import OutputSpec, ToolCall, ToolChoiceMode, ToolSpec
+from engine.output.events import OutputSpec, ToolCall, ToolCallDelta, ToolChoiceMode, ToolSpec
 from server.errors import APIError
 from server.openai.protocol import ChatCompletionRequest, ChatMessage
 
@@ -113,17 +113,14 @@ def message_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
-def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    """Streamed: each call's index, id, type and name once, then its arguments."""
+def tool_call_deltas(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """Streamed: a call's index, id, type and name in its first delta, then its arguments in
+    fragments as the model writes them."""
     out: list[dict[str, Any]] = []
-    for c in calls:
-        out.append(
-            {
-                "index": c.index,
-                "id": c.id,
-                "type": "function",
-                "function": {"name": c.name, "arguments": ""},
-            }
-        )
-        out.append({"index": c.index, "function": {"arguments": c.arguments}})
+    for d in deltas:
+        if d.id is not None:
+            fn = {"name": d.name, "arguments": d.arguments}
+            out.append({"index": d.index, "id": d.id, "type": "function", "function": fn})
+        elif d.arguments:
+            out.append({"index": d.index, "function": {"arguments": d.arguments}})
     return out

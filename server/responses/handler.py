@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.output.events import ToolCall
+from engine.output.events import ToolCallDelta
 from engine.types import FinishReason, RequestOutput
 from server.chat import chat_job
 from server.errors import API, read_json, validate
@@ -64,13 +64,13 @@ def reasoning_item(item_id: str, text: str | None, status: str) -> Event:
     return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
-def call_item(call: ToolCall, status: str, arguments: str | None = None) -> Event:
+def call_item(call_id: str, name: str, arguments: str, status: str) -> Event:
     return {
         "type": "function_call",
-        "id": f"fc_{call.id.removeprefix('call_')}",
-        "call_id": call.id,
-        "name": call.name,
-        "arguments": call.arguments if arguments is None else arguments,
+        "id": f"fc_{call_id.removeprefix('call_')}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
         "status": status,
     }
 
@@ -82,7 +82,8 @@ class _Items:
     done: list[Event] = field(default_factory=list)
     kind: str | None = None
     id: str = ""
-    text: str = ""
+    text: str = ""  # the open item's text so far (a function call's: its arguments)
+    fn: tuple[str, str] = ("", "")  # an open function call's call_id and name
 
     def _where(self) -> Event:
         return {"item_id": self.id, "output_index": len(self.done), "content_index": 0}
@@ -102,7 +103,9 @@ class _Items:
 
     def close(self, status: str = "completed") -> Iterator[Event]:
         where = self._where()
-        if self.kind == "reasoning":
+        if self.kind == "function_call":  # open at the end: cut short, it never completed
+            item = call_item(*self.fn, self.text, "incomplete")
+        elif self.kind == "reasoning":
             yield {"type": "response.reasoning_text.done", **where, "text": self.text}
             item = reasoning_item(self.id, self.text, "completed")
         elif self.kind == "message":
@@ -127,21 +130,30 @@ class _Items:
             self.text += out.text
             delta = {"delta": out.text, "logprobs": []}
             yield {"type": "response.output_text.delta", **self._where(), **delta}
-        for call in out.tool_calls:
-            yield from self.call(call)
+        for d in out.call_deltas:
+            yield from self.call(d)
 
-    def call(self, call: ToolCall) -> Iterator[Event]:
-        yield from self.close()
+    def call(self, d: ToolCallDelta) -> Iterator[Event]:
+        """A function call's item, opened by its first piece; its arguments stream as deltas."""
         index = len(self.done)
-        item = call_item(call, "in_progress", "")
-        where = {"item_id": item["id"], "output_index": index}
-        yield {"type": "response.output_item.added", "output_index": index, "item": item}
-        yield {"type": "response.function_call_arguments.delta", **where, "delta": call.arguments}
-        args = {"name": call.name, "arguments": call.arguments}
-        yield {"type": "response.function_call_arguments.done", **where, **args}
-        done = call_item(call, "completed")
-        yield {"type": "response.output_item.done", "output_index": index, "item": done}
-        self.done.append(done)
+        if d.id is not None:
+            yield from self.close()
+            index, self.kind, self.text = len(self.done), "function_call", ""
+            self.fn = (d.id, d.name or "")
+            item = call_item(*self.fn, "", "in_progress")
+            self.id = item["id"]
+            yield {"type": "response.output_item.added", "output_index": index, "item": item}
+        where = {"item_id": self.id, "output_index": index}
+        if d.arguments:
+            self.text += d.arguments
+            yield {"type": "response.function_call_arguments.delta", **where, "delta": d.arguments}
+        if d.done:
+            args = {"name": self.fn[1], "arguments": self.text}
+            yield {"type": "response.function_call_arguments.done", **where, **args}
+            done = call_item(*self.fn, self.text, "completed")
+            yield {"type": "response.output_item.done", "output_index": index, "item": done}
+            self.done.append(done)
+            self.kind = None
 
 
 @dataclass
@@ -227,7 +239,7 @@ class ResponsesRenderer:
         )
         if choice.text or not choice.tool_calls:
             output.append(message_item(new_id("msg"), choice.text, status_of(choice)))
-        output.extend(call_item(call, "completed") for call in choice.tool_calls)
+        output.extend(call_item(c.id, c.name, c.arguments, "completed") for c in choice.tool_calls)
         return self._response(result, output)
 
     def heartbeat(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from engine.api import EngineAPI, ModelHandle
 from engine.detokenizer import Detokenizer
 from engine.errors import ContextLengthError, InvalidModelNameError, ModelNotFoundError
-from engine.output.events import ToolCall
+from engine.output.events import ToolCall, ToolCallDelta
 from engine.types import (
     EngineStats,
     FinishReason,
@@ -95,7 +95,7 @@ class Script:
     error_message: str = "the engine failed on this request"
     cached_tokens: int = 0
     reasoning: str = ""  # streamed (one character an output) before the text
-    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last output
+    tool_calls: list[ToolCall] = field(default_factory=list)  # streamed after the text
 
 
 def fake_status(name: str = FAKE_MODEL, context_length: int = FAKE_CONTEXT) -> ModelStatus:
@@ -274,13 +274,22 @@ class FakeEngine(EngineAPI):
                 await asyncio.sleep(script.token_delay)
             lp = [_logprob(ids[0], ch, params.top_logprobs)] if params.logprobs else None
             yield RequestOutput(request_id=rid, text=out_text, token_ids=ids, logprobs=lp)
+        tail = detok.flush()
+        for call in script.tool_calls:  # as the engine streams them: id and name, then pieces
+            if tail:
+                yield RequestOutput(request_id=rid, text=tail)
+                tail = ""
+            yield RequestOutput(
+                rid, call_deltas=[ToolCallDelta(call.index, "", call.id, call.name)]
+            )
+            args = call.arguments
+            for at in range(0, len(args), 4):
+                done = at + 4 >= len(args)
+                piece = ToolCallDelta(call.index, args[at : at + 4], done=done)
+                yield RequestOutput(rid, call_deltas=[piece], tool_calls=[call] if done else [])
         reason = script.finish_reason
         eos = EOS_ID if reason == FinishReason.STOP else None
-        last = self._last(
-            rid, request, len(text), reason, start, script, text=detok.flush(), stop=eos
-        )
-        last.tool_calls = list(script.tool_calls)
-        yield last
+        yield self._last(rid, request, len(text), reason, start, script, text=tail, stop=eos)
 
     def _last(
         self,

@@ -163,3 +163,34 @@ async def test_client_disconnect_aborts_engine_request(eng: FakeEngine, stream: 
         sorted(eng.aborted) == sorted(r.request_id for r in eng.requests) and len(eng.aborted) == 2
     )
     assert eng.finished == [] and not eng.active
+
+
+def test_tool_call_arguments_stream_in_fragments(eng: FakeEngine) -> None:
+    """id, type and name in a call's first delta; its arguments in fragments that add up to the
+    non-streamed answer's."""
+    from engine.output.events import ToolCall
+
+    eng.add_model("big:latest", context_length=8192)
+    args = '{"location": "Paris", "days": 3}'
+    eng.script = Script(text="", tool_calls=[ToolCall(0, "get_weather", args)])
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    body = {"model": "big:latest", "messages": USER, "tools": [tool], "stream": True}
+    app = make_app(eng)
+    deltas = [
+        d
+        for e in events(post(app, "/v1/chat/completions", body))
+        for c in e["choices"]
+        for d in c["delta"].get("tool_calls", [])
+    ]
+    first, rest = deltas[0], deltas[1:]
+    assert (first["index"], first["type"], first["function"]["name"]) == (
+        0,
+        "function",
+        "get_weather",
+    )
+    assert first["id"].startswith("call_") and all("id" not in d for d in rest)
+    assert len(rest) >= 3 and all(set(d) == {"index", "function"} for d in rest)
+    assert "".join(d["function"]["arguments"] for d in deltas) == args
+    with TestClient(app) as c:
+        msg = c.post("/v1/chat/completions", json={**body, "stream": False}).json()
+    assert msg["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == args

@@ -27,14 +27,18 @@ def _splits(text: str):
         yield [text[:i], text[i:]]
 
 
-def _run_parser(fmt: str, pieces: list[str]):
+def _run_parser(fmt: str, pieces: list[str], deltas: list | None = None):
     parser = make_parser(fmt, TOOLS)
     content, calls = "", []
     for p in pieces:
         c, got = parser.feed(p)
         content += c
         calls += got
+        if deltas is not None:
+            deltas.append(parser.take_deltas())
     c, got = parser.finish()
+    if deltas is not None:
+        deltas.append(parser.take_deltas())
     return content + c, calls + got
 
 
@@ -53,6 +57,35 @@ def test_tool_parsers_at_every_split(fmt, text, content, expected):
         assert [c.index for c in calls] == list(range(len(expected)))
         if expected:
             assert not any(m in got_content for m in MARKUP)
+
+
+@pytest.mark.parametrize("fmt,text,content,expected", [o for o in OUTPUTS if o[3]])
+def test_tool_call_arguments_stream_piece_by_piece(fmt, text, content, expected):
+    """The first piece of a call has its id and name; the fragments add up to the arguments;
+    char by char, they arrive in many pieces, each call's before the next call begins."""
+    for pieces in _splits(text):
+        steps: list = []
+        _, calls = _run_parser(fmt, pieces, steps)
+        flat = [d for step in steps for d in step]
+        for call in calls:
+            mine = [d for d in flat if d.index == call.index]
+            assert (mine[0].id, mine[0].name) == (call.id, call.name), pieces
+            assert all(d.id is None and d.name is None for d in mine[1:])
+            assert "".join(d.arguments for d in mine) == call.arguments, pieces
+            assert [d.done for d in mine] == [False] * (len(mine) - 1) + [True]
+            if len(pieces) == len(text):
+                assert sum(bool(d.arguments) for d in mine) >= 3, (fmt, mine)
+        assert [d.index for d in flat] == sorted(d.index for d in flat)
+
+
+def test_a_call_cut_short_streams_its_start_but_never_completes():
+    steps: list = []
+    text = '{"tool_calls": [{"name": "get_weather", "arguments": {"location": "Par'
+    content, calls = _run_parser("generic", list(text), steps)
+    flat = [d for step in steps for d in step]
+    assert (content, calls) == ("", [])
+    assert flat[0].name == "get_weather" and not any(d.done for d in flat)
+    assert "".join(d.arguments for d in flat) == '{"location": "Par'
 
 
 def test_truncated_call_is_dropped_not_shown():
@@ -129,6 +162,9 @@ def test_pipeline_reasoning_then_tool_calls_with_stop_string():
         assert total.reasoning == "call it"
         assert total.content == ""
         assert [(c.name, c.arguments) for c in total.tool_calls] == [("get_time", '{"tz": "UTC"}')]
+        assert [(d.id, d.name, d.arguments, d.done) for d in total.call_deltas] == [
+            (total.tool_calls[0].id, "get_time", '{"tz": "UTC"}', True)
+        ]
 
 
 def test_generic_prompt_describes_tools_and_rewrites_history():
