@@ -19,14 +19,14 @@ from engine.engine_thread import EngineThread
 from engine.errors import (
     ContextLengthError,
     EngineShuttingDownError,
+    EngineUnavailableError,
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
 from engine.model_manager import ModelManager
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
-from engine.outputs import StepOutput
-from engine.scheduler import ROW_FAILED
+from engine.outputs import ROW_FAILED, StepOutput
 from engine.sequence import Sequence
 from engine.structured import prepare_output
 from engine.types import (
@@ -171,6 +171,8 @@ class AsyncEngine(EngineAPI):
     def _check_accepting(self) -> None:
         if not self._accepting:
             raise EngineShuttingDownError()
+        if self._thread.failed is not None:  # the engine thread died: nothing would answer
+            raise EngineUnavailableError()
 
     def _submit(
         self, req: GenerateRequest, loaded: Any, sink: Callable[[StepOutput], None]
@@ -320,7 +322,8 @@ class AsyncEngine(EngineAPI):
             finish_reason=reason,
             stop_matched=stop,
             metrics=metrics,
-            error=out.error,
+            error=out.error.message if out.error is not None else None,
+            error_kind=out.error.kind if out.error is not None else "internal",
             call_deltas=delta.call_deltas,
         )
 

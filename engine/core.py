@@ -8,14 +8,13 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from engine.outputs import RunnerOutput, StepOutput
+from engine.outputs import STEP_FAILED, RunnerOutput, StepOutput
 from engine.scheduler import Outputs, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.types import FinishReason
 
 log = logging.getLogger("mlxd.engine")
 Emit = Callable[[Sequence, StepOutput], None]
-STEP_FAILED = "the engine failed on a batch holding this request; retry it"
 
 
 class Pending(Protocol):

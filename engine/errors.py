@@ -15,6 +15,7 @@ __all__ = [
     "ContextLengthError",
     "EngineError",
     "EngineShuttingDownError",
+    "EngineUnavailableError",
     "ImportFailedError",
     "InsufficientMemoryError",
     "InvalidRequestError",
@@ -61,3 +62,12 @@ class EngineShuttingDownError(EngineError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down")
+
+
+class EngineUnavailableError(EngineError):
+    """The engine can't serve requests now (its thread has stopped); /health says so."""
+
+    retry_after: float = 5.0
+
+    def __init__(self) -> None:
+        super().__init__("the engine is unavailable; retry later")

@@ -6,7 +6,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.types import FinishReason, RequestMetrics, TokenLogprob
+from engine.errors import InsufficientMemoryError, InvalidRequestError
+from engine.types import FailureKind, FinishReason, RequestMetrics, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request ended with an error: whose fault (the HTTP status) and what to tell it."""
+
+    kind: FailureKind
+    message: str
+
+
+ROW_FAILED = Failure("internal", "the engine failed on this request")
+STEP_FAILED = Failure("unavailable", "the engine failed on a batch holding this request; retry it")
+NO_MEMORY = Failure("unavailable", "not enough memory for this request's KV cache; retry later")
+BAD_PARAMS = Failure("request", "this request's sampling parameters cannot be used")
+
+
+def row_failure(exc: BaseException, setup: bool = False) -> Failure:
+    """A row's own exception as a Failure. `setup`: it came from turning the request's sampling
+    parameters into sampler state, which only the request's values can break."""
+    if isinstance(exc, InvalidRequestError):
+        return Failure("request", str(exc))
+    if isinstance(exc, MemoryError | InsufficientMemoryError):
+        return NO_MEMORY
+    if setup and isinstance(exc, ValueError | TypeError | OverflowError):
+        return BAD_PARAMS
+    return ROW_FAILED
 
 
 @dataclass
@@ -25,11 +52,12 @@ class RunnerOutput:
     `tokens` lists a row's new tokens in order: one per sampling row, more when draft tokens
     were verified and accepted in the same pass. `prompt_scores` holds log-probabilities of
     prompt tokens a chunk scored. `failed` names rows whose own part failed (their sampler,
-    their seed, their prefill): those rows end with an error, the others are unaffected."""
+    their seed, their prefill) and why: those rows end with an error, the others are
+    unaffected."""
 
     tokens: dict[str, list[Sampled]] = field(default_factory=dict)
     prompt_scores: dict[str, list[Sampled]] = field(default_factory=dict)
-    failed: set[str] = field(default_factory=set)
+    failed: dict[str, Failure] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,4 +69,4 @@ class StepOutput:
     prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None
-    error: str | None = None
+    error: Failure | None = None

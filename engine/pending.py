@@ -13,7 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from engine.outputs import RunnerOutput, Sampled
+from engine.outputs import Failure, RunnerOutput, Sampled, row_failure
 from engine.sampling import RowState, SampleResult, sample
 from engine.types import SamplingParams
 
@@ -22,22 +22,22 @@ log = logging.getLogger("mlxd.engine")
 
 def sample_rows(
     logits: mx.array, rows: list[RowState], ids: list[str], bitmask: mx.array | None = None
-) -> tuple[SampleResult, set[int]]:
+) -> tuple[SampleResult, dict[int, Failure]]:
     """Sample every row of `logits` [B, V] (under grammar `bitmask`, sampling.sample's); returns
     the rows whose own sampler raised. Those get a greedy stand-in token nobody reads; the
     others draw exactly what they would have."""
     saved = [(r.key, len(r.history)) for r in rows]
     try:
-        return sample(logits, rows, bitmask), set()
+        return sample(logits, rows, bitmask), {}
     except Exception:
         _restore(rows, saved)
-    failed: set[int] = set()
+    failed: dict[int, Failure] = {}
     for i, r in enumerate(rows):  # which row? each alone (lazy graphs: nothing is computed)
         try:
             sample(logits[i : i + 1], [r], None if bitmask is None else bitmask[i : i + 1])
-        except Exception:
+        except Exception as e:
             log.exception("sampling failed for request %s", ids[i])
-            failed.add(i)
+            failed[i] = row_failure(e)
         _restore([r], [saved[i]])
     stand_in = RowState.create(SamplingParams(temperature=0.0, seed=0), [])
     rest = [stand_in if i in failed else r for i, r in enumerate(rows)]
@@ -92,7 +92,7 @@ class PendingStep:
 
     samples: list[RowSample] = field(default_factory=list)
     prompt_scores: list[PromptScores] = field(default_factory=list)
-    failed: set[str] = field(default_factory=set)
+    failed: dict[str, Failure] = field(default_factory=dict)
 
     def arrays(self) -> list[mx.array]:
         return [a for s in self.samples for a in s.res.arrays()] + [
@@ -101,7 +101,7 @@ class PendingStep:
 
     def result(self) -> RunnerOutput:
         """Block until the step's tokens exist and return them (the step's only sync point)."""
-        out = RunnerOutput(failed=set(self.failed))
+        out = RunnerOutput(failed=dict(self.failed))
         for scores in self.prompt_scores:
             out.prompt_scores.setdefault(scores.seq_id, []).extend(scores.read())
         lists: dict[int, list[Any]] = {}

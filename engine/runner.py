@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from engine.grammar import MaskFiller
-from engine.outputs import RunnerOutput
+from engine.outputs import RunnerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RowState
@@ -111,7 +111,7 @@ class ModelRunner:
         for row, sid in enumerate(self.rows):
             self.next_input[sid] = (res.tokens, row)
             if row in failed:
-                step.failed.add(sid)
+                step.failed[sid] = failed[row]
             elif sid in wanted:
                 step.samples.append(RowSample(sid, wanted[sid].params, res, row))
 
@@ -140,9 +140,9 @@ class ModelRunner:
             return True
         try:
             self.states[seq.id] = RowState.create(seq.params, seq.prompt_ids)
-        except Exception:  # e.g. a seed outside the key space: this request's fault alone
+        except Exception as e:  # e.g. a seed outside the key space: this request's fault alone
             log.exception("sampling setup failed for request %s", seq.id)
-            step.failed.add(seq.id)
+            step.failed[seq.id] = row_failure(e, setup=True)
             return False
         return True
 
@@ -159,10 +159,10 @@ class ModelRunner:
                     seq.num_cached = seq.metrics.cached_tokens = 0
                     prefix = mx.array([seq.prefill_ids[: sched.start]], dtype=mx.int32)
                     self.model(prefix, cache=caches)
-        except Exception:
+        except Exception as e:
             log.exception("prefill failed for request %s", seq.id)
             self._forget(seq.id)
-            step.failed.add(seq.id)
+            step.failed[seq.id] = row_failure(e)
             return
         self.prefilling[seq.id] = caches
 
@@ -179,10 +179,10 @@ class ModelRunner:
                 logits = self.model(tokens, cache=caches)
                 if self._scores(seq):
                     self._score_prompt(seq, start, logits[0], step)
-        except Exception:  # this sequence's own caches: the batch is untouched
+        except Exception as e:  # this sequence's own caches: the batch is untouched
             log.exception("prefill failed for request %s", seq.id)
             self._forget(seq.id)
-            step.failed.add(seq.id)
+            step.failed[seq.id] = row_failure(e)
             return
         if sched.samples:
             self._join(seq, caches)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
-from engine.outputs import RunnerOutput, Sampled, StepOutput
+from engine.outputs import NO_MEMORY, Failure, RunnerOutput, Sampled, StepOutput
 from engine.sequence import Sequence
 from engine.types import FinishReason, RequestStatus, TokenLogprob
 
@@ -19,8 +19,6 @@ from engine.types import FinishReason, RequestStatus, TokenLogprob
 # prefill can start from that prompt's cached KV (n > 1 choices, bursts with one system prompt).
 log = logging.getLogger("mlxd.engine")
 SHARED_PREFIX_WAIT = 32
-ROW_FAILED = "the engine failed on this request"
-NO_MEMORY = "not enough memory for this request's KV cache"
 
 
 @dataclass
@@ -82,7 +80,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._to_release: list[Sequence] = []
-        self._errors: dict[str, str] = {}  # finished with an error not yet reported
+        self._errors: dict[str, Failure] = {}  # finished with an error not yet reported
         self._prompt_scores: dict[str, list[TokenLogprob]] = {}  # held until the first token
         self.rejections: dict[str, int] = {}
         self.failed = 0  # requests ended by an engine error (their own, or their step's)
@@ -255,8 +253,8 @@ class Scheduler:
                 seq.in_flight -= 1
             if seq.status is RequestStatus.FINISHED:
                 continue  # aborted or stopped while this step was in flight: its tokens drop
-            if seq.id in res.failed:
-                outputs += self.fail([seq], ROW_FAILED)
+            if (failure := res.failed.get(seq.id)) is not None:
+                outputs += self.fail([seq], failure)
                 continue
             scores = res.prompt_scores.get(seq.id)
             if scores and sched.preemptions == seq.preemptions:
@@ -309,7 +307,7 @@ class Scheduler:
         top = [(i, text(i), lp) for i, lp in tok.top]
         return TokenLogprob(tok.token, text(tok.token), tok.logprob, top)
 
-    def fail(self, seqs: list[Sequence], message: str) -> Outputs:
+    def fail(self, seqs: list[Sequence], failure: Failure) -> Outputs:
         """End these requests with an error (the rest of the batch goes on)."""
         outputs: Outputs = []
         for seq in seqs:
@@ -317,11 +315,11 @@ class Scheduler:
                 self._prompt_scores.pop(seq.id, None)
                 self.finish(seq, FinishReason.ERROR)
                 self.failed += 1
-                outputs.append((seq, self._final(seq, message)))
+                outputs.append((seq, self._final(seq, failure)))
         return outputs
 
     @staticmethod
-    def _final(seq: Sequence, error: str) -> StepOutput:
+    def _final(seq: Sequence, error: Failure) -> StepOutput:
         return StepOutput([], finish_reason=FinishReason.ERROR, metrics=seq.metrics, error=error)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:

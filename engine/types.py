@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from engine.output.events import OutputSpec, ToolCall, ToolCallDelta
 
@@ -17,6 +17,11 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # the client went away or the server is shutting down
     ERROR = "error"  # the engine failed on this request
+
+
+# Whose fault a failed request is: its own (a 400), the engine's (a 500), or the engine can't
+# serve it now (a 503: a failed shared pass, no memory; retrying may work).
+FailureKind = Literal["request", "internal", "unavailable"]
 
 
 class RequestStatus(enum.Enum):
@@ -141,6 +146,7 @@ class RequestOutput:
     stop_matched: str | int | None = None  # the stop string or token that ended the request
     metrics: RequestMetrics | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    error_kind: FailureKind = "internal"  # with `error`: whose fault it is
     call_deltas: list[ToolCallDelta] = field(default_factory=list)
 
     @property

@@ -24,6 +24,7 @@ from engine.errors import (
     ContextLengthError,
     EngineError,
     EngineShuttingDownError,
+    EngineUnavailableError,
     ImportFailedError,
     InsufficientMemoryError,
     InvalidModelNameError,
@@ -141,6 +142,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, msg, code="insufficient_memory", retry_after=exc.retry_after)
     if isinstance(exc, EngineShuttingDownError):
         return APIError(503, str(exc), code="shutting_down", retry_after=exc.retry_after)
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="engine_unavailable", retry_after=exc.retry_after)
     if isinstance(exc, ModelLoadError):
         return APIError(503, str(exc), param="model", code="model_load_failed", retry_after=5)
     if isinstance(exc, ImportFailedError):

@@ -152,9 +152,15 @@ class Renderer(Protocol):
 
 
 def raise_if_failed(out: RequestOutput) -> None:
-    """An ERROR or ABORT finish becomes an APIError (mid-stream, framed in-band)."""
+    """An ERROR or ABORT finish becomes an APIError: the response's status when it comes before
+    the first output, else framed in-band. The status says whose fault it was."""
     if out.finish_reason == FinishReason.ERROR:
-        raise APIError(500, out.error or "the engine failed on this request", code="engine_error")
+        message = out.error or "the engine failed on this request"
+        if out.error_kind == "request":
+            raise APIError(400, message, code="invalid_request")
+        if out.error_kind == "unavailable":
+            raise APIError(503, message, code="engine_unavailable", retry_after=5)
+        raise APIError(500, message, code="engine_error")
     if out.finish_reason == FinishReason.ABORT:
         raise APIError(
             503,

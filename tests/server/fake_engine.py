@@ -26,6 +26,7 @@ from engine.errors import ContextLengthError, InvalidModelNameError, ModelNotFou
 from engine.output.events import ToolCall, ToolCallDelta
 from engine.types import (
     EngineStats,
+    FailureKind,
     FinishReason,
     GenerateRequest,
     ModelStatus,
@@ -93,6 +94,7 @@ class Script:
     reject: BaseException | None = None
     error_after: int | None = None
     error_message: str = "the engine failed on this request"
+    error_kind: FailureKind = "internal"  # whose fault the error is
     cached_tokens: int = 0
     reasoning: str = ""  # streamed (one character an output) before the text
     tool_calls: list[ToolCall] = field(default_factory=list)  # streamed after the text
@@ -320,6 +322,7 @@ class FakeEngine(EngineAPI):
             stop_matched=stop,
             metrics=metrics,
             error=error,
+            error_kind=script.error_kind,
         )
 
     async def abort(self, request_id: str) -> None:

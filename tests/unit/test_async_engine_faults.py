@@ -138,3 +138,65 @@ async def test_requests_to_a_loaded_model_read_no_metadata(tmp_path):
         assert reads == []
     finally:
         await engine.shutdown(drain_timeout=1.0)
+
+
+async def test_a_row_failing_before_its_first_token_gets_the_status_of_its_fault(
+    tmp_path, monkeypatch
+):
+    """The real engine behind the app: a row that fails before its first token answers 400 when
+    its own parameters broke it, 500 (with the engine's message) when the engine did, 503 when
+    the batch's shared pass failed; streamed or not, in the API's error shape."""
+    import httpx
+
+    import engine.pending
+    from engine.runner import ModelRunner
+    from engine.sampling import RowState
+    from server.app import create_app
+
+    make_tiny_model(tmp_path / "t")
+    settings = load_settings(None, models_dir=tmp_path, default_model="t", memory_limit=1 << 30)
+    eng = AsyncEngine(engine_config(settings))
+    eng._thread.start()
+    create, sample, decode = RowState.create.__func__, engine.pending.sample, ModelRunner._decode
+
+    def bad_seed(cls, params, prompt_ids):
+        if params.seed == 1:
+            raise ValueError("no key for this seed")
+        return create(cls, params, prompt_ids)
+
+    def bad_sampler(logits, rows, bitmask=None):
+        if any(r.params.seed == 2 for r in rows):
+            raise RuntimeError("injected sampler fault")
+        return sample(logits, rows, bitmask)
+
+    def bad_pass(self, scheduled, step):
+        if any(s.seq.params.seed == 3 for s in scheduled):
+            raise RuntimeError("injected forward-pass fault")
+        return decode(self, scheduled, step)
+
+    monkeypatch.setattr(RowState, "create", classmethod(bad_seed))
+    monkeypatch.setattr(engine.pending, "sample", bad_sampler)
+    monkeypatch.setattr(ModelRunner, "_decode", bad_pass)
+    app = create_app(settings.model_copy(update={"host": "0.0.0.0"}), eng)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for seed, status, message in [
+                (1, 400, "sampling parameters"),
+                (2, 500, "the engine failed on this request"),
+                (3, 503, "retry"),
+                (4, 200, None),
+            ]:
+                for stream in (False, True):
+                    body = {"model": "t", "prompt": [11, 41, 71], "max_tokens": 3, "seed": seed}
+                    r = await client.post("/v1/completions", json={**body, "stream": stream})
+                    assert r.status_code == status, (seed, stream, r.text)
+                    if message is not None:
+                        err = r.json()["error"]
+                        assert message in err["message"] and err["code"], err
+            eng._thread.failed = RuntimeError("the engine thread died")  # as _run records it
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+            eng._thread.failed = None
+    finally:
+        await eng.shutdown(drain_timeout=1.0)

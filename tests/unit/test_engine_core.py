@@ -7,7 +7,7 @@ import pytest
 
 from engine.core import EngineCore
 from engine.kv_manager import KVManager
-from engine.outputs import RunnerOutput, Sampled, StepOutput
+from engine.outputs import ROW_FAILED, RunnerOutput, Sampled, StepOutput
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.types import FinishReason, GenerateRequest, SamplingParams
@@ -32,7 +32,7 @@ class FakeRunner:
         res = RunnerOutput()
         for x in out.scheduled:
             if x.seq.id == self.fail_row and x.seq.output_ids:
-                res.failed.add(x.seq.id)
+                res.failed[x.seq.id] = ROW_FAILED
             elif x.samples:
                 base = 99 + x.seq.num_generated  # this token counts as in flight
                 res.tokens[x.seq.id] = [Sampled(base + i) for i in range(self.per_row)]
@@ -125,7 +125,7 @@ def test_a_failed_row_ends_alone(overlap):
     add(core, "b")
     run(core)
     assert tokens(sent)["a"] == list(range(100, 106))
-    assert sent["b"][-1].finish_reason is FinishReason.ERROR and sent["b"][-1].error
+    assert sent["b"][-1].finish_reason is FinishReason.ERROR and sent["b"][-1].error == ROW_FAILED
     assert core.failed_rows == 1
 
 
@@ -144,6 +144,8 @@ def test_a_failed_shared_pass_ends_the_running_and_keeps_the_queue(overlap):
         "d": FinishReason.LENGTH,
     }
     assert tokens(sent)["c"] == [100, 101, 102, 103] and runner.resets == 1
+    # Not those requests' fault: the engine could not serve them now (a 503, retry).
+    assert {sent[rid][-1].error.kind for rid in "ab"} == {"unavailable"}
     assert core.failed_rows == 2
 
 

@@ -57,6 +57,7 @@ def test_a_failing_sampler_fails_its_row_only(llama_model, pipelined):
         assert h.finals[rid].finish_reason is FinishReason.LENGTH
     failed = h.finals["r2"]
     assert failed.finish_reason is FinishReason.ERROR and failed.error
+    assert failed.error.kind == "internal"  # the sampler hook is the server's, not the request's
     assert out["r2"] == alone["r2"][:3]  # what it streamed before its fault was right
     assert h.core.failed_rows == 1
     assert not h.scheduler.running and not h.runner.rows  # released, nothing leaked
@@ -72,6 +73,7 @@ def test_a_seed_outside_the_key_space_fails_its_row_only(llama_model, seed):
     h = Harness(llama_model)
     out = h.run(reqs, every=1)  # the bad one joins while r0 decodes
     assert h.finals["r1"].finish_reason is FinishReason.ERROR
+    assert h.finals["r1"].error.kind == "request"  # its own seed: a 400, not a 500
     assert out.get("r1", []) == []
     assert {rid: out[rid] for rid in ("r0", "r2", "r3")} == {
         rid: alone[rid] for rid in ("r0", "r2", "r3")
@@ -105,7 +107,7 @@ def test_a_failing_forward_pass_keeps_the_queue_and_the_engine(llama_model, pipe
     # The two running when the pass failed end with an error; the queued two run as if alone.
     errors = {rid for rid, f in h.finals.items() if f.finish_reason is FinishReason.ERROR}
     assert errors == {"r0", "r1"}
-    assert all(h.finals[rid].error for rid in errors)
+    assert all(h.finals[rid].error.kind == "unavailable" for rid in errors)
     assert out["r2"] == alone["r2"] and out["r3"] == alone["r3"]
     assert h.core.failed_rows == 2
     # And it goes on serving new requests.
