@@ -252,6 +252,8 @@ class AsyncEngine(EngineAPI):
                         None,
                         load_time,
                     )
+                if res is not None and res.finished and res.metrics is not None:
+                    res.metrics.reasoning_tokens = pipe.reasoning_tokens  # what it thought
                 if res is not None:
                     yield res
                 if res is not None and res.finished:

@@ -105,6 +105,7 @@ class RequestMetrics:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of the completion tokens, those inside the thinking block
     load_time: float = 0.0
     queue_time: float = 0.0
     prefill_time: float = 0.0

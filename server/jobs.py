@@ -89,6 +89,7 @@ class Usage:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0  # of the completion tokens, those the model spent thinking
 
     @property
     def total_tokens(self) -> int:
@@ -121,7 +122,8 @@ class JobResult:
         completion = sum(
             c.metrics.completion_tokens if c.metrics else len(c.token_ids) for c in self.choices
         )
-        return Usage(prompt, cached, completion)
+        reasoning = sum(c.metrics.reasoning_tokens for c in self.choices if c.metrics)
+        return Usage(prompt, cached, completion, reasoning)
 
 
 class Renderer(Protocol):

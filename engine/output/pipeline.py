@@ -70,6 +70,8 @@ class OutputPipeline:
         if plan is not None and plan.tool_format is not None:
             self.parser = make_parser(plan.tool_format, plan.spec.allowed_tools())
         self.calls = 0  # tool calls released so far
+        self.reasoning_tokens = 0  # tokens spent inside the thinking block, its markers included
+        self._undecided = 0  # tokens fed before the output showed whether it thinks
 
     @property
     def stopped(self) -> str | None:
@@ -77,7 +79,21 @@ class OutputPipeline:
         return self.detok.stopped
 
     def add(self, token_ids: list[int]) -> OutputDelta:
-        return self._stages(self.detok.add(token_ids), final=False)
+        before = self.splitter.state if self.splitter is not None else None
+        out = self._stages(self.detok.add(token_ids), final=False)
+        if self.splitter is not None:
+            self._count_reasoning(len(token_ids), before, self.splitter)
+        return out
+
+    def _count_reasoning(self, n: int, before: str | None, splitter: ReasoningSplitter) -> None:
+        """Tokens whose text went into the thinking block: from its start marker (or the
+        output's start when the prompt opened it) through its end marker."""
+        if splitter.state == "start":
+            self._undecided += n
+            return
+        if before in ("start", "thinking") and splitter.entered:
+            self.reasoning_tokens += self._undecided + n
+        self._undecided = 0
 
     def flush(self) -> OutputDelta:
         """The end of the stream: release everything held."""

@@ -49,6 +49,12 @@ class ReasoningSplitter:
         self._state = "thinking" if in_reasoning else "start"
         self._buf = ""
         self._thought = False  # some reasoning was released
+        self.entered = in_reasoning  # the output is (or was) inside the thinking block
+
+    @property
+    def state(self) -> str:
+        """start (nothing decided yet) | thinking | after (the end marker passed) | content"""
+        return self._state
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         self._buf += text
@@ -59,6 +65,7 @@ class ReasoningSplitter:
                 if stripped.startswith(self.markers.start):
                     self._buf = stripped[len(self.markers.start) :]
                     self._state = "thinking"
+                    self.entered = True
                     continue
                 if not final and (not stripped or self.markers.start.startswith(stripped)):
                     return reasoning, content  # may still become the start marker

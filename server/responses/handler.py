@@ -177,7 +177,7 @@ class ResponsesRenderer:
                 "input_tokens": u.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": u.cached_tokens},
                 "output_tokens": u.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},  # not counted apart
+                "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                 "total_tokens": u.total_tokens,
             }
         request = self.job.requests[0]

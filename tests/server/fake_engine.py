@@ -309,7 +309,8 @@ class FakeEngine(EngineAPI):
         metrics = RequestMetrics(
             prompt_tokens=len(request.prompt_token_ids),
             cached_tokens=min(script.cached_tokens, len(request.prompt_token_ids)),
-            completion_tokens=completion_tokens,
+            completion_tokens=len(script.reasoning) + completion_tokens,
+            reasoning_tokens=len(script.reasoning),
             prefill_time=elapsed / 2,
             decode_time=elapsed / 2,
             ttft=elapsed / 2,

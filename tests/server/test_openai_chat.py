@@ -57,6 +57,7 @@ def test_chat_basic_body_and_usage(client: TestClient, eng: FakeEngine) -> None:
         "completion_tokens": 11,
         "total_tokens": len(prompt) + 11,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert body["x_timings"]["completion_tokens"] == 11
     assert r.headers["x-request-id"]
@@ -236,3 +237,12 @@ def test_models_list_and_retrieve(client: TestClient, eng: FakeEngine) -> None:
 def test_finish_reason_length_from_engine(client: TestClient, eng: FakeEngine) -> None:
     eng.script = Script(text="abc", finish_reason=FinishReason.LENGTH)
     assert chat(client).json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_counts_reasoning_tokens() -> None:
+    eng = FakeEngine(Script(text="4.", reasoning="2+2?"))
+    with TestClient(make_app(eng)) as c:
+        body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "2+2"}]}
+        usage = c.post("/v1/chat/completions", json=body).json()["usage"]
+    assert usage["completion_tokens"] == 6
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 4}

@@ -285,6 +285,8 @@ def test_reasoning_item_and_text_format(client, eng):
     assert [i["type"] for i in resp["output"]] == ["reasoning", "message"]
     assert resp["output"][0]["content"] == [{"type": "reasoning_text", "text": "Hmm."}]
     assert resp["output"][0]["id"].startswith("rs_")
+    assert resp["usage"]["output_tokens"] == 6  # "Hmm." and "{}", a token a character
+    assert resp["usage"]["output_tokens_details"] == {"reasoning_tokens": 4}
     client.post(
         URL, json=body(text={"format": {"type": "json_object"}}, reasoning={"effort": "none"})
     )

@@ -167,6 +167,37 @@ def test_pipeline_reasoning_then_tool_calls_with_stop_string():
         ]
 
 
+def test_reasoning_tokens_are_counted_through_the_end_marker():
+    vocab = ["<think>", "\n", "Let", " me", " think", "</think>", "\n\n", "Answer", "."]
+    spec = OutputSpec()
+
+    def decode(ids: list[int], **_: object) -> str:
+        return "".join(vocab[i] for i in ids)
+
+    for in_prompt in (False, True):
+        plan = plan_output(spec, None, THINK, "<think>" if in_prompt else "", lambda s: None)
+        pipe = OutputPipeline(Detokenizer(decode), plan)
+        ids = list(range(1 if in_prompt else 0, len(vocab)))
+        for i in ids:
+            pipe.add([i])
+        pipe.flush()
+        assert pipe.reasoning_tokens == 5 if in_prompt else 6  # through "</think>"
+    # Char by char, a start marker cut across tokens counts from its first piece.
+    pipe = OutputPipeline(
+        Detokenizer(_char_decode), plan_output(spec, None, THINK, "", lambda s: None)
+    )
+    for ch in REASONING:
+        pipe.add([ord(ch)])
+    assert pipe.reasoning_tokens == REASONING.index("</think>") + len("</think>")
+    # No thinking block: nothing counted.
+    pipe = OutputPipeline(
+        Detokenizer(_char_decode), plan_output(spec, None, THINK, "", lambda s: None)
+    )
+    for ch in "<b>Plain</b>":
+        pipe.add([ord(ch)])
+    assert pipe.reasoning_tokens == 0
+
+
 def test_generic_prompt_describes_tools_and_rewrites_history():
     spec = OutputSpec(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     history = [
