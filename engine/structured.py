@@ -36,4 +36,17 @@ def prepare_output(tokenizer: Any, request: GenerateRequest) -> OutputPlan | Non
     if plan.grammar is not None and compiler is not None:
         param = "tools" if spec.calls_tools else "response_format"
         request.params.grammar = compiler.matcher(plan.grammar, param)
+    if plan.markers is not None and spec.reasoning_budget is not None:
+        # Imported here: it brings MLX, which the CLI must not load before its BLAS preload.
+        from engine.reasoning_budget import ReasoningBudget
+
+        start, end = (
+            list(tokenizer.encode(m, add_special_tokens=False))
+            for m in (plan.markers.start, plan.markers.end)
+        )
+        budget = ReasoningBudget(
+            len(request.prompt_token_ids), start, end, spec.reasoning_budget, plan.in_reasoning
+        )
+        # A new list: the job's choices share their params' lists (dataclasses.replace).
+        request.params.logits_processors = [*request.params.logits_processors, budget]
     return plan

@@ -22,6 +22,13 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+THINK_SPECIALS = ("<think>", "</think>")  # ids 3 and 4 of a thinking model
+# A thinking model's template opens the thinking block unless asked not to (Qwen3's kind).
+THINKING_CHATML = CHATML.replace(
+    "assistant\n{% endif %}",
+    "assistant\n{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}"
+    "{% endif %}",
+)
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is a tiny model for tests",
@@ -30,8 +37,9 @@ _CORPUS = [
 
 
 @lru_cache(maxsize=4)
-def tiny_tokenizer_json(vocab: int = 300) -> str:
-    """A byte-level BPE tokenizer (as tokenizer.json text) with ChatML specials at ids 0..2."""
+def tiny_tokenizer_json(vocab: int = 300, extra_specials: tuple[str, ...] = ()) -> str:
+    """A byte-level BPE tokenizer (as tokenizer.json text) with ChatML specials at ids 0..2
+    (then `extra_specials`)."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers import models as tk_models
 
@@ -40,7 +48,7 @@ def tiny_tokenizer_json(vocab: int = 300) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=SPECIALS,
+        special_tokens=[*SPECIALS, *extra_specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -90,12 +98,14 @@ def make_tiny_model(
     vocab: int = 300,
     seed: int = 0,
     bits: int | None = None,
+    thinking: bool = False,
 ) -> Path:
     """Write a tiny random model folder at `dir` and return it. bits=4|8 stores MLX quantized
-    weights (group 32) with a "quantization" config, as an MLX hub repo would."""
+    weights (group 32) with a "quantization" config, as an MLX hub repo would. `thinking`: a
+    reasoning model (`<think>` markers, a template that opens the thinking block)."""
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok_json = tiny_tokenizer_json(vocab)
+    tok_json = tiny_tokenizer_json(vocab, THINK_SPECIALS if thinking else ())
     real_vocab = len(json.loads(tok_json)["model"]["vocab"])
     cfg = _config(arch, layers, hidden, max(vocab, real_vocab))
     module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
@@ -114,7 +124,7 @@ def make_tiny_model(
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "chat_template": CHATML,
+        "chat_template": THINKING_CHATML if thinking else CHATML,
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
     }

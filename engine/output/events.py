@@ -31,6 +31,7 @@ class OutputSpec:
     parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = None
     reasoning: bool = True  # split the model's thinking out when it has markers
+    reasoning_budget: int | None = None  # thinking tokens before its end is forced (None: no cap)
 
     @property
     def calls_tools(self) -> bool:

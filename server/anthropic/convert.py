@@ -75,6 +75,11 @@ def output_spec(req: CountTokensRequest) -> OutputSpec:
     if thinking not in ("enabled", "disabled", "adaptive"):
         raise bad("thinking.type", "must be 'enabled', 'adaptive' or 'disabled'")
     spec.reasoning = thinking != "disabled"
+    budget = (req.thinking or {}).get("budget_tokens")
+    if thinking == "enabled" and budget is not None:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise bad("thinking.budget_tokens", "must be a non-negative integer")
+        spec.reasoning_budget = budget  # the thinking's end is forced after this many tokens
     fmt = (req.output_config or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":

@@ -293,6 +293,7 @@ def test_thinking_blocks(client, eng):
     eng.script = Script(text="Paris.", reasoning="Hmm.")
     r = client.post(URL, json=body(thinking={"type": "enabled", "budget_tokens": 1024}))
     assert eng.requests[0].output.reasoning is True
+    assert eng.requests[0].output.reasoning_budget == 1024
     content = r.json()["content"]
     assert content[0] == {"type": "thinking", "thinking": "Hmm.", "signature": ""}
     assert content[1] == {"type": "text", "text": "Paris."}
