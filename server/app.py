@@ -32,6 +32,40 @@ from server.webui import router as webui_router
 log = logging.getLogger("mlxd.server")
 
 
+# What browser clients of the APIs send: the key (Bearer, or Anthropic's x-api-key), Anthropic's
+# version and beta headers, and the OpenAI and Anthropic SDKs' x-stainless-* telemetry (Ollama
+# allows those too). A preflight naming any other header is refused.
+CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "X-Request-Id",
+    "X-Api-Key",
+    "Anthropic-Version",
+    "Anthropic-Beta",
+    "Anthropic-Dangerous-Direct-Browser-Access",
+    "OpenAI-Beta",
+    "OpenAI-Organization",
+    "OpenAI-Project",
+    *(
+        f"X-Stainless-{h}"
+        for h in (
+            "Arch",
+            "Async",
+            "Custom-Poll-Interval",
+            "Helper-Method",
+            "Lang",
+            "OS",
+            "Package-Version",
+            "Poll-Helper",
+            "Retry-Count",
+            "Runtime",
+            "Runtime-Version",
+            "Timeout",
+        )
+    ),
+]
+
+
 def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
     """Build the app around `engine`; the lifespan starts it and shuts it down.
 
@@ -81,7 +115,7 @@ def create_app(settings: Settings, engine: EngineAPI) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=CORS_HEADERS,
             expose_headers=["X-Request-Id", "Retry-After"],
         )
     return app

@@ -329,3 +329,28 @@ def test_cors_only_when_configured(eng: FakeEngine) -> None:
     with TestClient(make_app(FakeEngine(), cors_origins=["http://ui.local"], api_keys=["k"])) as c:
         r = c.options(CHAT, headers=pre)
         assert r.headers["access-control-allow-origin"] == "http://ui.local"
+
+
+def test_cors_preflight_allows_the_sdks_browser_headers() -> None:
+    """Browser clients of the Anthropic API send x-api-key and anthropic-version (and the SDKs
+    their x-stainless-* headers): the preflight allows them, and the request then passes."""
+    app = make_app(FakeEngine(), cors_origins=["http://ui.local"], api_keys=["k"])
+    sent = "x-api-key, anthropic-version, anthropic-dangerous-direct-browser-access, x-stainless-os"
+    pre = {
+        "Origin": "http://ui.local",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": f"content-type, {sent}",
+    }
+    with TestClient(app) as c:
+        r = c.options("/v1/messages", headers=pre)
+        assert r.status_code == 200, r.text
+        allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+        assert {h.strip() for h in sent.split(",")} <= allowed
+        bad = c.options("/v1/messages", headers={**pre, "Access-Control-Request-Headers": "x-evil"})
+        assert bad.status_code == 400
+        body = {"model": FAKE_MODEL, "max_tokens": 4, "messages": USER}
+        headers = {"Origin": "http://ui.local", "x-api-key": "k", "anthropic-version": "2023-06-01"}
+        r = c.post("/v1/messages", json=body, headers=headers)
+        assert (
+            r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.local"
+        )
