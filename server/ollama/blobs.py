@@ -4,7 +4,10 @@ A client uploads a model file as a blob named by its SHA-256, then creates a mod
 (`/api/create` with `files: {"name.gguf": "sha256:<hex>"}`), so a model file reaches the server
 without the server ever opening a path a client chose. Blobs live in `<models_dir>/.blobs`; an
 upload is written to a temporary file, hashed as it arrives, and kept only if it matches the
-digest in its URL.
+digest in its URL. A blob is removed once a create has imported it (mlxd converts a model into
+its own folder, where Ollama keeps blobs as the model's layers: a kept copy would be waste),
+unless another create in progress reads it; after a failed create it stays, for a retry.
+Clients check with HEAD and upload again when a blob is missing.
 """
 
 from __future__ import annotations
@@ -43,6 +46,32 @@ def parse_digest(digest: str) -> str:
 def blob_path(models_dir: str | Path, digest: str) -> Path:
     """Where the blob of `digest` is (or would be) stored."""
     return blobs_dir(models_dir) / f"sha256-{parse_digest(digest)}"
+
+
+class BlobRefs:
+    """The blobs that creates in progress read (on the event loop: no lock needed)."""
+
+    def __init__(self) -> None:
+        self._held: dict[Path, int] = {}
+
+    def hold(self, paths: set[Path]) -> None:
+        for p in paths:
+            self._held[p] = self._held.get(p, 0) + 1
+
+    def release(self, paths: set[Path], imported: bool) -> None:
+        """A create is over; once `imported`, blobs no other create holds are removed."""
+        for p in paths:
+            left = self._held.get(p, 1) - 1
+            if left > 0:
+                self._held[p] = left
+                continue
+            self._held.pop(p, None)
+            if imported:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
+PENDING = BlobRefs()
 
 
 def _models_dir(request: Request) -> Path:

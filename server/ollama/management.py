@@ -14,7 +14,7 @@ from typing import Any
 from engine.api import EngineAPI
 from engine.types import ModelStatus
 from server.errors import APIError
-from server.ollama.blobs import blob_path
+from server.ollama.blobs import PENDING, blob_path
 from server.ollama.options import timestamp
 from server.ollama.schemas import CreateBody
 
@@ -292,6 +292,9 @@ def _create_from_blobs(
     async def from_stage(progress: Any) -> None:
         # Blobs are named by digest; importers read names (a .gguf suffix, config.json), so a
         # staging folder of links gives them their file names. The imports copy the data in.
+        _blob_files(files, models_dir)  # still there (another create may have used them up)
+        held, imported = set(blobs.values()), False
+        PENDING.hold(held)
         stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=next(iter(blobs.values())).parent))
         try:
             for fname, path in blobs.items():
@@ -300,7 +303,9 @@ def _create_from_blobs(
                 await engine.import_gguf(str(stage / ggufs[0]), name, progress=progress)
             else:
                 await engine.import_folder(str(stage), name)
+            imported = True
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            PENDING.release(held, imported)  # imported: the copy in .blobs is waste
 
     return with_progress(from_stage, "parsing GGUF" if gguf else "copying model files")

@@ -347,11 +347,45 @@ def test_blob_upload_and_create_from_files(client: TestClient, eng: FakeEngine) 
     assert client.head(f"/api/blobs/{digest}").status_code == 200
     r = client.post("/api/create", json={"model": "up:1", "files": {"m.gguf": digest}, "stream": False})  # fmt: skip
     assert r.status_code == 200 and "up:1" in eng.models
+    # Imported: the blob is gone (the model has its own copy); a client uploads it again.
+    assert client.head(f"/api/blobs/{digest}").status_code == 404
+    assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
     cfg = _digest(b"{}")
     assert client.post(f"/api/blobs/{cfg}", content=b"{}").status_code == 201
     files = {"config.json": cfg, "model.safetensors": digest}
     r = client.post("/api/create", json={"model": "dir:1", "files": files, "stream": False})
     assert r.status_code == 200 and "dir:1" in eng.models
+    assert client.head(f"/api/blobs/{cfg}").status_code == 404
+    blobs = client.root / "models" / ".blobs"  # type: ignore[attr-defined]
+    assert [p.name for p in blobs.iterdir()] == []  # no upload, stage or blob left behind
+
+
+def test_blobs_stay_for_a_retry_and_for_other_pending_creates(
+    client: TestClient, eng: FakeEngine
+) -> None:
+    from server.ollama.blobs import PENDING, blob_path
+
+    data = b"GGUF" + os.urandom(64)
+    digest = _digest(data)
+    assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
+    body = {"model": "up:1", "files": {"m.gguf": digest}, "stream": False}
+    real = eng.import_gguf
+
+    async def failing(*args, **kwargs):
+        raise ValueError("not a GGUF file")
+
+    eng.import_gguf = failing  # type: ignore[method-assign]
+    assert client.post("/api/create", json=body).status_code >= 400
+    assert client.head(f"/api/blobs/{digest}").status_code == 200  # kept for a retry
+    eng.import_gguf = real  # type: ignore[method-assign]
+    path = {blob_path(client.root / "models", digest)}  # type: ignore[attr-defined]
+    PENDING.hold(path)  # another create reading the same blob is in progress
+    try:
+        assert client.post("/api/create", json=body).status_code == 200
+        assert client.head(f"/api/blobs/{digest}").status_code == 200
+    finally:
+        PENDING.release(path, imported=True)  # that one is over too: now it goes
+    assert client.head(f"/api/blobs/{digest}").status_code == 404
 
 
 @pytest.mark.parametrize(
