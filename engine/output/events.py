@@ -14,6 +14,7 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+    strict: bool = False  # OpenAI's strict mode: the arguments take no keys beyond the schema's
 
 
 ToolChoiceMode = Literal["none", "auto", "required", "named"]
@@ -30,6 +31,7 @@ class OutputSpec:
     tool_name: str | None = None  # with tool_choice "named"
     parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = None
+    strict_schema: bool = False  # the JSON answer in OpenAI's strict mode (see tools' `strict`)
     reasoning: bool = True  # split the model's thinking out when it has markers
     reasoning_budget: int | None = None  # thinking tokens before its end is forced (None: no cap)
 

@@ -14,6 +14,7 @@ from typing import Any
 from engine.output.events import OutputSpec, ToolSpec
 from engine.output.generic import GenericParser
 from engine.output.reasoning import ReasoningMarkers
+from engine.output.strict import closed
 from engine.output.tool_parsers import (
     Llama3Parser,
     MarkerParser,
@@ -78,9 +79,10 @@ def generic_system_prompt(spec: OutputSpec) -> str:
 
 
 def _call_schema(tool: ToolSpec, args_key: str = "arguments") -> dict[str, Any]:
+    args = closed(tool.parameters or {}) if tool.strict else tool.parameters or {}
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, args_key: tool.parameters or {}},
+        "properties": {"name": {"const": tool.name}, args_key: args},
         "required": ["name", args_key],
         "additionalProperties": False,
     }
@@ -99,7 +101,9 @@ def _calls_array(spec: OutputSpec) -> dict[str, Any]:
 
 
 def _answer_schema(spec: OutputSpec) -> dict[str, Any]:
-    return spec.json_schema if spec.json_schema is not None else {"type": "string"}
+    if spec.json_schema is None:
+        return {"type": "string"}
+    return closed(spec.json_schema) if spec.strict_schema else spec.json_schema
 
 
 def _generic_envelope(spec: OutputSpec) -> dict[str, Any]:
@@ -173,7 +177,7 @@ def tool_grammar(fmt: str, spec: OutputSpec, special: SpecialId) -> list[str]:
         rules = [f"call: {call}"]
         if eager:
             return [f"answer: {calls}", *rules]
-        free = _json(spec.json_schema) if spec.json_schema is not None else "TEXT"
+        free = _json(_answer_schema(spec)) if spec.json_schema is not None else "TEXT"
         return [f"answer: {free} | {calls}", *rules, "TEXT: /[^{](?s:.*)/"]
     if fmt == "mistral":
         rules = [f"calls: {_json(_calls_array(spec))}"]
@@ -195,13 +199,13 @@ def tool_grammar(fmt: str, spec: OutputSpec, special: SpecialId) -> list[str]:
     if eager:
         return [f"answer: {start} {body}", *rules]
     if spec.json_schema is not None:
-        return [f"answer: {_json(spec.json_schema)} | {start} {body}", *rules]
+        return [f"answer: {_json(_answer_schema(spec))} | {start} {body}", *rules]
     return [*_lazy("<tool_call>", special, body), *rules]
 
 
 def answer_grammar(spec: OutputSpec) -> list[str]:
     """Lark rules defining `answer` for a JSON answer without tools."""
-    return [f"answer: {_json(spec.json_schema or {'type': 'object'})}"]
+    return [f"answer: {_json(_answer_schema(spec) if spec.json_schema else {'type': 'object'})}"]
 
 
 def with_start(

@@ -8,6 +8,7 @@ from typing import Any
 
 from engine.grammar import schema_error
 from engine.output.events import OutputSpec, ToolCall, ToolCallDelta, ToolChoiceMode, ToolSpec
+from engine.output.strict import strict_error
 from server.errors import APIError
 from server.openai.protocol import ChatCompletionRequest, ChatMessage
 
@@ -18,8 +19,10 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def _checked_schema(schema: Any, param: str) -> dict[str, Any]:
+def _checked_schema(schema: Any, param: str, strict: bool = False) -> dict[str, Any]:
     error = schema_error(schema)
+    if error is None and strict:
+        error = strict_error(schema)
     if error is not None:
         raise _bad(f"invalid JSON schema at {param}: {error}", param, "invalid_schema")
     return schema  # type: ignore[no-any-return]
@@ -31,9 +34,9 @@ def output_spec(req: ChatCompletionRequest) -> OutputSpec:
     for i, t in enumerate(req.tools or []):
         params = t.function.parameters or {"type": "object", "properties": {}}
         param = f"tools[{i}].function.parameters"
-        tools.append(
-            ToolSpec(t.function.name, t.function.description or "", _checked_schema(params, param))
-        )
+        strict = t.function.strict is True
+        schema = _checked_schema(params, param, strict)
+        tools.append(ToolSpec(t.function.name, t.function.description or "", schema, strict))
     spec = OutputSpec(tools=tools, parallel_tool_calls=req.parallel_tool_calls is not False)
     choice = req.tool_choice
     if isinstance(choice, dict):
@@ -52,6 +55,8 @@ def output_spec(req: ChatCompletionRequest) -> OutputSpec:
     if spec.tool_choice in ("required", "named") and not tools:
         raise _bad(f"tool_choice '{spec.tool_choice}' needs tools", "tool_choice")
     spec.json_schema = _response_schema(req.response_format)
+    inner = (req.response_format or {}).get("json_schema")
+    spec.strict_schema = isinstance(inner, dict) and inner.get("strict") is True
     kwargs = req.chat_template_kwargs or {}
     if kwargs.get("enable_thinking") is False:
         spec.reasoning = False
@@ -73,7 +78,8 @@ def _response_schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
                 "response_format json_schema needs json_schema.schema",
                 "response_format.json_schema.schema",
             )
-        return _checked_schema(inner["schema"], "response_format.json_schema.schema")
+        strict = inner.get("strict") is True
+        return _checked_schema(inner["schema"], "response_format.json_schema.schema", strict)
     raise _bad(
         "response_format.type must be 'text', 'json_object' or 'json_schema'",
         "response_format.type",

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.grammar import schema_error
 from engine.output.events import OutputSpec, ToolChoiceMode, ToolSpec
+from engine.output.strict import strict_error
 from engine.types import SamplingParams
 from server.chat import ChatRequest, Message
 from server.errors import APIError
@@ -51,8 +52,10 @@ def check_stateless(req: ResponsesRequest) -> None:
         )
 
 
-def _schema(schema: Any, param: str) -> dict[str, Any]:
+def _schema(schema: Any, param: str, strict: bool = False) -> dict[str, Any]:
     error = schema_error(schema)
+    if error is None and strict:
+        error = strict_error(schema)
     if error is not None:
         raise bad(param, f"invalid JSON schema: {error}", "invalid_schema")
     return schema  # type: ignore[no-any-return]
@@ -70,7 +73,9 @@ def _tools(raw: list[dict[str, Any]]) -> list[ToolSpec]:
             )
         params = t.get("parameters") or {"type": "object", "properties": {}}
         description = t.get("description") or ""
-        tools.append(ToolSpec(name, str(description), _schema(params, f"tools[{i}].parameters")))
+        strict = t.get("strict") is True
+        schema = _schema(params, f"tools[{i}].parameters", strict)
+        tools.append(ToolSpec(name, str(description), schema, strict))
     return tools
 
 
@@ -95,7 +100,8 @@ def output_spec(req: ResponsesRequest) -> OutputSpec:
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_schema":
-            spec.json_schema = _schema(fmt.get("schema"), "text.format.schema")
+            spec.strict_schema = fmt.get("strict") is True
+            spec.json_schema = _schema(fmt.get("schema"), "text.format.schema", spec.strict_schema)
         elif kind == "json_object":
             spec.json_schema = {"type": "object"}
         elif kind != "text":

@@ -188,7 +188,7 @@ class ResponsesRenderer:
                 "type": "json_schema",
                 "name": "answer",
                 "schema": spec.json_schema,
-                "strict": True,
+                "strict": spec.strict_schema,
             }
         return {
             "id": self.job.id,

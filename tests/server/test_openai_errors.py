@@ -82,6 +82,7 @@ def test_unsupported_fields_are_named(client: TestClient, extra: dict, param: st
     assert param in e["message"]
 
 
+OPEN = {"type": "object", "properties": {"a": {"type": "object", "additionalProperties": True}}}
 WEATHER = {
     "type": "function",
     "function": {
@@ -150,6 +151,28 @@ WEATHER = {
             "messages[0].tool_calls[0].function.arguments",
             "not JSON",
         ),
+        (
+            {
+                "tools": [
+                    {
+                        **WEATHER,
+                        "function": {**WEATHER["function"], "strict": True, "parameters": OPEN},
+                    }
+                ]
+            },  # fmt: skip
+            "tools[0].function.parameters",
+            "additionalProperties: false",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": OPEN},
+                }
+            },  # fmt: skip
+            "response_format.json_schema.schema",
+            "additionalProperties: false",
+        ),
     ],
 )
 def test_structured_output_bad_input_names_the_field(
@@ -158,6 +181,22 @@ def test_structured_output_bad_input_names_the_field(
     body = {"model": FAKE_MODEL, "messages": USER, **extra}
     e = err(client.post(CHAT, json=body), 400, param=param)
     assert words in e["message"]
+
+
+def test_strict_marks_the_schema_to_be_closed(client: TestClient, eng: FakeEngine) -> None:
+    """strict: true (OpenAI's structured outputs) reaches the engine's spec; without it, the
+    schema stays as JSON Schema reads it."""
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"type": "object"}}}  # fmt: skip
+    eng.add_model("big:latest", context_length=8192)  # room for the tool prompt
+    for tools, rf in (([WEATHER], None), ([strict], fmt)):
+        body = {"model": "big:latest", "messages": USER, "tools": tools}
+        if rf is not None:
+            body["response_format"] = rf
+        assert client.post(CHAT, json=body).status_code == 200
+    loose, tight = eng.requests[-2].output, eng.requests[-1].output
+    assert (loose.tools[0].strict, loose.strict_schema) == (False, False)
+    assert (tight.tools[0].strict, tight.strict_schema) == (True, True)
 
 
 def test_harmless_fields_and_text_format_pass(client: TestClient) -> None:

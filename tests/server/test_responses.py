@@ -153,6 +153,18 @@ def test_stream_incomplete_and_error_event(client, eng):
         (body(tool_choice="sometimes"), "tool_choice"),
         (body(text={"format": {"type": "xml"}}), "text.format.type"),
         (body(text={"format": {"type": "json_schema", "schema": "x"}}), "text.format.schema"),
+        (
+            body(
+                tools=[
+                    {
+                        **TOOL,
+                        "strict": True,
+                        "parameters": {"type": "object", "additionalProperties": True},
+                    }
+                ]
+            ),  # fmt: skip
+            "tools[0].parameters",
+        ),
         (body(input=[{"type": "web_search_call", "id": "x"}]), "input[0].type"),
         (body(input=[{"type": "function_call", "call_id": "c", "name": "f"}]), "input[0]"),
         (
@@ -205,6 +217,7 @@ def test_function_tools_and_function_call_items(client, eng):
     resp = client.post(URL, json=body(model=BIG, tools=[TOOL], tool_choice="required")).json()
     spec = eng.requests[0].output
     assert spec.tool_choice == "required" and spec.tools[0].parameters == TOOL["parameters"]
+    assert spec.tools[0].strict is False
     [item] = resp["output"]
     assert item["type"] == "function_call" and item["id"].startswith("fc_")
     assert item["call_id"] and item["name"] == "get_weather"
@@ -219,6 +232,8 @@ def test_function_tools_and_function_call_items(client, eng):
         "get_weather",
         False,
     )
+    client.post(URL, json=body(model=BIG, tools=[{**TOOL, "strict": True}]))
+    assert eng.requests[-1].output.tools[0].strict is True  # OpenAI's strict mode
 
 
 def test_function_call_stream_events(client, eng):

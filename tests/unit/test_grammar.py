@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from engine.grammar import MaskFiller, RowGrammar
-from engine.output.events import OutputSpec
+from engine.output.events import OutputSpec, ToolSpec
 from engine.output.pipeline import plan_output
 from engine.output.reasoning import ReasoningMarkers
+from engine.output.strict import closed, strict_error
 from engine.sampling import apply_token_mask
 from engine.types import GenerateRequest, SamplingParams
 from tests.tiny import tiny_tokenizer_json
@@ -80,6 +81,74 @@ def test_required_and_named_choice_constrain_from_the_first_token(lltok):
     )
     assert not _accepts(lltok, single.grammar, call + "\n" + call)
     assert _accepts(lltok, required.grammar, call + "\n" + call)
+
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "where": {"type": "object", "properties": {"lat": {"type": "number"}}},
+        "tags": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"k": {"type": "string"}}},
+        },
+    },
+    "required": ["city"],
+}
+
+
+@pytest.mark.parametrize("fmt", ["generic", "hermes", "llama3"])
+def test_strict_tools_take_no_extra_keys_non_strict_ones_may(lltok, fmt):
+    """OpenAI's strict mode: no key beyond the schema's, at any depth; without it, JSON Schema's
+    default (extra keys allowed) stands."""
+    args = ['{"city": "Oslo"}', '{"city": "Oslo", "where": {"lat": 1}, "tags": [{"k": "a"}]}']
+    extra = [
+        '{"city": "Oslo", "country": "NO"}',
+        '{"city": "Oslo", "where": {"lat": 1, "lon": 2}}',
+        '{"city": "Oslo", "tags": [{"k": "a", "v": "b"}]}',
+    ]
+    key = "parameters" if fmt == "llama3" else "arguments"
+
+    def call(a: str) -> str:
+        body = f'{{"name": "f", "{key}": {a}}}'
+        return {
+            "generic": f'{{"tool_calls": [{body}]}}',
+            "hermes": f"<tool_call>\n{body}\n</tool_call>",
+            "llama3": body,
+        }[fmt]
+
+    for strict in (False, True):
+        spec = OutputSpec(tools=[ToolSpec("f", "", NESTED, strict)], tool_choice="required")
+        plan = plan_output(spec, TEMPLATES[fmt], None, "", _no_special)
+        assert all(_accepts(lltok, plan.grammar, call(a)) for a in args)
+        assert [_accepts(lltok, plan.grammar, call(a)) for a in extra] == [not strict] * 3
+
+
+def test_a_strict_json_schema_answer_takes_no_extra_keys(lltok):
+    for strict in (False, True):
+        plan = plan_output(
+            OutputSpec(json_schema=NESTED, strict_schema=strict), None, None, "", _no_special
+        )
+        assert _accepts(lltok, plan.grammar, '{"city": "Oslo", "where": {"lat": 1}}')
+        assert _accepts(lltok, plan.grammar, '{"city": "Oslo", "where": {"x": 1}}') is not strict
+
+
+def test_closing_and_checking_strict_schemas():
+    shut = closed(NESTED)
+    assert shut["additionalProperties"] is False
+    assert shut["properties"]["where"]["additionalProperties"] is False
+    assert shut["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in NESTED  # the caller's schema is left alone
+    assert strict_error(shut) is None
+    assert strict_error(NESTED) is None  # saying nothing is fine: such objects get closed
+    loose = {
+        **shut,
+        "properties": {
+            **shut["properties"],
+            "where": {"type": "object", "additionalProperties": True},
+        },
+    }
+    assert ".properties.where" in (strict_error(loose) or "")
 
 
 def test_reasoning_stays_free_and_the_answer_is_constrained(lltok):
