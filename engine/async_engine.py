@@ -376,6 +376,8 @@ class AsyncEngine(EngineAPI):
             steps=dropped.get("steps", 0) + sum(c.steps for c in cores),
             failed_requests=dropped.get("failed", 0) + sum(c.failed_rows for c in cores),
             preemptions=dropped.get("preemptions", 0) + sum(c.scheduler.preemptions for c in cores),
+            drafted_tokens=dropped.get("drafted", 0) + sum(c.scheduler.drafted for c in cores),
+            accepted_tokens=dropped.get("accepted", 0) + sum(c.scheduler.accepted for c in cores),
             rejections=rejections,
         )
 

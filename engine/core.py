@@ -75,9 +75,14 @@ class EngineCore:
         """One step. Never raises for a request: a row's own failure ends that row, a failure of
         the shared pass ends the running rows; the waiting queue is kept either way."""
         try:
-            if self.overlap:
+            # A row drafts from its last token, so while drafts are possible each step is read
+            # before the next is scheduled (overlap gives way to speculation).
+            if self.overlap and not self.scheduler.speculating:
                 self._step_overlapped()
             else:
+                if self._in_flight is not None:
+                    self._update(*self._in_flight)
+                    self._in_flight = None
                 out = self.scheduler.schedule()
                 self._update(out, self.runner.submit(out))
         except Exception:

@@ -30,6 +30,13 @@ class KVManager:
             self._used += nbytes
             return True
 
+    def release(self, seq_id: str, nbytes: int) -> None:
+        """Give back part of a sequence's reservation."""
+        with self._lock:
+            nbytes = min(nbytes, self._by_seq.get(seq_id, 0))
+            self._by_seq[seq_id] = self._by_seq.get(seq_id, 0) - nbytes
+            self._used -= nbytes
+
     def free(self, seq_id: str) -> None:
         with self._lock:
             self._used -= self._by_seq.pop(seq_id, 0)

@@ -126,10 +126,14 @@ class ModelManager:
             kv_bytes_per_token=loaded.kv_bytes_per_token(),
             context_length=loaded.context_length,
             kv_window=window,
+            speculative=self.config.speculative,
+            speculative_tokens=self.config.speculative_tokens,
         )
         prefix = PrefixCache(self.config.prefix_cache_bytes)
         make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
         runner = ModelRunner(loaded.model, make_cache, prefix)
+        if not runner.trimmable:  # sliding-window caches can't drop one row's drafts
+            scheduler_config.speculative = "off"
         scheduler = Scheduler(
             scheduler_config,
             self.kv,
@@ -217,4 +221,10 @@ class ModelManager:
 def counters(core: EngineCore) -> dict[str, int]:
     """A core's cumulative counters, for /metrics."""
     s = core.scheduler
-    return {"steps": core.steps, "failed": s.failed, "preemptions": s.preemptions}
+    return {
+        "steps": core.steps,
+        "failed": s.failed,
+        "preemptions": s.preemptions,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+    }

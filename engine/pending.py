@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from engine.outputs import Failure, RunnerOutput, Sampled, row_failure
 from engine.sampling import RowState, SampleResult, sample
+from engine.speculative import Verified
 from engine.types import SamplingParams
 
 log = logging.getLogger("mlxd.engine")
@@ -84,6 +85,12 @@ class RowSample:
     params: SamplingParams
     res: SampleResult
     row: int
+    verified: Verified | None = (
+        None  # drafts checked: the tokens are the accepted ones and the next
+    )
+
+    def arrays(self) -> list[mx.array]:
+        return self.res.arrays() + (self.verified.arrays() if self.verified else [])
 
 
 @dataclass
@@ -95,7 +102,7 @@ class PendingStep:
     failed: dict[str, Failure] = field(default_factory=dict)
 
     def arrays(self) -> list[mx.array]:
-        return [a for s in self.samples for a in s.res.arrays()] + [
+        return [a for s in self.samples for a in s.arrays()] + [
             p.logprobs for p in self.prompt_scores
         ]
 
@@ -106,6 +113,10 @@ class PendingStep:
             out.prompt_scores.setdefault(scores.seq_id, []).extend(scores.read())
         lists: dict[int, list[Any]] = {}
         for s in self.samples:
+            if s.verified is not None:
+                tokens = self._verified(s.verified, lists)[s.row]
+                out.tokens[s.seq_id] = [Sampled(t) for t in tokens]
+                continue
             got = lists.get(id(s.res))
             if got is None:
                 got = lists[id(s.res)] = [a.tolist() for a in s.res.arrays()]
@@ -117,3 +128,12 @@ class PendingStep:
                     tok.top = [(int(i), float(lp)) for i, lp in best[: s.params.top_logprobs]]
             out.tokens.setdefault(s.seq_id, []).append(tok)
         return out
+
+    @staticmethod
+    def _verified(v: Verified, lists: dict[int, list[Any]]) -> list[list[int]]:
+        """Each row's accepted tokens and the one after them (read once per pass)."""
+        got = lists.get(id(v))
+        if got is None:
+            tokens, accepted = v.tokens.tolist(), v.accepted.tolist()
+            got = lists[id(v)] = [t[: a + 1] for t, a in zip(tokens, accepted)]  # type: ignore
+        return got

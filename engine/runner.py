@@ -18,7 +18,6 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from engine.grammar import MaskFiller
 from engine.outputs import RunnerOutput, row_failure
@@ -27,6 +26,7 @@ from engine.prefix_cache import PrefixCache
 from engine.sampling import RowState
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculative import BatchKVCache, Verified, draft_inputs, merge, trimmable, verify
 
 log = logging.getLogger("mlxd.engine")
 
@@ -53,6 +53,9 @@ class ModelRunner:
         self.states: dict[str, RowState] = {}
         self.next_input: dict[str, tuple[mx.array, int]] = {}  # (sampled tokens, row) to feed next
         self.masks = MaskFiller()
+        # Fresh caches are plain KV caches: new prompts prefill together, rows can verify drafts.
+        self.trimmable = trimmable(make_cache())
+        self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
 
     # --- the step ---------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -61,6 +64,7 @@ class ModelRunner:
     def submit(self, out: SchedulerOutput) -> PendingStep:
         """Queue one step. A row's own failure lands in `failed`; a failure of the shared
         decode pass raises (the caller fails the batch's rows and calls `reset`)."""
+        self._trim_rejected()
         kept = self._release(out.finished, out.preempted)
         step = PendingStep()
         scheduled = [s for s in out.scheduled if self._has_state(s.seq, step)]
@@ -92,8 +96,15 @@ class ModelRunner:
     def _decode(self, scheduled: list[ScheduledSeq], step: PendingStep) -> None:
         # The whole batch runs (a row can't sit a step out); rows not scheduled (their
         # max_tokens is reached, their finish not yet read) compute a token nobody reads.
-        inputs = mx.concatenate([self._input_of(sid) for sid in self.rows])[:, None]
-        logits = self.model(inputs, cache=self.batch)[:, -1, :]
+        drafts = {s.seq.id: s.draft for s in scheduled if s.draft}
+        next_tokens = [self._input_of(sid) for sid in self.rows]
+        if drafts:
+            row_drafts = [drafts.get(sid, []) for sid in self.rows]
+            inputs = draft_inputs(next_tokens, row_drafts)
+        else:
+            inputs = mx.concatenate(next_tokens)[:, None]
+        all_logits = self.model(inputs, cache=self.batch)
+        logits = all_logits[:, 0, :]
         states = [self.states[sid] for sid in self.rows]
         grammars = [
             (i, g)
@@ -107,13 +118,27 @@ class ModelRunner:
             mx.async_eval(logits)
             bitmask = self._full_mask(self.masks.wait(job), job.rows, len(states))
         res, failed = sample_rows(logits, states, self.rows, bitmask)
+        following = res.tokens
+        if drafts:
+            self._verified = verify(all_logits, inputs, res.tokens, row_drafts)
+            following = self._verified.next
         wanted = {s.seq.id: s.seq for s in scheduled if s.samples}
         for row, sid in enumerate(self.rows):
-            self.next_input[sid] = (res.tokens, row)
+            self.next_input[sid] = (following, row)
             if row in failed:
                 step.failed[sid] = failed[row]
             elif sid in wanted:
-                step.samples.append(RowSample(sid, wanted[sid].params, res, row))
+                verified = self._verified if sid in drafts else None
+                step.samples.append(RowSample(sid, wanted[sid].params, res, row, verified))
+
+    def _trim_rejected(self) -> None:
+        """Cut what the last pass computed past each row's accepted tokens (drafts that did not
+        hold, filler). The rows are still those of that pass: rows leave after this."""
+        if self._verified is None:
+            return
+        rejected, self._verified = self._verified.rejected(), None
+        for c in self.batch or []:
+            c.trim_rows(rejected)
 
     @staticmethod
     def _full_mask(masks: np.ndarray, rows: list[int], batch: int) -> mx.array:
@@ -210,7 +235,7 @@ class ModelRunner:
         against 3.3 ms one by one). Cached prefixes are merged left-padded, the new tokens go
         right-padded and are rolled into place (mlx-lm's prepare/finalize). If this fails, the
         group prefills one by one, each failing alone."""
-        if not all(type(c) is KVCache for c in self.make_cache()):
+        if not self.trimmable:
             return  # rotating (sliding-window) caches prefill one by one
         try:
             own = [self.prefilling[s.seq.id] for s in group]
@@ -241,7 +266,7 @@ class ModelRunner:
         self.prefilling.pop(seq.id, None)
         if self.prefix_cache is not None:
             self.prefix_cache.insert(seq.prefill_ids[:-1], caches)
-        self._extend([type(c).merge([c]) for c in caches])
+        self._extend([merge([c]) for c in caches])
         self._add_row(seq)
 
     def _add_row(self, seq: Sequence) -> None:
@@ -273,7 +298,7 @@ class ModelRunner:
     # --- leaving ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Drop every row and cache (after a failed shared pass left them in an unknown state)."""
-        self.rows, self.batch = [], None
+        self.rows, self.batch, self._verified = [], None, None
         self.prefilling, self.states, self.next_input = {}, {}, {}
 
     def _forget(self, sid: str) -> None:

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.drafter import NgramDrafter, can_draft
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
 from engine.outputs import NO_MEMORY, Failure, RunnerOutput, Sampled, StepOutput
@@ -19,6 +20,9 @@ from engine.types import FinishReason, RequestStatus, TokenLogprob
 # prefill can start from that prompt's cached KV (n > 1 choices, bursts with one system prompt).
 log = logging.getLogger("mlxd.engine")
 SHARED_PREFIX_WAIT = 32
+# speculative = "auto" drafts while at most this many sequences run: past that, the positions a
+# draft adds to every row of the batch cost more than its accepted tokens save (see README).
+AUTO_MAX_ROWS = 4
 
 
 @dataclass
@@ -29,6 +33,9 @@ class ScheduledSeq:
     samples: bool  # the chunk reaches the end of the known tokens: sample the next one
     cached: int = 0  # set on a sequence's first step: prompt tokens to take from the prefix cache
     preemptions: int = 0  # the sequence's count when scheduled: prompt scores of an older run drop
+    # Guessed next tokens, computed after the row's last known token and verified in this pass
+    # (counted in num_tokens); the runner returns the accepted ones and the token after them.
+    draft: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +54,10 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.scheduled and not self.finished and not self.preempted
 
+    @property
+    def drafted(self) -> int:
+        return sum(len(s.draft) for s in self.scheduled)
+
 
 @dataclass
 class SchedulerConfig:
@@ -58,6 +69,8 @@ class SchedulerConfig:
     context_length: int = 2048
     kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)
     kv_chunk: int = 32  # KV is reserved for what a sequence has, plus this many tokens at a time
+    speculative: str = "off"  # "off", "on" or "auto" (on while the batch is small)
+    speculative_tokens: int = 4  # the most tokens a row drafts in one step
 
 
 Outputs = list[tuple[Sequence, StepOutput]]
@@ -85,6 +98,9 @@ class Scheduler:
         self.rejections: dict[str, int] = {}
         self.failed = 0  # requests ended by an engine error (their own, or their step's)
         self.preemptions = 0
+        self.drafter = NgramDrafter(config.speculative_tokens)
+        self.drafted = 0  # draft tokens verified
+        self.accepted = 0  # draft tokens that held
 
     # --- intake ---------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -107,6 +123,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._to_release)
 
+    @property
+    def speculating(self) -> bool:
+        """This step's decodes may carry drafts (each then needs its last token read first)."""
+        mode = self.config.speculative
+        return mode == "on" or (mode == "auto" and len(self.running) <= AUTO_MAX_ROWS)
+
     # --- the step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         # Each request advances by min(tokens still to compute, budget left) from one token
@@ -117,6 +139,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         queue = sorted(self.running, key=lambda s: s.prefilling)
+        speculating = self.speculating
         while queue:
             seq = queue.pop(0)
             n = min(seq.to_compute, budget)
@@ -124,8 +147,9 @@ class Scheduler:
                 continue
             if not self._grow(seq, seq.num_computed + n, queue, out):
                 continue  # preempted itself, or alone and out of memory
-            out.scheduled.append(self._advance(seq, n))
-            budget -= n
+            draft = self._draft(seq, budget - n) if speculating and n == seq.to_compute else []
+            out.scheduled.append(self._advance(seq, n, draft))
+            budget -= n + len(draft)
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -147,13 +171,47 @@ class Scheduler:
         out.finished, self._to_release = self._to_release, []
         return out
 
-    def _advance(self, seq: Sequence, n: int) -> ScheduledSeq:
+    def _advance(self, seq: Sequence, n: int, draft: list[int] | None = None) -> ScheduledSeq:
         start = seq.num_computed
         seq.num_computed += n
         samples = seq.num_computed == seq.num_tokens
         if samples:
             seq.in_flight += 1
-        return ScheduledSeq(seq, n, start, samples, preemptions=seq.preemptions)
+        draft = draft or []
+        seq.num_computed += len(draft)  # the rejected ones are taken back in update_from_output
+        return ScheduledSeq(
+            seq, n + len(draft), start, samples, preemptions=seq.preemptions, draft=draft
+        )
+
+    # --- speculation ------------------------------------------------------------------------
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """A decoding row's guesses at its next tokens, within the step's budget, its
+        max_tokens and context, and KV that is free: drafts never preempt anyone."""
+        if seq.prefilling or seq.in_flight or not can_draft(seq.params):
+            return []
+        limit = min(
+            room,
+            seq.params.max_tokens - seq.num_generated - 1,
+            self.config.context_length - seq.num_tokens - 1,
+        )
+        draft = self.drafter.propose(seq.id, seq.all_token_ids(), limit) if limit > 0 else []
+        if draft and not self._reserve(seq, seq.num_computed + 1 + len(draft)):
+            return []
+        return draft
+
+    def _settle_draft(self, sched: ScheduledSeq, accepted: int) -> None:
+        """The rejected drafts' KV is gone from the runner's cache: uncount it, and give back
+        what was reserved for them beyond the usual chunk."""
+        seq, drafted = sched.seq, len(sched.draft)
+        accepted = min(accepted, drafted)
+        seq.num_computed -= drafted - accepted
+        self.drafter.observe(seq.id, drafted, accepted)
+        self.drafted += drafted
+        self.accepted += accepted
+        keep = min(self._kv_cap(), seq.num_computed + 1 + self.config.kv_chunk)
+        if seq.kv_tokens > keep:
+            self.kv.release(seq.id, (seq.kv_tokens - keep) * self.config.kv_bytes_per_token)
+            seq.kv_tokens = keep
 
     # --- KV on demand ---------------------------------------------------------------------------
     def _kv_cap(self) -> int:
@@ -260,7 +318,10 @@ class Scheduler:
             if scores and sched.preemptions == seq.preemptions:
                 held = self._prompt_scores.setdefault(seq.id, [])
                 held.extend(lp for s in scores if (lp := self._logprob(s)) is not None)
-            if tokens := res.tokens.get(seq.id):
+            tokens = res.tokens.get(seq.id, [])
+            if sched.draft:
+                self._settle_draft(sched, max(0, len(tokens) - 1))
+            if tokens:
                 outputs.append((seq, self._append(seq, tokens, now)))
         return outputs
 
@@ -323,6 +384,7 @@ class Scheduler:
         return StepOutput([], finish_reason=FinishReason.ERROR, metrics=seq.metrics, error=error)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.drafter.forget(seq.id)
         if seq in self.running:
             self.running.remove(seq)
             self.kv.free(seq.id)

@@ -191,6 +191,8 @@ class EngineStats:
     steps: int = 0
     failed_requests: int = 0  # requests the engine ended with an error (theirs or their step's)
     preemptions: int = 0  # running sequences sent back to the queue to free KV
+    drafted_tokens: int = 0  # speculative decoding: draft tokens verified ...
+    accepted_tokens: int = 0  # ... and those that held
     mlx_active_bytes: int = 0
     mlx_peak_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -216,3 +218,5 @@ class EngineConfig:
     max_context: int  # 0: the model's own context length
     prefix_cache_bytes: int
     kv_fraction: float
+    speculative: str  # "off", "on" or "auto": n-gram drafts verified in the batch (greedy rows)
+    speculative_tokens: int  # the most tokens one row drafts a step

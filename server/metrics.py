@@ -251,6 +251,12 @@ class EngineCollector(Collector):
             ("mlxd_engine_steps", "Engine steps executed", s.steps),
             ("mlxd_engine_failed_requests", "Requests ended by an engine error", s.failed_requests),
             ("mlxd_engine_preemptions", "Sequences preempted to free KV", s.preemptions),
+            (
+                "mlxd_spec_drafted_tokens",
+                "Draft tokens verified (speculative decoding)",
+                s.drafted_tokens,
+            ),
+            ("mlxd_spec_accepted_tokens", "Draft tokens accepted", s.accepted_tokens),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))

@@ -84,12 +84,21 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = key("engine")
     kv_fraction: float = key("engine")
     default_max_tokens: int = key("engine")
+    speculative: Literal["off", "on", "auto"] = key("engine")
+    speculative_tokens: int = key("engine")
 
     @field_validator("api_keys", "cors_origins", "preload", "pinned", "import_dirs", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("speculative_tokens", mode="after")
+    @classmethod
+    def _draft_length(cls, value: int) -> int:
+        if not 1 <= value <= 32:
+            raise ValueError("speculative_tokens must be between 1 and 32")
         return value
 
     @field_validator("models_dir", mode="after")

@@ -165,7 +165,7 @@ def test_preempted_streams_lose_and_repeat_nothing(overlap):
 
 def test_the_step_loop_and_scheduler_import_no_mlx():
     code = (
-        "import sys, engine.core, engine.scheduler, engine.outputs, engine.kv_manager; "
+        "import sys, engine.core, engine.scheduler, engine.drafter, engine.outputs, engine.kv_manager; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]; "
         "assert not bad, bad"
     )

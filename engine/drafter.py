@@ -1,0 +1,100 @@
+"""Prompt-lookup (n-gram) drafting: guesses of a row's next tokens, taken from its own prompt and
+output (no draft model). No MLX: the scheduler drafts, the runner verifies.
+
+For each sequence an index maps every n-gram seen (n = MAX_NGRAM down to MIN_NGRAM) to where its
+most recent occurrence continued; the draft is what followed the longest n-gram ending the text.
+The index grows with the text (O(new tokens) a step, not a scan of the context). A row's draft
+length adapts to how its drafts fare: a rejected draft costs compute (every drafted position is
+computed), so rows whose guesses miss draft less, rows whose guesses hold draft more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.types import SamplingParams
+
+# A 1-token match guesses wrong too often to pay for the positions it adds; longer matches first.
+MAX_NGRAM = 4
+MIN_NGRAM = 2
+# After a draft that missed entirely, the row skips this many steps before drafting again.
+MISS_BACKOFF = 2
+
+
+def can_draft(p: SamplingParams) -> bool:
+    """Rows whose verification is exact: greedy, and nothing that would have to be applied per
+    drafted position (grammar masks, history-dependent penalties and processors, logit bias)
+    or reported per accepted token (logprobs). Sampled rows never speculate, so a seeded
+    stream draws exactly the tokens it would draw without speculation."""
+    return (
+        p.greedy
+        and p.grammar is None
+        and not p.logits_processors
+        and not p.logit_bias
+        and not p.logprobs
+        and not p.prompt_logprobs
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and p.max_tokens > 0
+    )
+
+
+@dataclass
+class _Index:
+    ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> continuation
+    indexed: int = 0  # n-grams ending before this position are in `ngrams`
+    length: int = 1  # this row's current draft length
+    wait: int = 0  # steps to skip before drafting again
+
+
+class NgramDrafter:
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens  # k: the most tokens one row drafts in a step
+        self._rows: dict[str, _Index] = {}
+
+    def propose(self, seq_id: str, tokens: list[int], limit: int) -> list[int]:
+        """Up to min(limit, the row's draft length) tokens likely to follow `tokens`."""
+        row = self._rows.get(seq_id)
+        if row is None:
+            row = self._rows[seq_id] = _Index(length=self.max_tokens)
+        self._index(row, tokens)
+        if row.wait > 0:
+            row.wait -= 1
+            return []
+        limit = min(limit, row.length)
+        if limit <= 0:
+            return []
+        for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
+            start = row.ngrams.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start : start + limit]
+        return []
+
+    def observe(self, seq_id: str, drafted: int, accepted: int) -> None:
+        """How a row's draft fared: the next draft doubles after a full accept, shrinks to what
+        held after a partial one, and after a total miss the row pauses a little."""
+        row = self._rows.get(seq_id)
+        if row is None or drafted <= 0:
+            return
+        if accepted >= drafted:
+            row.length = min(self.max_tokens, 2 * row.length)
+        elif accepted > 0:
+            row.length = max(1, accepted)
+        else:
+            row.length = 1
+            row.wait = MISS_BACKOFF
+
+    def forget(self, seq_id: str) -> None:
+        self._rows.pop(seq_id, None)
+
+    @staticmethod
+    def _index(row: _Index, tokens: list[int]) -> None:
+        # An n-gram ending at position p continues at p + 1; it is indexed once that exists,
+        # so the n-gram ending the text finds an earlier occurrence, never itself.
+        end = len(tokens) - 1
+        for p in range(row.indexed, end):
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+                if p + 1 >= n:
+                    row.ngrams[tuple(tokens[p + 1 - n : p + 1])] = p + 1
+        row.indexed = max(row.indexed, end)

@@ -1,0 +1,102 @@
+"""Verifying drafts inside the decode batch (the MLX side of speculative decoding).
+
+A step with drafts feeds every row 1 + D tokens: its next token, its draft, and filler up to the
+widest draft (rows without one carry filler only). Causal attention keeps filler from touching a
+row's real positions, and everything a row did not accept is cut from its KV afterwards. A row
+accepts the leading drafts that equal the greedy token of the position before; its tokens are
+those and the greedy token after them. Only greedy rows draft (engine/drafter.py), so a
+verified token is exactly what decoding one token a step would have produced; sampled rows
+take position 0 only, drawn as always.
+
+mlx-lm's BatchKVCache trims every row alike; `BatchKVCache.trim_rows` below trims each row by
+its own count. Rotating (sliding-window) caches wrap per row and are not trimmed per row: models
+with them do not speculate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+
+FILLER = 0  # any id: filler positions are computed, never read, and cut from the KV
+
+
+class BatchKVCache(mlx_cache.BatchKVCache):
+    """mlx-lm's left-padded batch cache, plus a per-row trim."""
+
+    @classmethod
+    def merge(cls, caches: list) -> BatchKVCache:
+        merged = super().merge(caches)
+        # mlx-lm makes an empty merge of its own class: keep this one.
+        return merged if isinstance(merged, cls) else cls([0] * len(caches))
+
+    def trim_rows(self, counts: list[int]) -> None:
+        """Drop the last `counts[i]` entries of row i. What all rows drop is cut from the end;
+        a row dropping more is shifted right by the difference, its dropped entries wrapping
+        into its left padding (masked), so every row still ends at the shared end."""
+        shared = min(counts)
+        self.trim(shared)
+        extra = [c - shared for c in counts]
+        if not any(extra) or self.keys is None:
+            return
+        n = self._idx
+        shift = mx.array(extra, dtype=mx.int32)
+        for name in ("keys", "values"):
+            buf = getattr(self, name)
+            buf[..., :n, :] = mlx_cache.dynamic_roll(buf[..., :n, :], shift[:, None], axis=2)
+        self.left_padding = self.left_padding + shift
+        self.offset = self.offset - shift
+
+
+def merge(caches: list) -> object:
+    """One layer's per-sequence caches as a batch cache (plain KV caches as the trimmable one)."""
+    if all(type(c) is mlx_cache.KVCache for c in caches):
+        return BatchKVCache.merge(caches)
+    return type(caches[0]).merge(caches)
+
+
+def trimmable(caches: list) -> bool:
+    """A model's fresh caches are all plain KV caches (no sliding window): it can speculate."""
+    return all(type(c) is mlx_cache.KVCache for c in caches)
+
+
+def draft_inputs(next_tokens: list[mx.array], drafts: list[list[int]]) -> mx.array:
+    """[B, 1 + D]: each row's next token, its draft, then filler."""
+    width = max(len(d) for d in drafts)
+    tail = mx.array([d + [FILLER] * (width - len(d)) for d in drafts], dtype=mx.int32)
+    return mx.concatenate([mx.concatenate(next_tokens)[:, None], tail], axis=1)
+
+
+@dataclass
+class Verified:
+    """A verify pass's outcome (lazy): row i's tokens are tokens[i, : accepted[i] + 1]."""
+
+    tokens: mx.array  # [B, 1 + D]
+    accepted: mx.array  # [B] drafts accepted
+    next: mx.array  # [B] each row's last token: the next step's input
+
+    def arrays(self) -> list[mx.array]:
+        return [self.tokens, self.accepted]
+
+    def rejected(self) -> list[int]:
+        """Per row, the positions of this pass to cut from the KV (reads `accepted`)."""
+        width = self.tokens.shape[1] - 1
+        accepted: list[int] = self.accepted.tolist()  # type: ignore[assignment]
+        return [width - a for a in accepted]
+
+
+def verify(
+    logits: mx.array, inputs: mx.array, first: mx.array, drafts: list[list[int]]
+) -> Verified:
+    """Accept each row's drafts against `logits` [B, 1 + D, V]. `first` [B] holds the tokens
+    sampled at position 0 (the greedy ones for drafting rows, as sampling.sample picks them)."""
+    greedy = mx.argmax(logits[:, 1:, :].astype(mx.float32), axis=-1).astype(mx.int32)
+    tokens = mx.concatenate([first[:, None], greedy], axis=1)
+    width = inputs.shape[1] - 1
+    lengths = mx.array([len(d) for d in drafts], dtype=mx.int32)
+    held = (inputs[:, 1:] == tokens[:, :-1]) & (mx.arange(width)[None, :] < lengths[:, None])
+    accepted = mx.cumprod(held.astype(mx.int32), axis=1).sum(axis=1)
+    nxt = mx.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+    return Verified(tokens, accepted, nxt)
