@@ -3,9 +3,10 @@ output (no draft model). No MLX: the scheduler drafts, the runner verifies.
 
 For each sequence an index maps every n-gram seen (n = MAX_NGRAM down to MIN_NGRAM) to where its
 most recent occurrence continued; the draft is what followed the longest n-gram ending the text.
-The index grows with the text (O(new tokens) a step, not a scan of the context). A row's draft
-length adapts to how its drafts fare: a rejected draft costs compute (every drafted position is
-computed), so rows whose guesses miss draft less, rows whose guesses hold draft more.
+The index grows with the text (O(new tokens) a step, not a scan of the context). A rejected
+draft costs compute (every drafted position is computed), so a draft's length follows how much
+evidence backs it: a 4-gram match drafts up to k tokens, a 3-gram k / 2, a 2-gram one; and a
+per-row trust, halved by a draft that missed entirely and doubled by one that held, caps it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from engine.types import SamplingParams
 # A 1-token match guesses wrong too often to pay for the positions it adds; longer matches first.
 MAX_NGRAM = 4
 MIN_NGRAM = 2
-# After a draft that missed entirely, the row skips this many steps before drafting again.
-MISS_BACKOFF = 2
 
 
 def can_draft(p: SamplingParams) -> bool:
@@ -44,8 +43,7 @@ def can_draft(p: SamplingParams) -> bool:
 class _Index:
     ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> continuation
     indexed: int = 0  # n-grams ending before this position are in `ngrams`
-    length: int = 1  # this row's current draft length
-    wait: int = 0  # steps to skip before drafting again
+    trust: int = 1  # the longest draft this row makes now
 
 
 class NgramDrafter:
@@ -57,33 +55,27 @@ class NgramDrafter:
         """Up to min(limit, the row's draft length) tokens likely to follow `tokens`."""
         row = self._rows.get(seq_id)
         if row is None:
-            row = self._rows[seq_id] = _Index(length=self.max_tokens)
+            row = self._rows[seq_id] = _Index(trust=self.max_tokens)
         self._index(row, tokens)
-        if row.wait > 0:
-            row.wait -= 1
-            return []
-        limit = min(limit, row.length)
-        if limit <= 0:
-            return []
         for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             start = row.ngrams.get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start : start + limit]
+                backed = self.max_tokens >> (MAX_NGRAM - n) if n > MIN_NGRAM else 1
+                return tokens[start : start + max(0, min(limit, row.trust, max(1, backed)))]
         return []
 
     def observe(self, seq_id: str, drafted: int, accepted: int) -> None:
-        """How a row's draft fared: the next draft doubles after a full accept, shrinks to what
-        held after a partial one, and after a total miss the row pauses a little."""
+        """How a row's draft fared: trust doubles after a full accept, grows to one more than
+        held after a partial one, and halves after a total miss."""
         row = self._rows.get(seq_id)
         if row is None or drafted <= 0:
             return
         if accepted >= drafted:
-            row.length = min(self.max_tokens, 2 * row.length)
+            row.trust = min(self.max_tokens, 2 * row.trust)
         elif accepted > 0:
-            row.length = max(1, accepted)
+            row.trust = min(self.max_tokens, max(row.trust, accepted + 1))
         else:
-            row.length = 1
-            row.wait = MISS_BACKOFF
+            row.trust = max(1, row.trust // 2)
 
     def forget(self, seq_id: str) -> None:
         self._rows.pop(seq_id, None)

@@ -1,0 +1,83 @@
+"""Speculative decoding on the real runner over tiny models: the per-row KV trim, and output
+identical with and without drafts (greedy rows and seeded sampled rows in one batch)."""
+
+import random
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from engine.speculative import BatchKVCache, trimmable
+from engine.types import GenerateRequest, SamplingParams
+from tests.unit.engine_harness import EOS, Harness, tiny_gemma3, tiny_llama
+
+
+def kv(length: int, seed: int) -> KVCache:
+    c = KVCache()
+    k = mx.random.normal((1, 2, length, 4), key=mx.random.key(seed))
+    c.update_and_fetch(k, k + 1)
+    return c
+
+
+def test_trim_rows_cuts_each_row_by_its_own_count():
+    a, b, c = kv(3, 0), kv(6, 1), kv(5, 2)
+    batch = BatchKVCache.merge([a, b, c])
+    new = mx.random.normal((3, 2, 4, 4), key=mx.random.key(9))
+    batch.update_and_fetch(new, new + 1)
+    batch.trim_rows([1, 3, 0])  # rows keep 3, 1 and 4 of the 4 new positions
+    for i, (row, kept) in enumerate([(a, 3), (b, 1), (c, 4)]):
+        want = mx.concatenate([row.keys[..., : row.offset, :], new[i : i + 1, :, :kept]], axis=2)
+        got = batch.extract(i)
+        assert got.offset == row.offset + kept
+        assert mx.array_equal(got.keys, want) and mx.array_equal(got.values, want + 1)
+    assert batch.offset.tolist() == [6, 7, 9]
+    # It stays a working batch cache: the next positions land after each row's own.
+    more = mx.ones((3, 2, 1, 4))
+    batch.update_and_fetch(more, more)
+    assert mx.array_equal(batch.extract(1).keys[..., -1:, :], more[1:2])
+    batch.filter(mx.array([0, 2]))
+    assert batch.offset.tolist() == [7, 10] and type(batch) is BatchKVCache
+
+
+def test_an_empty_merge_keeps_the_trimmable_class():
+    assert type(BatchKVCache.merge([KVCache(), KVCache()])) is BatchKVCache
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    return tiny_llama()
+
+
+def requests() -> list[GenerateRequest]:
+    """Greedy rows with repetitive prompts (a random model's greedy output loops too, so drafts
+    hold and miss), one plain greedy row, and seeded sampled rows that never draft."""
+    rng = random.Random(3)
+    out = []
+    for i in range(6):
+        unit = [rng.randrange(1, EOS - 1) for _ in range(rng.randrange(3, 9))]
+        prompt = unit * rng.randrange(2, 5) + [rng.randrange(1, EOS - 1) for _ in range(i)]
+        if i < 4:
+            params = SamplingParams(max_tokens=20 + 3 * i, temperature=0)
+        else:
+            params = SamplingParams(max_tokens=15, temperature=0.9, top_k=40, seed=i)
+        out.append(GenerateRequest(f"r{i}", "m", prompt, params))
+    return out
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["read-now", "read-a-step-late"])
+def test_speculation_changes_no_token(llama_model, pipelined):
+    plain = Harness(llama_model, pipelined=pipelined).run(requests(), every=2)
+    h = Harness(llama_model, pipelined=pipelined)
+    h.scheduler.config.speculative = "on"
+    h.scheduler.drafter.max_tokens = 6
+    spec = h.run(requests(), every=2)  # rows join and leave at different steps
+    assert spec == plain
+    s = h.scheduler
+    assert s.accepted > 0 and s.drafted > s.accepted  # drafts held and missed
+    assert h.kv.used_bytes == 0 and h.runner.batch is None
+
+
+def test_sliding_window_models_do_not_speculate():
+    assert not Harness(tiny_gemma3()).runner.trimmable
+    assert Harness(tiny_llama()).runner.trimmable
+    assert not trimmable([KVCache(), RotatingKVCache(max_size=16)])  # max_context set

@@ -1,0 +1,199 @@
+"""Speculative bookkeeping with a fake runner (no MLX): drafts take KV and budget, the rejected
+ones give it back, accepted tokens stream as if decoded one by one."""
+
+import pytest
+
+from engine.core import EngineCore
+from engine.drafter import NgramDrafter, can_draft
+from engine.kv_manager import KVManager
+from engine.outputs import RunnerOutput, Sampled, StepOutput
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import Sequence
+from engine.types import GenerateRequest, SamplingParams
+
+CYCLE = list(range(10, 20))
+PROMPT = CYCLE * 3  # the model "continues the cycle", so n-gram drafts from the prompt hold ...
+SLIP = {5: 99, 17: 98}  # ... except at these output indices, where drafts get rejected
+
+
+def truth(n: int) -> list[int]:
+    return [SLIP.get(i, CYCLE[i % len(CYCLE)]) for i in range(n)]
+
+
+class ScriptRunner:
+    """Each row's true continuation is `truth`; a draft holds while it matches it. Checks that
+    every step computes exactly the KV positions the scheduler says, drafts included."""
+
+    def __init__(self) -> None:
+        self.constrained = False
+        self.kv: dict[str, int] = {}  # positions computed per row, as this 'cache' holds them
+        self.widest = 0
+
+    def submit(self, out: SchedulerOutput) -> "Done":
+        res = RunnerOutput()
+        for x in out.scheduled:
+            seq = x.seq
+            assert self.kv.get(seq.id, 0) == x.start, "the KV and the scheduler disagree"
+            self.kv[seq.id] = x.start + x.num_tokens
+            self.widest = max(self.widest, len(x.draft))
+            if not x.samples:
+                continue
+            gen = seq.num_generated - 1  # the index of the token this step samples
+            want = truth(gen + len(x.draft) + 1)[gen:]
+            accepted = 0
+            while accepted < len(x.draft) and x.draft[accepted] == want[accepted]:
+                accepted += 1
+            res.tokens[seq.id] = [Sampled(t) for t in want[: accepted + 1]]
+            self.kv[seq.id] -= len(x.draft) - accepted  # the per-row trim
+        for seq in [*out.finished, *out.preempted]:
+            self.kv.pop(seq.id, None)
+        return Done(res)
+
+    def reset(self) -> None:
+        self.kv.clear()
+
+
+class Done:
+    def __init__(self, res: RunnerOutput):
+        self.res = res
+
+    def result(self) -> RunnerOutput:
+        return self.res
+
+
+def make(mode: str = "on", k: int = 4, kv: int = 10**6, overlap: bool = False, budget: int = 64):
+    cfg = SchedulerConfig(
+        max_num_seqs=8,
+        max_num_batched_tokens=budget,
+        max_waiting=64,
+        context_length=1000,
+        kv_chunk=2,
+        speculative=mode,
+        speculative_tokens=k,
+    )
+    sent: dict[str, list[StepOutput]] = {}
+    runner = ScriptRunner()
+    core = EngineCore(
+        Scheduler(cfg, KVManager(kv)),
+        runner,
+        lambda seq, out: sent.setdefault(seq.id, []).append(out),
+        overlap=overlap,
+    )
+    return core, runner, sent
+
+
+def add(core: EngineCore, rid: str, max_tokens: int = 30, **kw) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+    seq = Sequence(GenerateRequest(rid, "m", list(PROMPT), params))
+    core.add(seq)
+    return seq
+
+
+def run(core: EngineCore) -> int:
+    steps = 0
+    while core.has_work:
+        core.step()
+        steps += 1
+        for seq in core.scheduler.running:
+            if not seq.prefilling and not seq.in_flight:  # KV up to all but the last token
+                assert seq.num_computed == seq.num_tokens - 1
+        assert steps < 500
+    return steps
+
+
+def streamed(sent: dict[str, list[StepOutput]]) -> dict[str, list[int]]:
+    return {rid: [t for o in outs for t in o.token_ids] for rid, outs in sent.items()}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-now", "overlapped"])
+def test_accepted_drafts_stream_like_single_steps_and_rejected_ones_are_taken_back(overlap):
+    plain, _, plain_sent = make("off", overlap=overlap)
+    spec, runner, spec_sent = make("on", overlap=overlap)
+    for core in (plain, spec):
+        add(core, "a")
+        add(core, "b", max_tokens=23)
+    plain_steps, spec_steps = run(plain), run(spec)
+    assert streamed(spec_sent) == streamed(plain_sent) == {"a": truth(30), "b": truth(23)}
+    s = spec.scheduler
+    assert s.accepted > 0 and s.drafted > s.accepted  # the slips were drafted past, and rejected
+    assert spec_steps < plain_steps * 0.6 and runner.widest == 4
+    assert s.kv.used_bytes == 0 and not runner.kv
+
+
+def test_drafts_stop_at_max_tokens_and_finish_at_a_stop_token():
+    core, _, sent = make("on", k=8)
+    add(core, "a", max_tokens=9)
+    add(core, "b", stop_token_ids=[15], max_tokens=30)  # output index 5 is 99: stops at 15
+    run(core)
+    assert streamed(sent)["a"] == truth(9)
+    assert streamed(sent)["b"] == truth(16)  # ..., 99 (index 5), ..., 15 (index 15)
+
+
+def test_auto_drafts_only_while_the_batch_is_small():
+    core, runner, _ = make("auto")
+    for i in range(5):
+        add(core, f"r{i}", max_tokens=12)
+    run(core)
+    assert runner.widest > 0  # once rows finish, at most 4 remain ...
+    core, runner, _ = make("auto", budget=256)  # all six admitted in the first step
+    for i in range(6):
+        add(core, f"r{i}", max_tokens=4)  # ... here six run to the end together
+    run(core)
+    assert runner.widest == 0 and core.scheduler.drafted == 0
+
+
+def test_sampled_and_special_rows_never_draft():
+    assert can_draft(SamplingParams(temperature=0))
+    assert can_draft(SamplingParams(temperature=0.8, top_k=1))
+    for kw in (
+        {"temperature": 0.7, "seed": 1},
+        {"temperature": 0, "logprobs": True},
+        {"temperature": 0, "repetition_penalty": 1.1},
+        {"temperature": 0, "logit_bias": {3: 1.0}},
+        {"temperature": 0, "grammar": object()},
+    ):
+        assert not can_draft(SamplingParams(**kw)), kw
+    core, runner, _ = make("on")
+    seq = Sequence(GenerateRequest("s", "m", list(PROMPT), SamplingParams(temperature=0.7)))
+    core.add(seq)
+    run(core)
+    assert runner.widest == 0
+
+
+def test_drafts_never_preempt_and_give_back_their_kv():
+    # Two rows whose KV fits without drafts: drafting must not push either out.
+    need = len(PROMPT) + 30 + 4
+    core, _, sent = make("on", k=8, kv=2 * need)
+    add(core, "a")
+    add(core, "b")
+    run(core)
+    assert core.scheduler.preemptions == 0 and core.scheduler.drafted > 0
+    assert streamed(sent) == {"a": truth(30), "b": truth(30)}
+
+
+def test_a_reservation_grown_for_drafts_shrinks_after_a_reject():
+    core, _, _ = make("on", k=8)
+    a = add(core, "a", max_tokens=30)
+    for _ in range(6):  # admitted, then drafts held, then index 5's slip is rejected
+        core.step()
+    assert core.scheduler.drafted > core.scheduler.accepted
+    assert a.kv_tokens <= a.num_computed + 1 + core.scheduler.config.kv_chunk
+
+
+def test_drafts_count_in_the_token_budget():
+    core, runner, _ = make("on", k=8, budget=3)  # prefill in chunks of 3, then 1 + 2 drafts
+    add(core, "a", max_tokens=20)
+    run(core)
+    assert runner.widest == 2
+
+
+def test_ngram_drafts_come_from_the_most_recent_longest_match():
+    d = NgramDrafter(4)
+    text = [1, 2, 3, 4, 9, 9, 1, 2, 3, 4, 7, 8, 5, 1, 2, 3, 4]
+    assert d.propose("x", text, 4) == [7, 8, 5, 1]  # [1, 2, 3, 4] last seen before 7, 8
+    assert d.propose("x", [*text, 7], 2) == [8, 5]  # the index grows with the text
+    assert d.propose("y", [1, 2, 3, 4], 4) == []  # nothing repeats
+    assert d.propose("z", [5, 1, 2, 6, 1, 2], 4) == [6]  # a 2-gram backs one token
+    assert d.propose("w", [5, 1, 2, 3, 6, 1, 2, 3], 4) == [6, 1]  # a 3-gram half of k
+    d.observe("x", 2, 0)  # a total miss halves the row's trust
+    assert d.propose("x", [*text, 7], 4) == [8, 5]
