@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-profile doctor clean
+.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-spec bench-profile doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -86,6 +86,11 @@ bench-quick: install
 	$(PY) scripts/bench_compare.py --temperatures 0 --concurrency 1,16 --max-tokens 32 --warmup 1 $(ARGS)
 
 # Where a decode step's time goes, by op class, at 1, 4 and 16 rows (the model in-process).
+# Speculative decoding off against on (two mlxd servers, one greedy stream, requests alternating):
+# decode tok/s on the chat prompts above and on copying a ~300-token text; .bench/speculative.md.
+bench-spec: install
+	$(PY) scripts/bench_compare.py --speculative $(ARGS)
+
 bench-profile: install
 	$(VENV)/bin/mlxd bench --profile $(ARGS)
 

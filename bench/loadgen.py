@@ -77,6 +77,9 @@ class LoadConfig:
     api_key: str = ""
     temperature: float = 0.7
     constrained: float = 0.0  # fraction of requests answering under a JSON schema
+    # "chat": open-ended asks answered until max_tokens; "repeat": copy a ~300-token text (the
+    # answer repeats the prompt: what prompt-lookup speculative decoding is for), until EOS.
+    task: str = "chat"
 
     def is_constrained(self, index: int) -> bool:
         """Request `index` carries a response_format (spread evenly over the run)."""
@@ -96,6 +99,13 @@ class RequestResult:
     output_tokens: int = 0
     latency: float = 0.0
     error: str = ""
+    text: str = ""  # the streamed answer
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens after the first over the time after the first (the stream's decode rate)."""
+        span = self.latency - self.ttft
+        return (self.output_tokens - 1) / span if span > 0 and self.output_tokens > 1 else 0.0
 
     @property
     def itls(self) -> list[float]:
@@ -184,6 +194,27 @@ def make_prompt(tokens: int, index: int) -> str:
     return ask + context
 
 
+REPEAT_ASK = "Repeat the following text exactly, word for word:\n\n"
+REPEAT_TEXT = (
+    "The old lighthouse stood at the edge of the cliff for more than two hundred years. Every "
+    "night its keeper climbed the narrow stairs, trimmed the wick, polished the great lens and "
+    "watched the lamp throw its beam across the dark water. Ships passing along the rocky coast "
+    "depended on that light to find their way home. In winter the storms were fierce, and waves "
+    "crashed against the rocks below with a sound like thunder. The keeper kept a logbook in "
+    "which he wrote down the weather, the ships he saw and anything unusual that happened "
+    "during the night. Over the years the logbook filled many shelves in the small room at the "
+    "base of the tower. When electric lights were finally installed, the keeper was no longer "
+    "needed, and the lighthouse was left empty. Today visitors climb the same stairs, read the "
+    "old logbooks and look out over the sea, imagining the long nights the keepers spent alone "
+    "with the wind and the light. Some of them stay until sunset, when the beam that no longer "
+    "turns still seems to glow for a moment in the last red light of the evening. In the "
+    "village below, the old people still tell stories about the keepers: the one who rowed out "
+    "alone in a storm to save three fishermen, the one who planted roses in the salty garden, "
+    "and the last one, who left a note on the table saying that the sea would always need a "
+    "light, even if no one was there to tend it."
+)  # ~300 tokens in common BPE vocabularies
+
+
 def make_prefix(tokens: int, nonce: str) -> str:
     """A long system prompt; the nonce keeps an earlier run's prefix cache from hitting."""
     return f"Session {nonce}. You are a helpful assistant. " + _FILLER * max(1, round(tokens / 32))
@@ -260,7 +291,13 @@ class LoadGenerator:
 
     def body(self, model: str, with_prefix: bool) -> dict[str, Any]:
         self._counter += 1
-        messages = [{"role": "user", "content": make_prompt(self.cfg.prompt_tokens, self._counter)}]
+        repeat = self.cfg.task == "repeat"
+        ask = (
+            REPEAT_ASK + REPEAT_TEXT
+            if repeat
+            else make_prompt(self.cfg.prompt_tokens, self._counter)
+        )
+        messages = [{"role": "user", "content": ask}]
         if with_prefix:
             messages.insert(0, {"role": "system", "content": self.prefix})
         body: dict[str, Any] = {
@@ -270,7 +307,8 @@ class LoadGenerator:
             "temperature": self.cfg.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "ignore_eos": True,  # honoured by servers that know it (ours, vLLM); ignored elsewhere
+            # honoured by servers that know it (ours, vLLM); ignored elsewhere. A copy ends itself.
+            "ignore_eos": not repeat,
         }
         if self.cfg.is_constrained(self._counter):
             body["response_format"] = {
@@ -295,6 +333,7 @@ async def stream_chat(
 ) -> RequestResult:
     """Stream one chat completion; tokens are the usage's completion_tokens, else content chunks."""
     chunk_times: list[float] = []
+    parts: list[str] = []
     usage_tokens: int | None = None
     error = ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -314,14 +353,20 @@ async def stream_chat(
             if event.get("usage"):
                 usage_tokens = event["usage"].get("completion_tokens", usage_tokens)
             for choice in event.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+                if content := (choice.get("delta") or {}).get("content"):
                     chunk_times.append(time.perf_counter() - start)
+                    parts.append(content)
     latency = time.perf_counter() - start
     tokens = usage_tokens if usage_tokens is not None else len(chunk_times)
     if error or not chunk_times:
         return RequestResult(ok=False, latency=latency, error=error or "no tokens streamed")
     return RequestResult(
-        ok=True, ttft=chunk_times[0], chunk_times=chunk_times, output_tokens=tokens, latency=latency
+        ok=True,
+        ttft=chunk_times[0],
+        chunk_times=chunk_times,
+        output_tokens=tokens,
+        latency=latency,
+        text="".join(parts),
     )
 
 

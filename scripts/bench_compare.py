@@ -9,6 +9,10 @@ three. Results: .bench/results.json and .bench/results.md.
 
     python scripts/bench_compare.py [--servers mlxd,llama.cpp,mlx-lm] [--temperatures 0,0.7]
         [--concurrency 1,4,16] [--max-tokens 64] [--requests N] [--warmup 2]
+
+`make bench-spec` (--speculative): mlxd with speculative decoding off against on instead, one
+greedy stream, on the chat prompts and on a copy-this-text task (bench/spec.py); results in
+.bench/speculative.md.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench import llamacpp  # noqa: E402
 from bench.launch import ServerProcess, free_port, mlxd_server  # noqa: E402
 from bench.loadgen import LoadConfig  # noqa: E402
+from bench.spec import format_ab, run_ab  # noqa: E402
 from bench.suite import Peer, format_suite, run_suite  # noqa: E402
 
 SERVERS = ("mlxd", "llama.cpp", "mlx-lm")
@@ -97,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="skip the table of mlxd with half the requests under a JSON schema",
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="A/B mlxd with speculative decoding off and on (1 greedy stream) instead",
+    )
+    p.add_argument("--rounds", type=int, default=4, help="--speculative: requests per task each")
     p.add_argument("--llama-server", type=Path, help="use this llama-server binary (no build)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
@@ -191,6 +202,37 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
 
 
+def speculative_ab(name: str, args: argparse.Namespace) -> int:
+    """`make bench-spec`: two mlxd servers, speculation off and on, requests alternating."""
+    with contextlib.ExitStack() as stack:
+        peers = []
+        for mode in ("off", "on"):
+            server = mlxd_server(
+                OUT / f"mlxd-spec-{mode}.log",
+                args=["--model", name],
+                env={"MLXD_SPECULATIVE": mode},
+            )
+            print(f"starting mlxd (speculative {mode}) on port {server.port} ...", flush=True)
+            url = _start(stack, server, args.startup_timeout)
+            body = {"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+            httpx.post(url + "/api/generate", json=body, timeout=args.startup_timeout)
+            peers.append(Peer(f"spec {mode}", url, name))
+        base = LoadConfig(base_url="", prompt_tokens=args.prompt_tokens, warmup=args.warmup)
+        tokens = {"chat": args.max_tokens, "repeat": 400}
+        load_before = os.getloadavg()
+        results = asyncio.run(run_ab(peers[0], peers[1], base, args.rounds, tokens))
+        load_after = os.getloadavg()
+    load = (
+        f"load average (1/5/15 min) before: {' / '.join(f'{x:.1f}' for x in load_before)}, "
+        f"after: {' / '.join(f'{x:.1f}' for x in load_after)}"
+    )
+    table = f"{machine()}\n\n{format_ab(results, 'spec off', 'spec on')}\n{load}"
+    print(table, flush=True)
+    (OUT / "speculative.md").write_text(table + "\n")
+    failed = sum(r.errors(p.label) for r in results for p in peers)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from models.default import bundled_gguf
@@ -198,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.model or load_settings().default_model
     OUT.mkdir(exist_ok=True)
+    if args.speculative:
+        return speculative_ab(name, args)
     gguf = bundled_gguf(name) if "llama.cpp" in args.servers else None
     if "llama.cpp" in args.servers and gguf is None:
         print(
