@@ -18,6 +18,14 @@ from engine.types import SamplingParams
 # A 1-token match guesses wrong too often to pay for the positions it adds; longer matches first.
 MAX_NGRAM = 4
 MIN_NGRAM = 2
+# speculative = "auto" drafts while at most this many sequences run: past that, the positions a
+# draft adds to every row of the batch cost more than its accepted tokens save.
+AUTO_MAX_ROWS = 4
+
+
+def speculates(mode: str, running: int) -> bool:
+    """Whether rows may draft this step: `mode` is the `speculative` setting."""
+    return mode == "on" or (mode == "auto" and running <= AUTO_MAX_ROWS)
 
 
 def can_draft(p: SamplingParams) -> bool:

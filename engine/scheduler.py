@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.drafter import NgramDrafter, can_draft
+from engine.drafter import NgramDrafter, can_draft, speculates
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
 from engine.outputs import NO_MEMORY, Failure, RunnerOutput, Sampled, StepOutput
@@ -20,9 +20,6 @@ from engine.types import FinishReason, RequestStatus, TokenLogprob
 # prefill can start from that prompt's cached KV (n > 1 choices, bursts with one system prompt).
 log = logging.getLogger("mlxd.engine")
 SHARED_PREFIX_WAIT = 32
-# speculative = "auto" drafts while at most this many sequences run: past that, the positions a
-# draft adds to every row of the batch cost more than its accepted tokens save (see README).
-AUTO_MAX_ROWS = 4
 
 
 @dataclass
@@ -126,8 +123,7 @@ class Scheduler:
     @property
     def speculating(self) -> bool:
         """This step's decodes may carry drafts (each then needs its last token read first)."""
-        mode = self.config.speculative
-        return mode == "on" or (mode == "auto" and len(self.running) <= AUTO_MAX_ROWS)
+        return speculates(self.config.speculative, len(self.running))
 
     # --- the step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
