@@ -134,6 +134,8 @@ class ModelManager:
         runner = ModelRunner(loaded.model, make_cache, prefix)
         if not runner.trimmable:  # sliding-window caches can't drop one row's drafts
             scheduler_config.speculative = "off"
+        elif self.config.speculative == "auto" and not runner.cheap_positions:
+            scheduler_config.speculative = "off"
         scheduler = Scheduler(
             scheduler_config,
             self.kv,

@@ -55,6 +55,10 @@ class ModelRunner:
         self.masks = MaskFiller()
         # Fresh caches are plain KV caches: new prompts prefill together, rows can verify drafts.
         self.trimmable = trimmable(make_cache())
+        # Whether verifying drafts is cheap: on a GPU a decode step reads the weights once for
+        # every position; on the CPU backend (measured, 2 cores) each position costs nearly a
+        # step of its own, so `speculative = "auto"` leaves speculation off there.
+        self.cheap_positions = mx.default_device() == mx.gpu
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
 
     # --- the step ---------------------------------------------------------------------------
