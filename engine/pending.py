@@ -85,9 +85,8 @@ class RowSample:
     params: SamplingParams
     res: SampleResult
     row: int
-    verified: Verified | None = (
-        None  # drafts checked: the tokens are the accepted ones and the next
-    )
+    # Drafts were checked: the row's tokens are its accepted drafts and the token after them.
+    verified: Verified | None = None
 
     def arrays(self) -> list[mx.array]:
         return self.res.arrays() + (self.verified.arrays() if self.verified else [])
