@@ -1,6 +1,8 @@
 // Python bindings: mlxd's CPU kernels as the `models._kernels` module.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
+#include "attention.h"
 #include "fused.h"
 #include "qmm.h"
 
@@ -8,7 +10,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "mlxd CPU kernels for MLX (block-quantized matmul, RMSNorm, RoPE)";
+  m.doc() = "mlxd CPU kernels for MLX (block-quantized matmul, RMSNorm, RoPE, decode attention)";
   m.def(
       "qmm",
       &mlxd::qmm,
@@ -43,6 +45,16 @@ NB_MODULE(_kernels, m) {
       "base"_a,
       "scale"_a,
       "mx.fast.rope in one pass (float32 x [B, H, L, D], int32 offset [B] or [1], CPU).");
+  m.def(
+      "decode_attention",
+      &mlxd::decode_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "mask"_a.none(),
+      "scale"_a,
+      "softmax(scale * q k^T) v for one query position (float32 q [B, Hq, 1, D], k/v [B, Hk, T, D],"
+      " mask bool [B or 1, 1, 1, T] or None), on the CPU.");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

@@ -4,6 +4,7 @@ MLX's CPU `fast.rms_norm` and `fast.rope` cost 50-130 us for one decode row (sev
 about a fifth of a SmolLM2 decode step once the matmuls run on quantized kernels. `fuse_for_cpu`
 swaps a loaded model's nn.RMSNorm / nn.RoPE instances for these (same parameters, same results)
 through nn.Module's public `update_modules`; other norm classes (gemma's 1 + w) are left alone.
+Attention layers get their fused decode step too (models/fused_attention.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from models import qkernels
+from models.fused_attention import fuse_attention
 
 
 class FastRMSNorm(nn.Module):
@@ -36,7 +38,8 @@ class FastRoPE(nn.Module):
 
 
 def fuse_for_cpu(model: nn.Module) -> int:
-    """Swap nn.RMSNorm and nn.RoPE instances for the fused ones; returns how many."""
+    """Swap nn.RMSNorm and nn.RoPE instances and supported attention layers for the fused
+    ones; returns how many."""
     swaps: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if type(m) is nn.RMSNorm:
@@ -45,4 +48,4 @@ def fuse_for_cpu(model: nn.Module) -> int:
             swaps.append((name, FastRoPE(m)))
     for name, new in swaps:
         model.update_modules(tree_unflatten([(name, new)]))
-    return len(swaps)
+    return len(swaps) + fuse_attention(model)

@@ -193,7 +193,7 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
             _upcast_small(model)
             fast_activations(model)
         if (dequant or on_kernels) and qkernels.available():
-            fuse_for_cpu(model)  # one-pass RMSNorm / RoPE: fused_layers.py
+            fuse_for_cpu(model)  # one-pass RMSNorm / RoPE, decode attention: fused_layers.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval
         raise ModelLoadError(name, f"its weights cannot be read ({type(e).__name__})") from None

@@ -114,3 +114,24 @@ def rope(
         if off.size in (1, x.shape[0]):
             return _ext.rope(x, off, dims, traditional, base, scale)
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+
+
+def decode_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """mx.fast.scaled_dot_product_attention for one query position (q [B, Hq, 1, D] over k, v
+    [B, Hk, T, D] from a KV cache, GQA allowed); one pass per (row, kv head) on the CPU for
+    float32 with no mask or a boolean key mask [B or 1, 1, 1, T] (a batch cache's)."""
+    if mask == "causal" and q.shape[2] == 1:
+        mask = None  # one query position: the last one sees every key
+    if _fast(q) and k.dtype == v.dtype == mx.float32 and q.ndim == 4 and q.shape[2] == 1:
+        ok_mask = mask is None or (
+            isinstance(mask, mx.array)
+            and mask.dtype == mx.bool_
+            and mask.ndim == 4
+            and mask.shape[0] in (1, q.shape[0])
+            and mask.shape[1:] == (1, 1, k.shape[2])
+        )
+        if ok_mask and q.shape[1] % k.shape[1] == 0 and _ext is not None:
+            return _ext.decode_attention(q, k, v, mask, scale)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -1,0 +1,72 @@
+"""Attention layers whose decode step runs on mlxd's fused CPU kernel (models/qkernels.py).
+
+MLX's CPU SDPA runs a decode step's attention as about eight ops (two batched matmuls, a where,
+a softmax on MLX's slow exp), the class of a step's time that grows fastest with the batch.
+`FusedAttention` takes over an mlx-lm attention layer of the llama / qwen2 / qwen3 / gemma3
+shape (same children, same attributes, same parameters) and computes exactly what it does:
+projections, optional q/k norms, RoPE at the cache's offsets, the cache's own
+`update_and_fetch`, then attention, where one query position (decode) goes to
+`qkernels.decode_attention` and longer inputs (prefill) to mlx-lm's SDPA. The swap uses
+nn.Module's public `update_modules`, as fused_layers.py does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from models import qkernels
+
+# Layers whose __call__ is the sequence FusedAttention.__call__ reproduces (read in mlx-lm
+# 0.32; tests/unit/test_fused_attention.py compares each with its original).
+SUPPORTED: tuple[type[nn.Module], ...] = (
+    llama.Attention,
+    qwen2.Attention,
+    qwen3.Attention,
+    gemma3_text.Attention,
+)
+
+
+class FusedAttention(nn.Module):
+    """An mlx-lm attention layer (see SUPPORTED) with decode attention on the fused kernel."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        for key, value in vars(attn).items():  # head counts, scale, is_sliding, ...
+            if not key.startswith("_"):
+                setattr(self, key, value)
+        for name, child in attn.children().items():
+            setattr(self, name, child)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:  # qwen3, gemma3: per-head norms before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            q = self.rope(q, offset=cache.offset)
+            k = self.rope(k, offset=cache.offset)
+            k, v = cache.update_and_fetch(k, v)
+        else:
+            q, k = self.rope(q), self.rope(k)
+        if L == 1 and not hasattr(cache, "bits"):  # quantized caches keep mlx-lm's path
+            out = qkernels.decode_attention(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def fuse_attention(model: nn.Module) -> int:
+    """Swap the model's SUPPORTED attention layers for FusedAttention; returns how many."""
+    swaps = [(n, FusedAttention(m)) for n, m in model.named_modules() if type(m) in SUPPORTED]
+    for name, new in swaps:
+        model.update_modules(tree_unflatten([(name, new)]))
+    return len(swaps)

@@ -1,0 +1,223 @@
+"""The fused decode attention (kernels/attention.cpp, models/fused_attention.py) against MLX's
+reference SDPA: random shapes, odd sizes, left padding, GQA ratios, rotating windows, mlx-lm's
+own batch caches; and the swapped layers in whole models and the engine."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models import qwen2, qwen3
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    BatchRotatingKVCache,
+    KVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
+
+import models  # noqa: F401  (BLAS before mlx)
+from models import qkernels
+from models.fused_attention import FusedAttention, fuse_attention
+from models.fused_layers import fuse_for_cpu
+
+pytestmark = pytest.mark.skipif(
+    not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
+)
+
+
+def _sdpa(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def _close(got: mx.array, ref: mx.array, tol: float = 1e-5) -> bool:
+    err = mx.abs(got - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-6)
+    return bool(err.item() < tol)
+
+
+def _left_pad_mask(pads: list[int], t: int) -> mx.array:
+    return (mx.arange(t)[None] >= mx.array(pads)[:, None])[:, None, None, :]
+
+
+@pytest.mark.parametrize(
+    "b,hq,hk,t,d,dv",
+    [
+        (1, 9, 3, 129, 64, 64),  # SmolLM2's heads
+        (3, 4, 1, 300, 16, 16),  # several softmax blocks; one kv head for four
+        (2, 6, 6, 7, 17, 17),  # no GQA, odd head size
+        (5, 8, 2, 1, 128, 128),  # a single key
+        (2, 4, 2, 33, 24, 40),  # value size differs from the key size
+        (1, 2, 1, 1000, 80, 80),
+    ],
+)
+def test_matches_sdpa_on_random_shapes(b: int, hq: int, hk: int, t: int, d: int, dv: int) -> None:
+    mx.random.seed(b * 100 + t)
+    # Views into a larger buffer, as a cache hands its keys over; q as a transposed projection.
+    q = mx.random.normal((b, 1, hq, d)).transpose(0, 2, 1, 3)
+    k = mx.random.normal((b, hk, t + 9, d))[:, :, :t] * 2
+    v = mx.random.normal((b, hk, t + 9, dv))[:, :, :t]
+    scale = d**-0.5
+    pads = [(3 * i) % t for i in range(b)]
+    for mask in (None, _left_pad_mask(pads, t), _left_pad_mask([min(1, t - 1)], t)):
+        got = qkernels.decode_attention(q, k, v, scale, mask)
+        assert got.shape == (b, hq, 1, dv) and got.dtype == mx.float32
+        assert _close(got, _sdpa(q, k, v, scale, mask)), mask is None
+
+
+def test_masks_of_any_pattern_and_fallbacks() -> None:
+    q, k, v = (
+        mx.random.normal((3, 4, 1, 32)),
+        mx.random.normal((3, 2, 50, 32)),
+        mx.random.normal((3, 2, 50, 32)),
+    )
+    holes = mx.random.uniform(shape=(3, 1, 1, 50)) > 0.5  # a window's gaps, rolled positions
+    assert _close(qkernels.decode_attention(q, k, v, 0.3, holes), _sdpa(q, k, v, 0.3, holes))
+    # A row with nothing to attend: MLX's masked softmax is uniform over the keys.
+    none = mx.concatenate([holes[:2], mx.zeros((1, 1, 1, 50), dtype=mx.bool_)])
+    assert _close(qkernels.decode_attention(q, k, v, 0.3, none), _sdpa(q, k, v, 0.3, none))
+    assert _close(qkernels.decode_attention(q, k, v, 0.3, "causal"), _sdpa(q, k, v, 0.3, None))
+    # Not the kernel's (additive mask, half precision): MLX's own op, same results.
+    add = mx.where(holes, 0.0, -1e9).astype(mx.float32)
+    assert _close(qkernels.decode_attention(q, k, v, 0.3, add), _sdpa(q, k, v, 0.3, add))
+    h = [a.astype(mx.float16) for a in (q, k, v)]
+    got = qkernels.decode_attention(*h, 0.3, holes)
+    assert got.dtype == mx.float16 and _close(got, _sdpa(*h, 0.3, holes), 1e-3)
+
+
+def test_rows_get_the_same_bits_alone_or_padded_in_a_batch() -> None:
+    q = mx.random.normal((4, 6, 1, 64))
+    k, v = mx.random.normal((4, 3, 400, 64)), mx.random.normal((4, 3, 400, 64))
+    pads = [0, 5, 131, 17]  # different paddings shift the blocks of a plain loop
+    full = qkernels.decode_attention(q, k, v, 0.125, _left_pad_mask(pads, 400))
+    for i, p in enumerate(pads):
+        alone = qkernels.decode_attention(
+            q[i : i + 1], k[i : i + 1, :, p:], v[i : i + 1, :, p:], 0.125, None
+        )
+        assert mx.array_equal(alone, full[i : i + 1]).item(), i
+
+
+def _decode_through(batch, hq: int, steps: int, window: int | None = None) -> None:
+    """Decode steps through an mlx-lm batch cache (its update_and_fetch and mask): the kernel
+    on the cache's own keys, values and mask matches MLX's SDPA at every step."""
+    b = batch.offset.shape[0]
+    for step in range(steps):
+        mask = batch.make_mask(1, window_size=window) if window else batch.make_mask(1)
+        kn, vn = mx.random.normal((b, 2, 1, 16)), mx.random.normal((b, 2, 1, 16))
+        k, v = batch.update_and_fetch(kn, vn)
+        q = mx.random.normal((b, hq, 1, 16))
+        ref = _sdpa(q, k, v, 0.25, mask)
+        assert _close(qkernels.decode_attention(q, k, v, 0.25, mask), ref), step
+
+
+def _filled(cache, n: int):
+    cache.update_and_fetch(mx.random.normal((1, 2, n, 16)), mx.random.normal((1, 2, n, 16)))
+    return cache
+
+
+def test_on_batch_kv_caches_with_left_padding() -> None:
+    batch = BatchKVCache.merge([_filled(KVCache(), n) for n in (5, 40, 17)])
+    _decode_through(batch, hq=6, steps=5)
+    batch.extend(BatchKVCache.merge([_filled(KVCache(), 3)]))  # a row joins
+    _decode_through(batch, hq=6, steps=3)
+    batch.filter(mx.array([1, 3]))  # rows leave
+    _decode_through(batch, hq=6, steps=3)
+
+
+def test_on_rotating_caches_past_their_window() -> None:
+    rows = [_filled(RotatingKVCache(max_size=12), n) for n in (4, 9, 12)]
+    batch = BatchRotatingKVCache.merge(rows)
+    _decode_through(batch, hq=4, steps=30, window=12)  # wraps around the window twice
+    assert batch.rotated
+
+
+def _build(kind: str):
+    from tests.unit.engine_harness import tiny_gemma3, tiny_llama
+
+    if kind == "llama":
+        return tiny_llama()
+    if kind == "gemma3":
+        return tiny_gemma3(window=8)
+    mx.random.seed(0)
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=300,
+        tie_word_embeddings=True,
+    )
+    if kind == "qwen2":
+        model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **common))
+    else:
+        model = qwen3.Model(
+            qwen3.ModelArgs(
+                model_type="qwen3",
+                head_dim=16,
+                max_position_embeddings=256,
+                rope_theta=1e4,
+                **common,
+            )
+        )
+    mx.eval(model.parameters())
+    return model
+
+
+class _Counting:
+    """The extension module, counting decode_attention calls."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.ext, name)
+
+    def decode_attention(self, *args):
+        self.calls += 1
+        return self.ext.decode_attention(*args)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_swapped_layers_give_the_models_logits(kind: str, monkeypatch) -> None:
+    """Prompts of different lengths prefill alone, merge into batch caches (left padding), and
+    decode past gemma3's window of 8: same logits with the fused layers as with mlx-lm's."""
+    counting = _Counting(qkernels._ext)
+    monkeypatch.setattr(qkernels, "_ext", counting)
+    ref, fused = _build(kind), _build(kind)
+    assert fuse_attention(fused) == len(fused.layers)
+    assert all(isinstance(layer.self_attn, FusedAttention) for layer in fused.layers)
+    assert fused.layers[0].self_attn.n_heads == ref.layers[0].self_attn.n_heads
+    prompts = [[5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77]]
+    tokens = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        per_row = []
+        for p in prompts:
+            cache = make_prompt_cache(model)
+            model(mx.array([p]), cache=cache)
+            per_row.append(cache)
+        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
+        x, out = mx.array([[1], [2], [3]]), []
+        for _ in range(12):
+            logits = model(x, cache=batch)[:, -1]
+            out.append(logits)
+            x = mx.argmax(logits, axis=-1)[:, None]
+        tokens[name] = out
+    for a, b in zip(tokens["ref"], tokens["fused"]):
+        assert _close(b, a, 1e-4)
+    # Every decode step of every layer, and the one-token prompt's prefill.
+    assert counting.calls == (12 + 1) * len(fused.layers)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_batched_equals_single_with_fused_layers(kind: str) -> None:
+    from tests.unit.engine_harness import Harness
+    from tests.unit.test_engine_batching import greedy, prompts
+
+    model = _build(kind)
+    assert fuse_for_cpu(model) > 0
+    ps = prompts(5, seed=3)
+    alone = {}
+    for i, p in enumerate(ps):
+        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
+    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    assert batched == alone
