@@ -24,24 +24,72 @@ namespace {
 
 constexpr int kBlock = 128; // attended keys per online-softmax block
 
-// ---- small vector helpers (AVX-512, AVX2 or scalar) ------------------------------------------
+// ---- vector helpers (AVX-512, AVX2 or scalar) ------------------------------------------------
+#if defined(__AVX512F__)
+#define MLXD_ATTN_SIMD 1
+using vec = __m512;
+constexpr int kLanes = 16;
+inline vec vzero() {
+  return _mm512_setzero_ps();
+}
+inline vec vload(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+inline void vstore(float* p, vec v) {
+  _mm512_storeu_ps(p, v);
+}
+inline vec vset(float v) {
+  return _mm512_set1_ps(v);
+}
+inline vec vmul(vec a, vec b) {
+  return _mm512_mul_ps(a, b);
+}
+inline vec vfma(vec a, vec b, vec c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline float vsum(vec v) {
+  return _mm512_reduce_add_ps(v);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MLXD_ATTN_SIMD 1
+using vec = __m256;
+constexpr int kLanes = 8;
+inline vec vzero() {
+  return _mm256_setzero_ps();
+}
+inline vec vload(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline void vstore(float* p, vec v) {
+  _mm256_storeu_ps(p, v);
+}
+inline vec vset(float v) {
+  return _mm256_set1_ps(v);
+}
+inline vec vmul(vec a, vec b) {
+  return _mm256_mul_ps(a, b);
+}
+inline vec vfma(vec a, vec b, vec c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+inline float vsum(vec v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#else
+constexpr int kLanes = 0;
+#endif
+
 inline float dot(const float* a, const float* b, int n) {
   int i = 0;
   float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+#if defined(MLXD_ATTN_SIMD)
+  vec acc = vzero();
+  for (; i + kLanes <= n; i += kLanes) {
+    acc = vfma(vload(a + i), vload(b + i), acc);
   }
-  s = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  s = vsum(acc);
 #endif
   for (; i < n; ++i) {
     s += a[i] * b[i];
@@ -52,23 +100,14 @@ inline float dot(const float* a, const float* b, int n) {
 // y = y * a + p * x (a == 1: the plain accumulation).
 inline void scale_axpy(float* y, float a, float p, const float* x, int n) {
   int i = 0;
-#if defined(__AVX512F__)
-  const __m512 va = _mm512_set1_ps(a), vp = _mm512_set1_ps(p);
-  for (; i + 16 <= n; i += 16) {
-    __m512 yv = _mm512_loadu_ps(y + i);
+#if defined(MLXD_ATTN_SIMD)
+  const vec va = vset(a), vp = vset(p);
+  for (; i + kLanes <= n; i += kLanes) {
+    vec yv = vload(y + i);
     if (a != 1.f) {
-      yv = _mm512_mul_ps(yv, va);
+      yv = vmul(yv, va);
     }
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vp, _mm512_loadu_ps(x + i), yv));
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  const __m256 va = _mm256_set1_ps(a), vp = _mm256_set1_ps(p);
-  for (; i + 8 <= n; i += 8) {
-    __m256 yv = _mm256_loadu_ps(y + i);
-    if (a != 1.f) {
-      yv = _mm256_mul_ps(yv, va);
-    }
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x + i), yv));
+    vstore(y + i, vfma(vp, vload(x + i), yv));
   }
 #endif
   for (; i < n; ++i) {
@@ -94,7 +133,65 @@ struct Job {
   float scale;
 };
 
+// Scores of one query head (q, scaled) against a block of keys. ND: vectors per head row, the
+// row held in registers; 0: any head size.
+template <int ND>
+void block_scores(const Job& j, int b, int g, const int* keys, int nb, const float* q, float* s) {
+  if constexpr (ND == 0) {
+    for (int jj = 0; jj < nb; ++jj) {
+      s[jj] = dot(q, j.k.at(b, g, keys[jj]), j.D);
+    }
+  } else {
+#if defined(MLXD_ATTN_SIMD)
+    vec qv[ND];
+    for (int i = 0; i < ND; ++i) {
+      qv[i] = vload(q + i * kLanes);
+    }
+    for (int jj = 0; jj < nb; ++jj) {
+      const float* kt = j.k.at(b, g, keys[jj]);
+      vec a = vzero();
+      for (int i = 0; i < ND; ++i) {
+        a = vfma(qv[i], vload(kt + i * kLanes), a);
+      }
+      s[jj] = vsum(a);
+    }
+#endif
+  }
+}
+
+// acc = acc * alpha + sum_jj p[jj] * v[keys[jj]] for one query head (same operations either way).
+template <int ND>
+void block_accumulate(
+    const Job& j, int b, int g, const int* keys, int nb, const float* p, float alpha, float* acc) {
+  if constexpr (ND == 0) {
+    for (int jj = 0; jj < nb; ++jj) {
+      scale_axpy(acc, jj == 0 ? alpha : 1.f, p[jj], j.v.at(b, g, keys[jj]), j.Dv);
+    }
+  } else {
+#if defined(MLXD_ATTN_SIMD)
+    vec a[ND];
+    for (int i = 0; i < ND; ++i) {
+      a[i] = vload(acc + i * kLanes);
+      if (alpha != 1.f) {
+        a[i] = vmul(a[i], vset(alpha));
+      }
+    }
+    for (int jj = 0; jj < nb; ++jj) {
+      const float* vt = j.v.at(b, g, keys[jj]);
+      const vec pv = vset(p[jj]);
+      for (int i = 0; i < ND; ++i) {
+        a[i] = vfma(pv, vload(vt + i * kLanes), a[i]);
+      }
+    }
+    for (int i = 0; i < ND; ++i) {
+      vstore(acc + i * kLanes, a[i]);
+    }
+#endif
+  }
+}
+
 // One (row, kv head): its R query heads against the attended keys.
+template <int ND>
 void attend(const Job& j, int b, int g) {
   const int R = j.Hq / j.Hk, D = j.D, Dv = j.Dv;
   thread_local std::vector<int> keys;
@@ -127,27 +224,19 @@ void attend(const Job& j, int b, int g) {
   std::fill(l, l + R, 0.f);
   for (int j0 = 0; j0 < n; j0 += kBlock) {
     const int nb = std::min(kBlock, n - j0);
-    for (int jj = 0; jj < nb; ++jj) {
-      const float* kt = j.k.at(b, g, keys[j0 + jj]);
-      for (int r = 0; r < R; ++r) {
-        sc[r * kBlock + jj] = uniform ? 0.f : dot(qs.data() + r * D, kt, D);
-      }
-    }
-    float alpha[64];
+    const int* kb = keys.data() + j0;
     for (int r = 0; r < R; ++r) {
       float* s = sc.data() + r * kBlock;
-      const float bm = *std::max_element(s, s + nb);
-      const float mn = std::max(m[r], bm);
-      alpha[r] = j0 == 0 ? 1.f : vexp::exp1(m[r] - mn);
-      m[r] = mn;
-      l[r] = l[r] * alpha[r] + vexp::exp_shifted_sum(s, nb, mn);
-    }
-    for (int jj = 0; jj < nb; ++jj) {
-      const float* vt = j.v.at(b, g, keys[j0 + jj]);
-      for (int r = 0; r < R; ++r) {
-        // The block's rescale of the earlier sums rides on its first key.
-        scale_axpy(acc.data() + r * Dv, jj == 0 ? alpha[r] : 1.f, sc[r * kBlock + jj], vt, Dv);
+      if (uniform) {
+        std::fill(s, s + nb, 0.f);
+      } else {
+        block_scores<ND>(j, b, g, kb, nb, qs.data() + r * D, s);
       }
+      const float mn = std::max(m[r], *std::max_element(s, s + nb));
+      const float alpha = j0 == 0 ? 1.f : vexp::exp1(m[r] - mn);
+      m[r] = mn;
+      l[r] = l[r] * alpha + vexp::exp_shifted_sum(s, nb, mn);
+      block_accumulate<ND>(j, b, g, kb, nb, s, alpha, acc.data() + r * Dv);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -159,10 +248,36 @@ void attend(const Job& j, int b, int g) {
   }
 }
 
+using AttendFn = void (*)(const Job&, int, int);
+
+// Head sizes of 1, 2, 4, 8 (and 16 with AVX-512) vectors keep a head row in registers.
+AttendFn pick(int D, int Dv) {
+#if defined(MLXD_ATTN_SIMD)
+  if (D == Dv && D % kLanes == 0) {
+    switch (D / kLanes) {
+      case 1:
+        return attend<1>;
+      case 2:
+        return attend<2>;
+      case 4:
+        return attend<4>;
+      case 8:
+        return attend<8>;
+      case 16:
+        return kLanes == 16 ? attend<16> : attend<0>;
+      default:
+        break;
+    }
+  }
+#endif
+  return attend<0>;
+}
+
 void run(const Job& j) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
   const double work = static_cast<double>(j.B) * j.Hq * j.T * (j.D + j.Dv);
-  pool().run(j.B * j.Hk, work >= 65536.0, [&](int c) { attend(j, c / j.Hk, c % j.Hk); });
+  const AttendFn f = pick(j.D, j.Dv);
+  pool().run(j.B * j.Hk, work >= 65536.0, [&](int c) { f(j, c / j.Hk, c % j.Hk); });
 }
 
 View view_of(const mx::array& a, std::vector<char>& tmp) {

@@ -59,8 +59,9 @@ class FusedAttention(nn.Module):
             q, k = self.rope(q), self.rope(k)
         if L == 1 and not hasattr(cache, "bits"):  # quantized caches keep mlx-lm's path
             out = qkernels.decode_attention(q, k, v, self.scale, mask)
-        else:
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            # [B, H, 1, D] is already [B, 1, H, D] in memory: no transpose (and no copy).
+            return self.o_proj(out.reshape(B, L, -1))
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
