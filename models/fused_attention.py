@@ -45,12 +45,11 @@ class FusedAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        q = _heads(self.q_proj(x), self.n_heads)
+        k = _heads(self.k_proj(x), self.n_kv_heads)
+        v = _heads(self.v_proj(x), self.n_kv_heads)
         if "q_norm" in self:  # qwen3, gemma3: per-head norms before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
             q = self.rope(q, offset=cache.offset)
             k = self.rope(k, offset=cache.offset)
@@ -63,6 +62,14 @@ class FusedAttention(nn.Module):
             return self.o_proj(out.reshape(B, L, -1))
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _heads(y: mx.array, n: int) -> mx.array:
+    """[B, L, n * D] as [B, n, L, D]; for one position a reshape alone (same memory order)."""
+    B, L, _ = y.shape
+    if L == 1:
+        return y.reshape(B, n, 1, -1)
+    return y.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
 
 
 def fuse_attention(model: nn.Module) -> int:
