@@ -132,6 +132,6 @@ def decode_attention(
             and mask.shape[0] in (1, q.shape[0])
             and mask.shape[1:] == (1, 1, k.shape[2])
         )
-        if ok_mask and q.shape[1] % k.shape[1] == 0 and _ext is not None:
+        if ok_mask and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0 and _ext is not None:
             return _ext.decode_attention(q, k, v, mask, scale)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
