@@ -98,12 +98,13 @@ def pipeline_split(loaded: LoadedModel, group: Any) -> PipelineStage:
     differ (sliding-window and global attention mixed: the model's forward picks masks by
     layer position, which a slice would shift)."""
     model, size, rank = loaded.model, group.size(), group.rank()
-    inner = getattr(model, "model", model)
+    inner: Any = getattr(model, "model", model)  # llama-style: the decoder under `.model`
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, list) or not layers:
         raise PipelineError(
             f"architecture '{loaded.architecture}' has no `layers` list to split over ranks"
         )
+    check_split(len(layers), size)
     embed_name = _child(inner, _EMBEDDINGS, "token embedding")
     norm_name = _child(inner, _FINAL_NORMS, "final norm")
     kinds = {type(c).__name__ for c in make_prompt_cache(model)}

@@ -1,0 +1,56 @@
+"""Pipeline parallelism (models/pipeline.py) across 2 real processes on loopback:
+`mlx.launch --backend ring -n 2`, each rank holding half the layers and passing hidden states
+with send/recv. The engine's ModelRunner runs the same plan on both ranks (a left-padded batch
+of 8 prompts prefilled together, a row leaving, a chunked prompt joining, then one prompt alone);
+rank 0's greedy tokens equal a single process's token for token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_tiny_model
+
+RANK_SCRIPT = Path(__file__).with_name("pp_rank.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _results(cmd: list[str]) -> list[dict]:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    return sorted((json.loads(ln[len("RESULT ") :]) for ln in lines), key=lambda r: r["rank"])
+
+
+def _alone_and_split(models_dir: Path, model: str, n_tokens: int) -> tuple[dict, list[dict]]:
+    args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens)]
+    (alone,) = _results([sys.executable, *args])
+    launch = Path(sys.executable).with_name("mlx.launch")
+    ranks = _results([str(launch), "--backend", "ring", "-n", "2", "--", sys.executable, *args])
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
+    assert len(alone["tokens"]) == 10 and all(alone["tokens"].values())
+    assert ranks[0]["tokens"] == alone["tokens"]  # rank 0 samples; rank 1's logits are zeros
+    assert [r["holds_embedding"] for r in ranks] == [True, False]
+    return alone, ranks
+
+
+def test_two_ranks_equal_one_process_on_a_tiny_model(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "tiny", layers=5)
+    _, ranks = _alone_and_split(tmp_path, "tiny", 6)
+    assert [r["layers"] for r in ranks] == [[0, 2], [2, 5]]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_on_smollm2(smollm2_dir: Path) -> None:
+    alone, ranks = _alone_and_split(smollm2_dir.parent, "smollm2:135m", 12)
+    assert [r["layers"] for r in ranks] == [[0, 15], [15, 30]]
+    # Rank 0 holds the embedding (tied: it is the lm_head too, 28M of 135M parameters) and
+    # layers 0-14; rank 1 layers 15-29 only: each about half the layer weights.
+    full, embed = alone["full_bytes"], 49152 * 576 * 4
+    half = (full - embed) / 2
+    assert abs(ranks[1]["weight_bytes"] - half) / half < 0.01, (ranks[1]["weight_bytes"], half)
+    assert abs(ranks[0]["weight_bytes"] - embed - half) / half < 0.01, ranks[0]["weight_bytes"]
