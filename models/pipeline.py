@@ -33,7 +33,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from models.loader import LoadedModel
 from models.sharding import resident_weight_bytes
 
 _EMBEDDINGS = ("embed_tokens", "wte", "tok_embeddings")
@@ -90,28 +89,27 @@ def check_config_pipeline(config: dict[str, Any], size: int) -> None:
     check_split(layers, size)
 
 
-def pipeline_split(loaded: LoadedModel, group: Any) -> PipelineStage:
-    """Split `loaded.model` in place for this rank of `group` and free the other ranks' weights.
+def pipeline_split(model: nn.Module, group: Any) -> PipelineStage:
+    """Split `model` in place for this rank of `group` and free the other ranks' weights.
 
     Raises PipelineError (before changing anything) for a group of one rank, fewer layers than
     ranks, a model without a `layers` list, embedding or final norm, or layers whose caches
     differ (sliding-window and global attention mixed: the model's forward picks masks by
     layer position, which a slice would shift)."""
-    model, size, rank = loaded.model, group.size(), group.rank()
+    size, rank = group.size(), group.rank()
+    arch = str(getattr(model, "model_type", "") or type(model).__name__)
     inner: Any = getattr(model, "model", model)  # llama-style: the decoder under `.model`
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, list) or not layers:
-        raise PipelineError(
-            f"architecture '{loaded.architecture}' has no `layers` list to split over ranks"
-        )
+        raise PipelineError(f"architecture '{arch}' has no `layers` list to split over ranks")
     check_split(len(layers), size)
     embed_name = _child(inner, _EMBEDDINGS, "token embedding")
     norm_name = _child(inner, _FINAL_NORMS, "final norm")
     kinds = {type(c).__name__ for c in make_prompt_cache(model)}
     if len(kinds) > 1:
         raise PipelineError(
-            f"architecture '{loaded.architecture}' mixes layer kinds ({', '.join(sorted(kinds))} "
-            "caches): pipeline parallelism supports models whose layers are all alike"
+            f"architecture '{arch}' mixes layer kinds ({', '.join(sorted(kinds))} caches): "
+            "pipeline parallelism supports models whose layers are all alike"
         )
     count = len(layers)
     mine = split_layers(count, size)[rank]
@@ -133,16 +131,24 @@ def pipeline_split(loaded: LoadedModel, group: Any) -> PipelineStage:
     inner.layers = own
     del layers, own
     mx.clear_cache()  # the dropped layers' buffers go back to the system
-    loaded.weight_bytes = resident_weight_bytes(model)
     return PipelineStage(
         rank=rank,
         size=size,
         layers=mine,
         num_layers=count,
         holds_embedding=rank == 0,
-        weight_bytes=loaded.weight_bytes,
+        weight_bytes=resident_weight_bytes(model),
         full_weight_bytes=full,
     )
+
+
+def describe_pipeline(num_layers: int, size: int) -> str:
+    """What each rank holds, in words (for logs and /api/ps)."""
+    parts = [
+        f"rank {r}: {'embedding, lm_head, ' if r == 0 else ''}layers {p.start}-{p.stop - 1}"
+        for r, p in enumerate(split_layers(num_layers, size))
+    ]
+    return f"pipeline parallel over {size} ranks; " + "; ".join(parts)
 
 
 def _child(inner: nn.Module, names: tuple[str, ...], what: str) -> str:

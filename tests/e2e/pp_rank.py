@@ -42,7 +42,9 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
     group = mx.distributed.init()
     loaded = ModelRegistry(Path(models_dir)).acquire(model, -1)
     full = loaded.weight_bytes
-    stage = pipeline_split(loaded, group) if group.size() > 1 else None
+    stage = pipeline_split(loaded.model, group) if group.size() > 1 else None
+    if stage is not None:
+        loaded.weight_bytes = stage.weight_bytes
     runner = ModelRunner(loaded.model, loaded.make_cache)
     tokens: dict[str, list[int]] = {}
 

@@ -13,7 +13,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from models.loader import LoadedModel, load_model
-from models.pipeline import PipelineError, check_config_pipeline, pipeline_split, split_layers
+from models.pipeline import (
+    PipelineError,
+    check_config_pipeline,
+    describe_pipeline,
+    pipeline_split,
+    split_layers,
+)
 from models.sharding import resident_weight_bytes
 from tests.tiny import make_tiny_model
 from tests.unit.engine_harness import tiny_llama
@@ -72,21 +78,21 @@ def test_rank_0_keeps_the_embedding_and_the_first_layers(tiny5: LoadedModel) -> 
     embed, norm = _bytes(inner.embed_tokens.parameters()), _bytes(inner.norm.parameters())
     per_layer = _bytes(inner.layers[0].parameters())
     full = tiny5.weight_bytes
-    stage = pipeline_split(tiny5, FakeGroup(0, 2))
+    stage = pipeline_split(tiny5.model, FakeGroup(0, 2))
     assert (stage.rank, stage.size, stage.layers, stage.num_layers) == (0, 2, range(0, 2), 5)
     assert stage.holds_embedding and stage.full_weight_bytes == full
     assert len(tiny5.model.layers) == 2 and len(tiny5.make_cache()) == 2
-    assert tiny5.weight_bytes == stage.weight_bytes == embed + norm + 2 * per_layer
-    assert resident_weight_bytes(tiny5.model) == tiny5.weight_bytes
+    assert stage.weight_bytes == embed + norm + 2 * per_layer
+    assert resident_weight_bytes(tiny5.model) == stage.weight_bytes
 
 
 def test_other_ranks_keep_their_layers_only(tiny5: LoadedModel) -> None:
     inner = tiny5.model.model
     per_layer = _bytes(inner.layers[0].parameters())
     last = inner.layers[4]
-    stage = pipeline_split(tiny5, FakeGroup(1, 2))
+    stage = pipeline_split(tiny5.model, FakeGroup(1, 2))
     assert stage.layers == range(2, 5) and not stage.holds_embedding
-    assert tiny5.weight_bytes == 3 * per_layer  # no embedding (tied: no lm_head), no norm
+    assert stage.weight_bytes == 3 * per_layer  # no embedding (tied: no lm_head), no norm
     assert tiny5.model.layers[2] is last
     # Caches for its own layers only; the model's make_cache reads the (wrapped) first layer.
     assert len(tiny5.make_cache()) == 3
@@ -95,31 +101,36 @@ def test_other_ranks_keep_their_layers_only(tiny5: LoadedModel) -> None:
     assert inner.embed_tokens.as_linear(mx.zeros((2, 1, 64))).shape == (2, 1, tiny5.vocab_size)
 
 
-def test_an_untied_lm_head_is_dropped_off_rank_0(tiny5: LoadedModel) -> None:
-    untied = dataclasses.replace(tiny5, model=tiny_llama(), architecture="llama")
-    assert "lm_head" in untied.model
+def test_an_untied_lm_head_stays_on_rank_0_only() -> None:
+    untied = tiny_llama()
+    assert "lm_head" in untied
     pipeline_split(untied, FakeGroup(1, 2))
-    assert _bytes(untied.model.lm_head.parameters()) == 0
-    assert untied.model.lm_head(mx.zeros((3, 1, 64))).shape == (3, 1, 300)
-    kept = dataclasses.replace(tiny5, model=tiny_llama())
+    assert _bytes(untied.lm_head.parameters()) == 0
+    assert untied.lm_head(mx.zeros((3, 1, 64))).shape == (3, 1, 300)
+    kept = tiny_llama()
     pipeline_split(kept, FakeGroup(0, 2))
-    assert _bytes(kept.model.lm_head.parameters()) == 64 * 300 * 4
+    assert _bytes(kept.lm_head.parameters()) == 64 * 300 * 4
+
+
+def test_the_split_described() -> None:
+    assert describe_pipeline(30, 2) == (
+        "pipeline parallel over 2 ranks; rank 0: embedding, lm_head, layers 0-14; "
+        "rank 1: layers 15-29"
+    )
 
 
 def test_models_the_split_cannot_serve_are_refused_untouched(tmp_path: Path) -> None:
-    two = load_model(make_tiny_model(tmp_path / "two", layers=2), "two", "fp32")
-    before = two.weight_bytes
+    two = load_model(make_tiny_model(tmp_path / "two", layers=2), "two", "fp32").model
+    before = resident_weight_bytes(two)
     with pytest.raises(PipelineError, match="2 layers cannot be split over 3 ranks"):
         pipeline_split(two, FakeGroup(0, 3))
     with pytest.raises(PipelineError, match="at least 2 ranks, the group has 1"):
         pipeline_split(two, mx.distributed.init())  # one process: a group of one
-    assert len(two.model.layers) == 2 and two.weight_bytes == before
+    assert len(two.layers) == 2 and resident_weight_bytes(two) == before
     gemma = load_model(make_tiny_model(tmp_path / "g", arch="gemma3", layers=4), "g", "fp32")
     with pytest.raises(PipelineError, match="gemma3_text' mixes layer kinds"):
-        pipeline_split(gemma, FakeGroup(1, 2))
-    flat = dataclasses.replace(two, model=nn.Linear(4, 4), architecture="mlp")
-    with pytest.raises(PipelineError, match="'mlp' has no `layers` list"):
-        pipeline_split(flat, FakeGroup(1, 2))
-    stack = dataclasses.replace(two, model=nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+        pipeline_split(gemma.model, FakeGroup(1, 2))
+    with pytest.raises(PipelineError, match="'Linear' has no `layers` list"):
+        pipeline_split(nn.Linear(4, 4), FakeGroup(1, 2))
     with pytest.raises(PipelineError, match="no token embedding"):
-        pipeline_split(stack, FakeGroup(1, 2))
+        pipeline_split(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), FakeGroup(1, 2))
