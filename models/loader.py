@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,15 @@ def _activation_bytes(model: nn.Module) -> int:
     return 4
 
 
-def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> LoadedModel:
-    """Build the mlx-lm model of a folder and its tokenizer; ModelLoadError names the model only."""
+def load_model(
+    path: str | Path,
+    name: str,
+    weights_on_cpu: str = "fp32",
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> LoadedModel:
+    """Build the mlx-lm model of a folder and its tokenizer; ModelLoadError names the model only.
+    `prepare` gets the model as built, before any weight is read: what it drops is never read
+    (a pipeline rank keeps its own layers only: models/pipeline.py); its errors propagate."""
     if weights_on_cpu not in WEIGHTS_ON_CPU:
         raise ValueError(f"weights_on_cpu must be one of {WEIGHTS_ON_CPU}")
     path = Path(path)
@@ -172,6 +180,8 @@ def load_model(path: str | Path, name: str, weights_on_cpu: str = "fp32") -> Loa
             raise ModelLoadError(name, f"a weights file is corrupt ({e})") from None
     tokenizer = Tokenizer.load(path, name, config)
     model = _build(path, name, arch)
+    if prepare is not None:
+        prepare(model)
     on_cpu = backend() == "cpu"
     fmt_cpu = cpu_weight_format(weights_on_cpu) if on_cpu else weights_on_cpu
     if on_cpu and fmt_cpu != weights_on_cpu:

@@ -53,7 +53,6 @@ class PipelineStage:
     num_layers: int  # of the whole model
     holds_embedding: bool  # the token embedding, final norm and lm_head: rank 0 only
     weight_bytes: int  # parameters this rank holds after the split
-    full_weight_bytes: int  # the whole model's, before it
 
 
 def split_layers(num_layers: int, size: int) -> list[range]:
@@ -90,56 +89,79 @@ def check_config_pipeline(config: dict[str, Any], size: int) -> None:
 
 
 def pipeline_split(model: nn.Module, group: Any) -> PipelineStage:
-    """Split `model` in place for this rank of `group` and free the other ranks' weights.
+    """Split a loaded `model` in place for this rank of `group`, freeing the other ranks'
+    weights (PipelineSplit's two steps at once; PipelineError says why a split cannot work)."""
+    split = PipelineSplit(group)
+    split.cut(model)
+    return split.finish(model)
 
-    Raises PipelineError (before changing anything) for a group of one rank, fewer layers than
-    ranks, a model without a `layers` list, embedding or final norm, or layers whose caches
-    differ (sliding-window and global attention mixed: the model's forward picks masks by
-    layer position, which a slice would shift)."""
-    size, rank = group.size(), group.rank()
-    arch = str(getattr(model, "model_type", "") or type(model).__name__)
-    inner: Any = getattr(model, "model", model)  # llama-style: the decoder under `.model`
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, list) or not layers:
-        raise PipelineError(f"architecture '{arch}' has no `layers` list to split over ranks")
-    check_split(len(layers), size)
-    embed_name = _child(inner, _EMBEDDINGS, "token embedding")
-    norm_name = _child(inner, _FINAL_NORMS, "final norm")
-    kinds = {type(c).__name__ for c in make_prompt_cache(model)}
-    if len(kinds) > 1:
-        raise PipelineError(
-            f"architecture '{arch}' mixes layer kinds ({', '.join(sorted(kinds))} caches): "
-            "pipeline parallelism supports models whose layers are all alike"
+
+class PipelineSplit:
+    """One rank's split in two steps, so a rank need never read the other ranks' layers:
+    `cut` keeps this rank's layers of the model as built, before any weight is read (the
+    loader's `prepare` hook); `finish`, once loaded, installs the transfers and drops what only
+    rank 0 keeps (the embedding is kept until then: the hidden state's dtype is the loaded
+    embedding's, which the CPU weight format may change)."""
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.size, self.rank = group.size(), group.rank()
+        self.layers = range(0)
+        self.num_layers = 0
+        self._ends = ("", "")
+
+    def cut(self, model: nn.Module) -> None:
+        """Keep this rank's slice of `model`'s layers. Raises PipelineError (before changing
+        anything) for a group of one rank, fewer layers than ranks, a model without a `layers`
+        list, embedding or final norm, or layers whose caches differ (sliding-window and global
+        attention mixed: the model's forward picks masks by layer position, which a slice
+        would shift)."""
+        arch = str(getattr(model, "model_type", "") or type(model).__name__)
+        inner = _decoder(model)
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, list) or not layers:
+            raise PipelineError(f"architecture '{arch}' has no `layers` list to split over ranks")
+        check_split(len(layers), self.size)
+        embed = _child(inner, _EMBEDDINGS, "token embedding")
+        norm = _child(inner, _FINAL_NORMS, "final norm")
+        kinds = {type(c).__name__ for c in make_prompt_cache(model)}
+        if len(kinds) > 1:
+            raise PipelineError(
+                f"architecture '{arch}' mixes layer kinds ({', '.join(sorted(kinds))} caches): "
+                "pipeline parallelism supports models whose layers are all alike"
+            )
+        self.num_layers, self._ends = len(layers), (embed, norm)
+        self.layers = split_layers(self.num_layers, self.size)[self.rank]
+        inner.layers = layers[self.layers.start : self.layers.stop]
+
+    def finish(self, model: nn.Module) -> PipelineStage:
+        """Install the transfers on the cut model and drop what this rank does not hold."""
+        assert self.num_layers, "cut() first"
+        inner, (embed, norm) = _decoder(model), self._ends
+        # Shapes of the hidden state and the logits, from the lazy graph of a one-token
+        # forward (nothing is computed).
+        probe = mx.zeros((1, 1), dtype=mx.int32)
+        hidden, logits = _Shape.of(getattr(inner, embed)(probe)), _Shape.of(model(probe))
+        group, rank, last = self.group, self.rank, self.size - 1
+        if rank == 0:
+            setattr(inner, norm, _Relay(getattr(inner, norm), group, last))
+        else:
+            own = list(inner.layers)
+            own[0] = _Receive(own[0], rank - 1, group)
+            inner.layers = own
+            setattr(inner, embed, _NoEmbedding(hidden, logits))
+            setattr(inner, norm, _Send((rank + 1) % self.size, group))
+            if "lm_head" in model:
+                model.lm_head = _NoHead(logits)
+        mx.clear_cache()  # the dropped weights' buffers go back to the system
+        return PipelineStage(
+            rank=rank,
+            size=self.size,
+            layers=self.layers,
+            num_layers=self.num_layers,
+            holds_embedding=rank == 0,
+            weight_bytes=resident_weight_bytes(model),
         )
-    count = len(layers)
-    mine = split_layers(count, size)[rank]
-    full = resident_weight_bytes(model)
-    # Shapes of the hidden state and the logits, from the lazy graph of a one-token forward
-    # (nothing is computed).
-    probe = mx.zeros((1, 1), dtype=mx.int32)
-    hidden, logits = _Shape.of(getattr(inner, embed_name)(probe)), _Shape.of(model(probe))
-    own = list(layers[mine.start : mine.stop])
-    last = size - 1
-    if rank == 0:
-        setattr(inner, norm_name, _Relay(getattr(inner, norm_name), group, last))
-    else:
-        own[0] = _Receive(own[0], rank - 1, group)
-        setattr(inner, embed_name, _NoEmbedding(hidden, logits))
-        setattr(inner, norm_name, _Send((rank + 1) % size, group))
-        if "lm_head" in model:
-            model.lm_head = _NoHead(logits)
-    inner.layers = own
-    del layers, own
-    mx.clear_cache()  # the dropped layers' buffers go back to the system
-    return PipelineStage(
-        rank=rank,
-        size=size,
-        layers=mine,
-        num_layers=count,
-        holds_embedding=rank == 0,
-        weight_bytes=resident_weight_bytes(model),
-        full_weight_bytes=full,
-    )
 
 
 def describe_pipeline(num_layers: int, size: int) -> str:
@@ -149,6 +171,10 @@ def describe_pipeline(num_layers: int, size: int) -> str:
         for r, p in enumerate(split_layers(num_layers, size))
     ]
     return f"pipeline parallel over {size} ranks; " + "; ".join(parts)
+
+
+def _decoder(model: nn.Module) -> Any:
+    return getattr(model, "model", model)  # llama-style: the decoder under `.model`
 
 
 def _child(inner: nn.Module, names: tuple[str, ...], what: str) -> str:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -87,6 +88,9 @@ class ModelRegistry:
         self.pinned = {self._canonical(p) for p in pinned}
         self.clock = clock
         self.kv_bytes_fn: Callable[[], int] = lambda: 0  # set by the engine: live KV bytes
+        # Set by a rank of a distributed group: applied to each model as built, before its
+        # weights are read (load_model's `prepare`: a pipeline rank keeps its own layers).
+        self.prepare_model: Callable[[Any], None] | None = None
         self._lock = threading.RLock()
         self._room_lock = threading.Lock()  # one load at a time keeps the memory accounting honest
         self._name_locks: dict[str, threading.Lock] = {}
@@ -183,7 +187,7 @@ class ModelRegistry:
             with self._room_lock:
                 self._make_room(key, self.estimate_bytes(entry))
                 try:
-                    lm = load_model(entry.path, key, self.weights_on_cpu)
+                    lm = load_model(entry.path, key, self.weights_on_cpu, self.prepare_model)
                 except ModelLoadError as e:
                     self._errors[key] = str(e)
                     raise

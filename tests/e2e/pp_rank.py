@@ -1,11 +1,11 @@
 """One rank of the pipeline-parallel check (run by mlx.launch, or alone for the reference).
 
-Loads a model through mlxd's registry, splits its layers over the group when there is one
+Loads a model through mlxd's registry, reading only this rank's layers when there is a group
 (models/pipeline.py) and drives the engine's own ModelRunner through a fixed plan, the same on
 every rank (as `serve --distributed` replays rank 0's plan): 8 prompts of different lengths
 prefill as one left-padded batch and decode together; one row leaves early while a 9th prompt
 prefills in two chunks and joins the batch; then one prompt runs alone. Prints one JSON line:
-rank, size, the split, resident weight bytes and, per prompt, the greedy tokens rank 0 sampled.
+rank, size, the split, resident weight bytes, peak memory at load and, per prompt, the greedy tokens rank 0 sampled.
 """
 
 from __future__ import annotations
@@ -37,14 +37,18 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
     from engine.scheduler import ScheduledSeq, SchedulerOutput
     from engine.sequence import Sequence
     from engine.types import GenerateRequest, SamplingParams
-    from models.pipeline import pipeline_split
+    from models.pipeline import PipelineSplit
 
     group = mx.distributed.init()
-    loaded = ModelRegistry(Path(models_dir)).acquire(model, -1)
-    full = loaded.weight_bytes
-    stage = pipeline_split(loaded.model, group) if group.size() > 1 else None
+    registry = ModelRegistry(Path(models_dir))
+    split = PipelineSplit(group) if group.size() > 1 else None
+    if split is not None:  # the other ranks' layers are never read
+        registry.prepare_model = split.cut
+    loaded = registry.acquire(model, -1)
+    stage = split.finish(loaded.model) if split is not None else None
     if stage is not None:
         loaded.weight_bytes = stage.weight_bytes
+    loaded_peak = mx.get_peak_memory()
     runner = ModelRunner(loaded.model, loaded.make_cache)
     tokens: dict[str, list[int]] = {}
 
@@ -85,8 +89,8 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
         "layers": [stage.layers.start, stage.layers.stop] if stage else None,
         "num_layers": stage.num_layers if stage else None,
         "holds_embedding": stage.holds_embedding if stage else True,
-        "full_bytes": full,
         "weight_bytes": loaded.weight_bytes,
+        "load_peak_bytes": loaded_peak,
         "tokens": tokens,
     }
     print("RESULT " + json.dumps(report), flush=True)

@@ -80,7 +80,7 @@ def test_rank_0_keeps_the_embedding_and_the_first_layers(tiny5: LoadedModel) -> 
     full = tiny5.weight_bytes
     stage = pipeline_split(tiny5.model, FakeGroup(0, 2))
     assert (stage.rank, stage.size, stage.layers, stage.num_layers) == (0, 2, range(0, 2), 5)
-    assert stage.holds_embedding and stage.full_weight_bytes == full
+    assert stage.holds_embedding and stage.weight_bytes < full
     assert len(tiny5.model.layers) == 2 and len(tiny5.make_cache()) == 2
     assert stage.weight_bytes == embed + norm + 2 * per_layer
     assert resident_weight_bytes(tiny5.model) == stage.weight_bytes
@@ -134,3 +134,25 @@ def test_models_the_split_cannot_serve_are_refused_untouched(tmp_path: Path) -> 
         pipeline_split(nn.Linear(4, 4), FakeGroup(1, 2))
     with pytest.raises(PipelineError, match="no token embedding"):
         pipeline_split(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), FakeGroup(1, 2))
+
+
+def test_a_rank_reads_its_own_layers_only(tmp_path: Path) -> None:
+    """Cut as the loader builds the model (registry.prepare_model), finished once loaded."""
+    from models.pipeline import PipelineSplit
+    from models.registry import ModelRegistry
+
+    make_tiny_model(tmp_path / "tiny", layers=5)
+    whole = load_model(tmp_path / "tiny", "tiny", "fp32").model.model
+    embed, norm = _bytes(whole.embed_tokens.parameters()), _bytes(whole.norm.parameters())
+    per_layer = _bytes(whole.layers[0].parameters())
+    registry = ModelRegistry(tmp_path)
+    split = PipelineSplit(FakeGroup(1, 2))
+    registry.prepare_model = split.cut
+    loaded = registry.acquire("tiny")
+    # Loaded: its 3 layers, and the embedding until `finish` has read its dtype.
+    assert loaded.weight_bytes == embed + norm + 3 * per_layer
+    assert len(loaded.model.layers) == 3
+    stage = split.finish(loaded.model)
+    assert stage.weight_bytes == 3 * per_layer and stage.layers == range(2, 5)
+    x = loaded.model.model.embed_tokens(mx.array([[5, 6]]))
+    assert x.shape == (1, 2, 64) and x.dtype == mx.float32
