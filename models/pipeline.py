@@ -144,13 +144,13 @@ class PipelineSplit:
         hidden, logits = _Shape.of(getattr(inner, embed)(probe)), _Shape.of(model(probe))
         group, rank, last = self.group, self.rank, self.size - 1
         if rank == 0:
-            setattr(inner, norm, _Relay(getattr(inner, norm), group, last))
+            setattr(inner, norm, _Relay(getattr(inner, norm), group, last, hidden.dtype))
         else:
             own = list(inner.layers)
             own[0] = _Receive(own[0], rank - 1, group)
             inner.layers = own
             setattr(inner, embed, _NoEmbedding(hidden, logits))
-            setattr(inner, norm, _Send((rank + 1) % self.size, group))
+            setattr(inner, norm, _Send((rank + 1) % self.size, group, hidden.dtype))
             if "lm_head" in model:
                 model.lm_head = _NoHead(logits)
         mx.clear_cache()  # the dropped weights' buffers go back to the system
@@ -206,30 +206,36 @@ class _Receive(nn.Module):
         return getattr(layer, key)
 
 
+def _send_now(h: mx.array, dst: int, group: Any, wire: mx.Dtype) -> None:
+    # On the wire in the embedding's dtype, which every rank knows: what a rank receives is
+    # what was sent even if a layer promoted the hidden state's dtype (none of those here do).
+    mx.eval(mx.distributed.send(h.astype(wire), dst, group=group))
+
+
 class _Send(nn.Module):
     """In place of the final norm on ranks 1..N-1: send the hidden state on, now."""
 
-    def __init__(self, dst: int, group: Any):
+    def __init__(self, dst: int, group: Any, wire: mx.Dtype):
         super().__init__()
-        self.dst, self.group = dst, group
+        self.dst, self.group, self.wire = dst, group, wire
 
     def __call__(self, h: mx.array) -> mx.array:
-        mx.eval(mx.distributed.send(h, self.dst, group=self.group))
+        _send_now(h, self.dst, self.group, self.wire)
         return h
 
 
 class _Relay(nn.Module):
     """The final norm on rank 0: send its layers' output to rank 1, take the last rank's back."""
 
-    def __init__(self, norm: nn.Module, group: Any, last: int):
+    def __init__(self, norm: nn.Module, group: Any, last: int, wire: mx.Dtype):
         super().__init__()
         self.norm = norm
-        self.group, self.last = group, last
+        self.group, self.last, self.wire = group, last, wire
 
     def __call__(self, h: mx.array) -> mx.array:
         # Two evaluations: a recv has no inputs, so one graph could not order it after the send.
-        mx.eval(mx.distributed.send(h, 1, group=self.group))
-        back = mx.distributed.recv_like(h, self.last, group=self.group)
+        _send_now(h, 1, self.group, self.wire)
+        back = mx.distributed.recv(h.shape, self.wire, self.last, group=self.group)
         mx.eval(back)
         return self.norm(back)
 

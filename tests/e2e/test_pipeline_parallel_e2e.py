@@ -2,7 +2,8 @@
 `mlx.launch --backend ring -n 2`, each rank holding half the layers and passing hidden states
 with send/recv. The engine's ModelRunner runs the same plan on both ranks (a left-padded batch
 of 8 prompts prefilled together, a row leaving, a chunked prompt joining, then one prompt alone);
-rank 0's greedy tokens equal a single process's token for token."""
+rank 0's greedy tokens equal a single process's token for token. A tiny model runs over 2 and
+3 ranks (a middle rank receives and sends on), SmolLM2 over 2 (slow)."""
 
 from __future__ import annotations
 
@@ -26,22 +27,25 @@ def _results(cmd: list[str]) -> list[dict]:
     return sorted((json.loads(ln[len("RESULT ") :]) for ln in lines), key=lambda r: r["rank"])
 
 
-def _alone_and_split(models_dir: Path, model: str, n_tokens: int) -> tuple[dict, list[dict]]:
+def _alone_and_split(
+    models_dir: Path, model: str, n_tokens: int, n: int = 2
+) -> tuple[dict, list[dict]]:
     args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens)]
     (alone,) = _results([sys.executable, *args])
     launch = Path(sys.executable).with_name("mlx.launch")
-    ranks = _results([str(launch), "--backend", "ring", "-n", "2", "--", sys.executable, *args])
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
+    ranks = _results([str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable, *args])
+    assert [r["rank"] for r in ranks] == list(range(n)) and all(r["size"] == n for r in ranks)
     assert len(alone["tokens"]) == 10 and all(alone["tokens"].values())
-    assert ranks[0]["tokens"] == alone["tokens"]  # rank 0 samples; rank 1's logits are zeros
-    assert [r["holds_embedding"] for r in ranks] == [True, False]
+    assert ranks[0]["tokens"] == alone["tokens"]  # rank 0 samples; the others' logits are zeros
+    assert [r["holds_embedding"] for r in ranks] == [True] + [False] * (n - 1)
     return alone, ranks
 
 
-def test_two_ranks_equal_one_process_on_a_tiny_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("n", "split"), [(2, [[0, 2], [2, 5]]), (3, [[0, 1], [1, 3], [3, 5]])])
+def test_ranks_equal_one_process_on_a_tiny_model(tmp_path: Path, n: int, split: list) -> None:
     make_tiny_model(tmp_path / "tiny", layers=5)
-    _, ranks = _alone_and_split(tmp_path, "tiny", 6)
-    assert [r["layers"] for r in ranks] == [[0, 2], [2, 5]]
+    _, ranks = _alone_and_split(tmp_path, "tiny", 6, n)
+    assert [r["layers"] for r in ranks] == split
 
 
 @pytest.mark.slow
