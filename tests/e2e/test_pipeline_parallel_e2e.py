@@ -20,20 +20,21 @@ RANK_SCRIPT = Path(__file__).with_name("pp_rank.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _results(cmd: list[str]) -> list[dict]:
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+def _results(cmd: list[str], timeout: float) -> list[dict]:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
     return sorted((json.loads(ln[len("RESULT ") :]) for ln in lines), key=lambda r: r["rank"])
 
 
 def _alone_and_split(
-    models_dir: Path, model: str, n_tokens: int, n: int = 2
+    models_dir: Path, model: str, n_tokens: int, n: int = 2, timeout: float = 900
 ) -> tuple[dict, list[dict]]:
     args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens)]
-    (alone,) = _results([sys.executable, *args])
+    (alone,) = _results([sys.executable, *args], timeout)
     launch = Path(sys.executable).with_name("mlx.launch")
-    ranks = _results([str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable, *args])
+    cmd = [str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable, *args]
+    ranks = _results(cmd, timeout)  # ranks out of step would wait on each other: bounded
     assert [r["rank"] for r in ranks] == list(range(n)) and all(r["size"] == n for r in ranks)
     assert len(alone["tokens"]) == 10 and all(alone["tokens"].values())
     assert ranks[0]["tokens"] == alone["tokens"]  # rank 0 samples; the others' logits are zeros
@@ -44,7 +45,7 @@ def _alone_and_split(
 @pytest.mark.parametrize(("n", "split"), [(2, [[0, 2], [2, 5]]), (3, [[0, 1], [1, 3], [3, 5]])])
 def test_ranks_equal_one_process_on_a_tiny_model(tmp_path: Path, n: int, split: list) -> None:
     make_tiny_model(tmp_path / "tiny", layers=5)
-    _, ranks = _alone_and_split(tmp_path, "tiny", 6, n)
+    _, ranks = _alone_and_split(tmp_path, "tiny", 6, n, timeout=300)
     assert [r["layers"] for r in ranks] == split
 
 
