@@ -30,7 +30,7 @@ JOINS = "The best way to learn a language is"  # joins the running batch
 ALONE = "In 1969, the first man on the moon was"
 
 
-def main(models_dir: str, model: str, n_tokens: int) -> None:
+def main(models_dir: str, model: str, n_tokens: int, weights: str) -> None:
     import mlx.core as mx
 
     from engine.runner import ModelRunner
@@ -38,9 +38,10 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
     from engine.sequence import Sequence
     from engine.types import GenerateRequest, SamplingParams
     from models.pipeline import PipelineSplit
+    from models.sharding import resident_weight_bytes
 
     group = mx.distributed.init()
-    registry = ModelRegistry(Path(models_dir))
+    registry = ModelRegistry(Path(models_dir), weights_on_cpu=weights)
     split = PipelineSplit(group) if group.size() > 1 else None
     if split is not None:  # the other ranks' layers are never read
         registry.prepare_model = split.cut
@@ -49,6 +50,7 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
     if stage is not None:
         loaded.weight_bytes = stage.weight_bytes
     loaded_peak = mx.get_peak_memory()
+    embedding = resident_weight_bytes(loaded.model.model.embed_tokens)
     runner = ModelRunner(loaded.model, loaded.make_cache)
     tokens: dict[str, list[int]] = {}
 
@@ -90,6 +92,8 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
         "num_layers": stage.num_layers if stage else None,
         "holds_embedding": stage.holds_embedding if stage else True,
         "weight_bytes": loaded.weight_bytes,
+        "weight_format": loaded.weight_format,
+        "embedding_bytes": embedding,  # rank 0's, and one process's
         "load_peak_bytes": loaded_peak,
         "tokens": tokens,
     }
@@ -97,4 +101,4 @@ def main(models_dir: str, model: str, n_tokens: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

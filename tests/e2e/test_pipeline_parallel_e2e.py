@@ -28,9 +28,9 @@ def _results(cmd: list[str], timeout: float) -> list[dict]:
 
 
 def _alone_and_split(
-    models_dir: Path, model: str, n_tokens: int, n: int = 2, timeout: float = 900
+    models_dir: Path, model: str, n_tokens: int, weights: str, n: int = 2, timeout: float = 900
 ) -> tuple[dict, list[dict]]:
-    args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens)]
+    args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens), weights]
     (alone,) = _results([sys.executable, *args], timeout)
     launch = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable, *args]
@@ -45,17 +45,19 @@ def _alone_and_split(
 @pytest.mark.parametrize(("n", "split"), [(2, [[0, 2], [2, 5]]), (3, [[0, 1], [1, 3], [3, 5]])])
 def test_ranks_equal_one_process_on_a_tiny_model(tmp_path: Path, n: int, split: list) -> None:
     make_tiny_model(tmp_path / "tiny", layers=5)
-    _, ranks = _alone_and_split(tmp_path, "tiny", 6, n, timeout=300)
+    _, ranks = _alone_and_split(tmp_path, "tiny", 6, "fp32", n, timeout=300)
     assert [r["layers"] for r in ranks] == split
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_on_smollm2(smollm2_dir: Path) -> None:
-    alone, ranks = _alone_and_split(smollm2_dir.parent, "smollm2:135m", 12)
+    # In the server's default CPU format: Q4_1 as stored, on mlxd's kernels.
+    alone, ranks = _alone_and_split(smollm2_dir.parent, "smollm2:135m", 12, "as_stored")
     assert [r["layers"] for r in ranks] == [[0, 15], [15, 30]]
     # Rank 0 holds the embedding (tied: it is the lm_head too, 28M of 135M parameters) and
     # layers 0-14; rank 1 layers 15-29 only: each about half the layer weights.
-    full, embed = alone["weight_bytes"], 49152 * 576 * 4
+    full, embed = alone["weight_bytes"], alone["embedding_bytes"]
+    assert ranks[0]["embedding_bytes"] == embed and ranks[1]["embedding_bytes"] == 0
     half = (full - embed) / 2
     assert abs(ranks[1]["weight_bytes"] - half) / half < 0.01, (ranks[1]["weight_bytes"], half)
     assert abs(ranks[0]["weight_bytes"] - embed - half) / half < 0.01, ranks[0]["weight_bytes"]
