@@ -33,13 +33,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from models.sharding import resident_weight_bytes
+from models.sharding import ShardingError, resident_weight_bytes
 
 _EMBEDDINGS = ("embed_tokens", "wte", "tok_embeddings")
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f")
 
 
-class PipelineError(ValueError):
+class PipelineError(ShardingError):
     """A model or split that pipeline parallelism cannot serve; says why."""
 
 
