@@ -46,4 +46,31 @@ inline std::vector<char> packed_copy(const mlx::core::array& a) {
   return out;
 }
 
+// Weak copies of a primitive's inputs, for its dispatched task (MLX keeps the data alive).
+inline std::vector<mlx::core::array> weak_copies(const std::vector<mlx::core::array>& inputs) {
+  std::vector<mlx::core::array> out;
+  for (const auto& a : inputs) {
+    out.push_back(mlx::core::array::unsafe_weak_copy(a));
+  }
+  return out;
+}
+
+// Each array's data as row-major: contiguous ones in place, strided ones packed into `tmp`.
+// Run on the stream's thread, once the data is ready.
+inline std::vector<const void*> row_major(
+    const std::vector<mlx::core::array>& arrs,
+    std::vector<std::vector<char>>& tmp) {
+  std::vector<const void*> ptrs;
+  tmp.resize(arrs.size());
+  for (size_t i = 0; i < arrs.size(); ++i) {
+    if (arrs[i].flags().row_contiguous) {
+      ptrs.push_back(arrs[i].data<void>());
+    } else {
+      tmp[i] = packed_copy(arrs[i]);
+      ptrs.push_back(tmp[i].data());
+    }
+  }
+  return ptrs;
+}
+
 } // namespace mlxd

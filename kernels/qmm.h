@@ -4,6 +4,7 @@
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "qdot.h"
 
 namespace mlxd {
 
@@ -25,8 +26,18 @@ mx::array dequantize(
     const mx::array& biases,
     int bits);
 
-// The SIMD path compiled in ("avx512-vnni", "avx2", "scalar", ...) and the worker-thread count.
-const char* simd_path();
+// Checks one quantized weight's arrays (raising std::invalid_argument in `what`'s name); returns K.
+int check_weight(
+    const char* what,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits);
+
+// The kernels' view of a checked weight (data pointers left null: they are set at eval time).
+QWeight weight_of(const mx::array& w, const mx::array& scales, int bits);
+
+// The worker-thread count.
 int num_threads();
 void set_num_threads(int n);
 

@@ -26,6 +26,27 @@ def _reference(x: mx.array, w: mx.array, s: mx.array, b: mx.array, bits: int) ->
     return x.astype(mx.float32) @ dense.T
 
 
+# VNNI builds multiply integer activations (~15 bits per 32-value block: kernels/qdot_i8.h).
+INT_ACTS = qkernels.simd_path().endswith("vnni")
+TOL = 1e-4 if INT_ACTS else 1e-5
+
+
+def _int_acts_reference(x: mx.array, w: mx.array, s: mx.array, b: mx.array, bits: int):
+    """What the VNNI kernel computes: x rounded per block to step / 256 * (256 * q1 + q2) times
+    the centered weights (q - c) * s, plus each block's exact sum of x times b + c * s."""
+    s, b = s.astype(mx.float32), b.astype(mx.float32)
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    amax = mx.abs(xb).max(-1, keepdims=True)
+    inv = mx.where(amax > 1e-30, 127.0 / amax, 0.0)
+    step = amax / 127.0
+    q1 = mx.round(xb * inv)
+    q2 = mx.clip(mx.round((xb - q1 * step) * (inv * 256.0)), -128, 127)
+    xt = ((256.0 * q1 + q2) * (step / 256.0)).reshape(x.shape)
+    c = 2 ** (bits - 1)
+    centered = mx.dequantize(w, s, -c * s, group_size=32, bits=bits)
+    return xt @ centered.T + xb.sum(-1) @ (b + c * s).T
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sdtype", [mx.float16, mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (33, 576), (577, 1536), (1536, 576)])
@@ -37,8 +58,18 @@ def test_qmm_matches_dequantized_matmul(bits: int, sdtype, n: int, k: int) -> No
         x = mx.random.normal((m, k))
         got = qkernels.qmm(x, w, s, b, bits)
         assert got.shape == (m, n) and got.dtype == mx.float32
-        # The fp32 product with the dequantized weights, up to float rounding.
-        assert _rel_err(got, _reference(x, w, s, b, bits)) < 1e-5, (m, n, k)
+        # The fp32 product with the dequantized weights, up to float (or x's ~15-bit) rounding.
+        assert _rel_err(got, _reference(x, w, s, b, bits)) < TOL, (m, n, k)
+        if INT_ACTS and m < qkernels.BLAS_ROWS:
+            assert _rel_err(got, _int_acts_reference(x, w, s, b, bits)) < 1e-5, (m, n, k)
+
+
+def test_qmm_blocks_of_zeros_and_extreme_scales() -> None:
+    w, s, b = mx.quantize(mx.random.normal((40, 128)), group_size=32, bits=4)
+    x = mx.random.normal((3, 128)) * mx.array([0.0] * 32 + [1e-6] * 32 + [1e4] * 32 + [1.0] * 32)
+    got = qkernels.qmm(x, w, s, b, 4)
+    assert mx.all(mx.isfinite(got)).item()
+    assert _rel_err(got, _reference(x, w, s, b, 4)) < TOL
 
 
 def test_rows_are_independent_of_the_batch() -> None:

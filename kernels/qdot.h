@@ -1,0 +1,52 @@
+// The block-quantized dot-product kernels behind qmm and the fused MLP (internal to kernels/).
+#pragma once
+
+#include <cstdint>
+
+namespace mlxd {
+
+constexpr int kGroup = 32;
+
+enum class SType { F32, F16, BF16 };
+
+// One MLX affine group-32 weight matrix W [N, K]: w packed 4 or 8 bits, scales/biases [N, K/32].
+struct QWeight {
+  const uint8_t* w;
+  const void* scales;
+  const void* biases;
+  SType stype;
+  int N, K, bits;
+};
+
+struct Acts;
+
+// y[m, n - n0] (row stride ldy) = x[m, :] . dequantize(W)[n, :] for m < a.M, n in [n0, n1): with
+// int8 activations where the build has VNNI (qdot_i8.h), else each block is dequantized in
+// registers and multiplied with float32 activations by FMAs. A row of y sums in the same order
+// alone or in any batch (batched equals single, bit for bit).
+void qdot_rows(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1);
+
+// Row n's packed weights; its scales and biases converted to float into sf and bf.
+const uint8_t* load_row(const QWeight& W, int n, float* sf, float* bf);
+
+// Row groups a kernel prefetches ahead: a thread streams its rows from DRAM, and the hardware
+// prefetcher alone leaves a one-row decode latency-bound.
+constexpr int kAhead = 4;
+
+// Asks for rows [n, n + count) of W (weights, scales, biases) to be brought into the cache.
+void prefetch_rows(const QWeight& W, int n, int count);
+
+// Rows [n0, n1) of dequantize(W) as float32 into out [N, K].
+void dequant_rows(const QWeight& W, float* out, int n0, int n1);
+
+// Rows per chunk when `threads` share W's N rows (small enough to balance, large enough for the
+// hardware prefetcher to see each thread's stream).
+int row_chunk(int N, int threads);
+
+// The SIMD code path compiled in ("avx512-vnni" (int8 activations), "avx512", "avx2", "scalar").
+const char* simd_path();
+
+// x[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, for n values (vectorized exp).
+void swiglu(const float* g, const float* u, float* out, int n);
+
+} // namespace mlxd

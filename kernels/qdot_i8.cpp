@@ -1,0 +1,222 @@
+// int8-activation dot products on AVX-512 VNNI (see qdot_i8.h).
+#include "qdot_i8.h"
+
+#include <cmath>
+#include <cstring>
+
+#ifdef MLXD_VNNI
+#include <immintrin.h>
+#endif
+
+namespace mlxd {
+
+#ifdef MLXD_VNNI
+namespace {
+
+// Even then odd positions of a 32-value block: 4-bit weight 2i sits in byte i's low nibble.
+const __m512i kEven = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+const __m512i kOdd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+
+constexpr int center(int bits) {
+  return bits == 4 ? 8 : 128;
+}
+
+inline __m128i to_i8(__m512 v, __m512 id) {
+  return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, id)));
+}
+
+void quantize_block(const float* x, int bits, int8_t* q, float* d, float* sum, int32_t* corr) {
+  __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  *sum = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  const float step = amax / 127.0f;
+  *d = step / 256.0f; // the unit of 256 * q1 + q2
+  // Blocks of (near) zeros quantize to zeros (127 / amax would overflow).
+  const __m512 id = _mm512_set1_ps(amax > 1e-30f ? 127.0f / amax : 0.0f);
+  if (bits == 4) {
+    const __m512 even = _mm512_permutex2var_ps(lo, kEven, hi);
+    hi = _mm512_permutex2var_ps(lo, kOdd, hi);
+    lo = even;
+  }
+  // q1 = round(x / step), then q2 = round(256 * (x - q1 * step) / step): ~15 bits in all.
+  const __m512 s = _mm512_set1_ps(step), id2 = _mm512_mul_ps(id, _mm512_set1_ps(256.0f));
+  const __m512 q1lo = _mm512_roundscale_ps(_mm512_mul_ps(lo, id), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 q1hi = _mm512_roundscale_ps(_mm512_mul_ps(hi, id), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 rlo = _mm512_fnmadd_ps(q1lo, s, lo), rhi = _mm512_fnmadd_ps(q1hi, s, hi);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), to_i8(q1lo, one));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), to_i8(q1hi, one));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32), to_i8(rlo, id2));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 48), to_i8(rhi, id2));
+  const __m256i c = _mm256_set1_epi8(static_cast<char>(center(bits)));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i cs = _mm256_add_epi32(
+      _mm256_slli_epi32(_mm256_dpbusd_epi32(zero, c, x1), 8), _mm256_dpbusd_epi32(zero, c, x2));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr), _mm256_sub_epi32(zero, cs));
+}
+
+// A block's 32 weights as unsigned bytes, in the order quantize_block put x in.
+template <int BITS>
+inline __m256i weights(const uint8_t* row, int g) {
+  if constexpr (BITS == 4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 32));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum(a[i] * b[i]) for i < n, in a fixed order.
+inline float dot(const float* a, const float* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+  acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+constexpr int kTile = 8, kRows = 2;
+
+// MT rows of x (from row m) against NR weight rows (scales sf, biases bf as float).
+template <int BITS, int MT, int NR>
+void tile(
+    const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
+    int m, float* y, int ldy) {
+  const int nb = a.K / kGroup;
+  __m256 acc[NR][MT];
+  for (int i = 0; i < NR; ++i) {
+    for (int r = 0; r < MT; ++r) {
+      acc[i][r] = _mm256_setzero_ps();
+    }
+  }
+  for (int g = 0; g < nb; ++g) {
+    __m256i w[NR];
+    for (int i = 0; i < NR; ++i) {
+      w[i] = weights<BITS>(wrows[i], g);
+    }
+    for (int r = 0; r < MT; ++r) {
+      const size_t row = static_cast<size_t>(m + r);
+      const int8_t* xb = a.q.data() + (row * a.K + g * kGroup) * 2;
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+      const float d = a.d[row * nb + g];
+      const __m256i corr = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(a.corr.data() + (row * nb + g) * 8));
+      for (int i = 0; i < NR; ++i) {
+        // sum((q_w - center) * (256 * q1 + q2))
+        const __m256i p1 = _mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w[i], x1), 8);
+        const __m256i p = _mm256_add_epi32(_mm256_dpbusd_epi32(corr, w[i], x2), p1);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sf[i][g] * d), acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    for (int r = 0; r < MT; ++r) {
+      const float bias = dot(bf[i], a.sum.data() + static_cast<size_t>(m + r) * nb, nb);
+      y[static_cast<size_t>(r) * ldy + i] = hsum(acc[i][r]) + bias;
+    }
+  }
+}
+
+template <int BITS, int MT, int NR>
+inline void rest(
+    const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
+    int m, float* y, int ldy, int left) {
+  if constexpr (MT > 0) {
+    if (left == MT) {
+      tile<BITS, MT, NR>(wrows, sf, bf, a, m, y, ldy);
+    } else {
+      rest<BITS, MT - 1, NR>(wrows, sf, bf, a, m, y, ldy, left);
+    }
+  }
+}
+
+template <int BITS, int NR>
+void row_group(const QWeight& W, const Acts& a, float* y, int ldy, int n, int n1, float* scratch) {
+  const float* sf[NR];
+  const float* bf[NR];
+  const uint8_t* wrows[NR];
+  const int nb = W.K / kGroup;
+  for (int i = 0; i < NR; ++i) {
+    float* s = scratch + 2 * i * nb;
+    float* b = scratch + (2 * i + 1) * nb;
+    wrows[i] = load_row(W, n + i, s, b);
+    for (int g = 0; g < nb; ++g) {
+      b[g] += center(BITS) * s[g]; // the centered weights' offset
+    }
+    sf[i] = s;
+    bf[i] = b;
+  }
+  if (n + (kAhead + 1) * NR <= W.N) {
+    prefetch_rows(W, n + kAhead * NR, NR);
+  }
+  int m = 0;
+  for (; m + kTile <= a.M; m += kTile) {
+    tile<BITS, kTile, NR>(wrows, sf, bf, a, m, y + m * ldy, ldy);
+  }
+  rest<BITS, kTile - 1, NR>(wrows, sf, bf, a, m, y + m * ldy, ldy, a.M - m);
+}
+
+template <int BITS>
+void qdot(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
+  std::vector<float> scratch(2 * kRows * (W.K / kGroup));
+  int n = n0;
+  for (; n + kRows <= n1; n += kRows) {
+    row_group<BITS, kRows>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
+  }
+  for (; n < n1; ++n) {
+    row_group<BITS, 1>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
+  }
+}
+
+} // namespace
+
+void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
+  a.x = x;
+  a.M = M;
+  a.K = K;
+  a.bits = bits;
+  const int nb = K / kGroup;
+  a.q.resize(static_cast<size_t>(M) * K * 2);
+  a.d.resize(static_cast<size_t>(M) * nb);
+  a.sum.resize(static_cast<size_t>(M) * nb);
+  a.corr.resize(static_cast<size_t>(M) * nb * 8);
+  for (size_t b = 0; b < static_cast<size_t>(M) * nb; ++b) {
+    quantize_block(
+        x + b * kGroup, bits, a.q.data() + b * kGroup * 2, &a.d[b], &a.sum[b], &a.corr[b * 8]);
+  }
+}
+
+void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
+  if (W.bits == 4) {
+    qdot<4>(W, a, y, ldy, n0, n1);
+  } else {
+    qdot<8>(W, a, y, ldy, n0, n1);
+  }
+}
+
+#else
+
+void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
+  a.x = x;
+  a.M = M;
+  a.K = K;
+  a.bits = bits;
+}
+
+#endif
+
+} // namespace mlxd
