@@ -116,6 +116,8 @@ def op_class(name: str, module: nn.Module) -> str | None:
         return HEAD
     if isinstance(module, nn.Linear | nn.QuantizedLinear) or "Linear" in kind:
         return PROJ
+    if kind == "FusedMLP":
+        return PROJ  # gate/up/down and SwiGLU in one kernel op: mostly its matmuls
     if "Norm" in kind:
         return NORM
     if "RoPE" in kind or leaf == "rope":

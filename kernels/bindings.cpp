@@ -4,13 +4,15 @@
 
 #include "attention.h"
 #include "fused.h"
+#include "mlp.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "mlxd CPU kernels for MLX (block-quantized matmul, RMSNorm, RoPE, decode attention)";
+  m.doc() =
+      "mlxd CPU kernels for MLX (block-quantized matmul and MLP, RMSNorm, RoPE, decode attention)";
   m.def(
       "qmm",
       &mlxd::qmm,
@@ -28,6 +30,22 @@ NB_MODULE(_kernels, m) {
       "biases"_a,
       "bits"_a,
       "dequantize(w, scales, biases, group_size=32, bits) in float32, on the CPU.");
+  m.def(
+      "mlp",
+      &mlxd::mlp,
+      "x"_a,
+      "gate_w"_a,
+      "gate_s"_a,
+      "gate_b"_a,
+      "up_w"_a,
+      "up_s"_a,
+      "up_b"_a,
+      "gu_bits"_a,
+      "down_w"_a,
+      "down_s"_a,
+      "down_b"_a,
+      "down_bits"_a,
+      "down(silu(gate(x)) * up(x)) on group-32 quantized weights in one op (float32, CPU).");
   m.def(
       "rms_norm",
       &mlxd::rms_norm,

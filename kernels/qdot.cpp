@@ -380,17 +380,23 @@ int row_chunk(int N, int threads) {
 }
 
 void swiglu(const float* g, const float* u, float* out, int n) {
-  int i = 0;
 #ifdef MLXD_X86
-  for (; i + kLanes <= n; i += kLanes) {
-    const vec gv = vload(g + i);
+  // The tail goes through a padded vector: every value gets the same arithmetic wherever it sits.
+  for (int i = 0; i < n; i += kLanes) {
+    const int left = std::min(kLanes, n - i);
+    alignas(64) float gt[kLanes] = {}, ut[kLanes] = {}, ot[kLanes];
+    std::memcpy(gt, g + i, left * sizeof(float));
+    std::memcpy(ut, u + i, left * sizeof(float));
+    const vec gv = vload(gt);
     const vec e = vexp(V(sub_ps)(vzero(), gv));
-    vstore(out + i, V(mul_ps)(V(div_ps)(gv, V(add_ps)(vset(1.0f), e)), vload(u + i)));
+    vstore(ot, V(mul_ps)(V(div_ps)(gv, V(add_ps)(vset(1.0f), e)), vload(ut)));
+    std::memcpy(out + i, ot, left * sizeof(float));
   }
-#endif
-  for (; i < n; ++i) {
+#else
+  for (int i = 0; i < n; ++i) {
     out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
+#endif
 }
 
 } // namespace mlxd

@@ -101,7 +101,7 @@ class FastSwiGLUMLP(nn.Module):
         return self.down_proj(fast_swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _is_swiglu_mlp(module: nn.Module) -> bool:
+def is_swiglu_mlp(module: nn.Module) -> bool:
     # mlx-lm's llama / qwen / mistral MLPs: three projections and `down(swiglu(gate, up))`.
     call = type(module).__call__
     names = set(getattr(getattr(call, "__code__", None), "co_names", ()))
@@ -115,7 +115,7 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 def fast_activations(model: nn.Module) -> int:
     """Swap SwiGLU MLPs for FastSwiGLUMLP (same weights, same children); returns the count."""
-    swaps = [(n, FastSwiGLUMLP(m)) for n, m in model.named_modules() if _is_swiglu_mlp(m)]
+    swaps = [(n, FastSwiGLUMLP(m)) for n, m in model.named_modules() if is_swiglu_mlp(m)]
     for name, module in swaps:
         model.update_modules(_nest(name, module))
     return len(swaps)

@@ -35,6 +35,7 @@ from models.files import (
     weight_files,
 )
 from models.fused_layers import fuse_for_cpu
+from models.fused_mlp import fuse_mlps
 from models.memory import backend, kv_bytes_per_token
 from models.quant_layers import CpuQuantizedEmbedding, quantize_for_cpu
 from models.tokenizer import Tokenizer
@@ -201,7 +202,8 @@ def load_model(
         elif on_cpu and quantize_for_cpu(model, fmt_cpu):  # the kernels: quant_layers.py
             on_kernels = True
             _upcast_small(model)
-            fast_activations(model)
+            fuse_mlps(model)  # gate/up/SwiGLU/down as one op: fused_mlp.py
+            fast_activations(model)  # MLPs left unfused
         if (dequant or on_kernels) and qkernels.available():
             fuse_for_cpu(model)  # one-pass RMSNorm / RoPE, decode attention: fused_layers.py
         mx.eval(model.parameters())

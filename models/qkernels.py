@@ -2,8 +2,9 @@
 fallbacks so every caller works when the extension is not built or the device is not the CPU.
 
 `qmm(x, w, scales, biases, bits)` is `x @ dequantize(w)^T` for MLX affine group-32 arrays (GGUF's
-Q4_0 / Q4_1 / Q8_0 as the registry keeps them), returned in float32. `rms_norm` and `rope` are
-mx.fast's in one pass (MLX's CPU versions run as several ops: 50-130 us for one decode row).
+Q4_0 / Q4_1 / Q8_0 as the registry keeps them), returned in float32; `mlp` is a SwiGLU MLP over
+three of them in one op. `rms_norm` and `rope` are mx.fast's in one pass (MLX's CPU versions run
+as several ops: 50-130 us for one decode row).
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, bit
         return _ext.qmm(x, w, scales, biases, bits)
     y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=GROUP_SIZE, bits=bits)
     return y.astype(mx.float32)
+
+
+Packed = tuple[mx.array, mx.array, mx.array, int]  # weight, scales, biases, bits
+
+
+def mlp(x: mx.array, gate: Packed, up: Packed, down: Packed) -> mx.array | None:
+    """down(silu(gate(x)) * up(x)) in one op on the CPU for float32 x; None where the extension
+    cannot run it (not built, another device): the caller runs the unfused ops."""
+    if not (_fast(x) and _ext is not None and gate[3] == up[3]):
+        return None
+    return _ext.mlp(x, *gate[:3], *up[:3], gate[3], *down)
 
 
 def _fast(x: mx.array) -> bool:

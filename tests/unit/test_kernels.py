@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_lm.models.activations import swiglu
 
 import models  # noqa: F401  (BLAS before mlx)
 from models import qkernels
@@ -155,13 +156,71 @@ def test_model_on_kernels_matches_reference(bits: int | None, fmt: str, want: in
     assert (mx.argmax(model(ids), -1) == mx.argmax(ref, -1)).all().item()
 
 
+def _mlp(k: int, f: int, d: int, gu_bits: int, down_bits: int, sdtype) -> nn.Module:
+    def lin(n: int, kk: int, bits: int) -> CpuQuantizedLinear:
+        w, s, b = mx.quantize(mx.random.normal((n, kk)) * 0.1, group_size=32, bits=bits)
+        return CpuQuantizedLinear(w, s.astype(sdtype), b.astype(sdtype), bits)
+
+    class Mlp(nn.Module):  # mlx-lm's llama MLP, as fuse_mlps recognizes it
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = lin(f, k, gu_bits), lin(f, k, gu_bits)
+            self.down_proj = lin(d, f, down_bits)
+
+        def __call__(self, x: mx.array) -> mx.array:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return Mlp()
+
+
+@pytest.mark.parametrize(
+    "k,f,d,gu_bits,down_bits,sdtype",
+    [
+        (64, 96, 64, 4, 4, mx.float16),
+        (96, 160, 32, 8, 4, mx.float32),
+        (576, 1536, 576, 4, 8, mx.bfloat16),
+        (32, 33 * 32, 7, 4, 4, mx.float16),  # F not a multiple of the chunk or the lanes
+    ],
+)
+def test_fused_mlp_matches_unfused(k, f, d, gu_bits, down_bits, sdtype) -> None:
+    from models.fused_mlp import FusedMLP, fuse_mlps
+
+    mx.random.seed(k + f + d)
+    parent = nn.Module()
+    parent.mlp = _mlp(k, f, d, gu_bits, down_bits, sdtype)
+    ref_mlp = parent.mlp
+    assert fuse_mlps(parent) == 1 and isinstance(parent.mlp, FusedMLP)
+    for m in (1, 3, 8, 17, 70):  # 70: prefill-sized, the unfused ops
+        x = mx.random.normal((m, k))
+        got = parent.mlp(x)
+        assert got.shape == (m, d) and got.dtype == mx.float32
+        assert _rel_err(got, ref_mlp(x)) < 1e-4, (m, k, f, d)
+    x = mx.random.normal((2, 9, k))
+    whole = parent.mlp(x)
+    assert whole.shape == (2, 9, d)
+    assert mx.array_equal(parent.mlp(x[1:, 4:5]), whole[1:, 4:5]).item()  # batched equals single
+
+
+def test_fused_mlp_rejects_mismatched_weights() -> None:
+    from models.qkernels import _ext
+
+    assert _ext is not None
+    g = mx.quantize(mx.random.normal((64, 64)), group_size=32, bits=4)
+    u = mx.quantize(mx.random.normal((32, 64)), group_size=32, bits=4)
+    d = mx.quantize(mx.random.normal((64, 64)), group_size=32, bits=4)
+    with pytest.raises(ValueError):
+        _ext.mlp(mx.zeros((1, 64)), *g, *u, 4, *d, 4)
+
+
 @pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
 def test_batched_equals_single_on_kernels(bits: int | None, fmt: str) -> None:
+    from models.fused_mlp import fuse_mlps
     from tests.unit.engine_harness import Harness
     from tests.unit.test_engine_batching import greedy, prompts
 
     model = _tiny(bits)
     quantize_for_cpu(model, fmt)
+    assert fuse_mlps(model) == 2
     ps = prompts(5)
     alone = {}
     for i, p in enumerate(ps):
