@@ -188,7 +188,11 @@ def _top_p(x: mx.array, top_p: mx.array, sorted_desc: bool) -> mx.array:
         m = min(TOP_P_CANDIDATES, x.shape[-1])
         xs = mx.take_along_axis(x, mx.argpartition(-x, kth=m - 1, axis=-1)[:, :m], axis=-1)
         xs = -mx.sort(-xs, axis=-1)
-    probs = mx.exp(xs - mx.logsumexp(x, axis=-1, keepdims=True))
+    # logsumexp over the whole vocabulary on the polynomial exp: MLX's (23 ns an element on the
+    # CPU) made this 3/4 of a 16-row top_p draw (18 of 24 ms CPU time, 49k vocabulary).
+    top = x.max(axis=-1, keepdims=True)
+    lse = top + mx.log(fast_exp_fused(x - top).sum(axis=-1, keepdims=True))
+    probs = mx.exp(xs - lse)
     cum = mx.cumsum(probs, axis=-1)
     keep = (cum - probs) < top_p
     cut = mx.where(keep, xs, mx.inf).min(axis=-1, keepdims=True)
