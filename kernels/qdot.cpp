@@ -230,8 +230,6 @@ inline void tile(
 }
 #endif
 
-constexpr int kRows = 2; // weight rows per tile
-
 // Rows m .. m + MT of x against NR weight rows; the last `left` (< kTile) rows pick MT == left.
 template <int BITS, int MT, int NR>
 inline void rest(
@@ -268,38 +266,17 @@ inline void prefetch(const void* p, size_t bytes) {
 #endif
 }
 
-template <int BITS, int NR>
-void row_group(const QWeight& W, const Acts& a, float* y, int ldy, int n, int n1, float* scratch) {
-  const int nb = W.K / kGroup;
-  const uint8_t* wrows[NR];
-  const float* sf[NR];
-  const float* bf[NR];
-  for (int i = 0; i < NR; ++i) {
-    wrows[i] = load_row(W, n + i, scratch + 2 * i * nb, scratch + (2 * i + 1) * nb);
-    sf[i] = scratch + 2 * i * nb;
-    bf[i] = scratch + (2 * i + 1) * nb;
-  }
-  if (n + (kAhead + 1) * NR <= W.N) {
-    prefetch_rows(W, n + kAhead * NR, NR);
-  }
-  int m = 0;
-  for (; m + kTile <= a.M; m += kTile) {
-    tile<BITS, kTile, NR>(wrows, sf, bf, a.x + static_cast<size_t>(m) * W.K, W.K, ldy, y + m * ldy);
-  }
-  rest<BITS, kTile - 1, NR>(
-      wrows, sf, bf, a.x + static_cast<size_t>(m) * W.K, W.K, y + m * ldy, ldy, a.M - m);
-}
-
 template <int BITS>
 void qdot(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
-  std::vector<float> scratch(2 * kRows * (W.K / kGroup));
-  int n = n0;
-  for (; n + kRows <= n1; n += kRows) {
-    row_group<BITS, kRows>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
-  }
-  for (; n < n1; ++n) {
-    row_group<BITS, 1>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
-  }
+  for_row_groups(W, n0, n1, [&]<int NR>(const RowGroup& g) {
+    float* yg = y + (g.n - n0);
+    int m = 0;
+    for (; m + kTile <= a.M; m += kTile) {
+      tile<BITS, kTile, NR>(g.w, g.s, g.b, a.x + static_cast<size_t>(m) * W.K, W.K, ldy, yg + m * ldy);
+    }
+    rest<BITS, kTile - 1, NR>(
+        g.w, g.s, g.b, a.x + static_cast<size_t>(m) * W.K, W.K, yg + m * ldy, ldy, a.M - m);
+  });
 }
 
 template <int BITS>

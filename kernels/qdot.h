@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace mlxd {
 
@@ -38,6 +39,41 @@ void prefetch_rows(const QWeight& W, int n, int count);
 
 // Rows [n0, n1) of dequantize(W) as float32 into out [N, K].
 void dequant_rows(const QWeight& W, float* out, int n0, int n1);
+
+// A group of NR (1 or 2) consecutive weight rows from row n: packed weights, scales, biases.
+struct RowGroup {
+  int n;
+  const uint8_t* w[2];
+  float* s[2];
+  float* b[2];
+};
+
+// f.operator()<NR>(group) for rows [n0, n1) of W in groups of 2 (then 1), each group's scales
+// and biases converted to float and the groups kAhead further on prefetched.
+template <typename F>
+void for_row_groups(const QWeight& W, int n0, int n1, F&& f) {
+  const int nb = W.K / kGroup;
+  std::vector<float> scratch(4 * nb);
+  auto group = [&]<int NR>(int n) {
+    RowGroup g{n, {}, {}, {}};
+    for (int i = 0; i < NR; ++i) {
+      g.s[i] = scratch.data() + 2 * i * nb;
+      g.b[i] = scratch.data() + (2 * i + 1) * nb;
+      g.w[i] = load_row(W, n + i, g.s[i], g.b[i]);
+    }
+    if (n + (kAhead + 1) * NR <= W.N) {
+      prefetch_rows(W, n + kAhead * NR, NR);
+    }
+    f.template operator()<NR>(g);
+  };
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    group.template operator()<2>(n);
+  }
+  for (; n < n1; ++n) {
+    group.template operator()<1>(n);
+  }
+}
 
 // Rows per chunk when `threads` share W's N rows (small enough to balance, large enough for the
 // hardware prefetcher to see each thread's stream).

@@ -88,7 +88,7 @@ inline float dot(const float* a, const float* b, int n) {
   return _mm512_reduce_add_ps(acc);
 }
 
-constexpr int kTile = 8, kRows = 2;
+constexpr int kTile = 8;
 
 // MT rows of x (from row m) against NR weight rows (scales sf, biases bf as float).
 template <int BITS, int MT, int NR>
@@ -144,42 +144,22 @@ inline void rest(
   }
 }
 
-template <int BITS, int NR>
-void row_group(const QWeight& W, const Acts& a, float* y, int ldy, int n, int n1, float* scratch) {
-  const float* sf[NR];
-  const float* bf[NR];
-  const uint8_t* wrows[NR];
-  const int nb = W.K / kGroup;
-  for (int i = 0; i < NR; ++i) {
-    float* s = scratch + 2 * i * nb;
-    float* b = scratch + (2 * i + 1) * nb;
-    wrows[i] = load_row(W, n + i, s, b);
-    for (int g = 0; g < nb; ++g) {
-      b[g] += center(BITS) * s[g]; // the centered weights' offset
-    }
-    sf[i] = s;
-    bf[i] = b;
-  }
-  if (n + (kAhead + 1) * NR <= W.N) {
-    prefetch_rows(W, n + kAhead * NR, NR);
-  }
-  int m = 0;
-  for (; m + kTile <= a.M; m += kTile) {
-    tile<BITS, kTile, NR>(wrows, sf, bf, a, m, y + m * ldy, ldy);
-  }
-  rest<BITS, kTile - 1, NR>(wrows, sf, bf, a, m, y + m * ldy, ldy, a.M - m);
-}
-
 template <int BITS>
 void qdot(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
-  std::vector<float> scratch(2 * kRows * (W.K / kGroup));
-  int n = n0;
-  for (; n + kRows <= n1; n += kRows) {
-    row_group<BITS, kRows>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
-  }
-  for (; n < n1; ++n) {
-    row_group<BITS, 1>(W, a, y + (n - n0), ldy, n, n1, scratch.data());
-  }
+  const int nb = W.K / kGroup;
+  for_row_groups(W, n0, n1, [&]<int NR>(const RowGroup& g) {
+    for (int i = 0; i < NR; ++i) {
+      for (int b = 0; b < nb; ++b) {
+        g.b[i][b] += center(BITS) * g.s[i][b]; // the centered weights' offset
+      }
+    }
+    float* yg = y + (g.n - n0);
+    int m = 0;
+    for (; m + kTile <= a.M; m += kTile) {
+      tile<BITS, kTile, NR>(g.w, g.s, g.b, a, m, yg + m * ldy, ldy);
+    }
+    rest<BITS, kTile - 1, NR>(g.w, g.s, g.b, a, m, yg + m * ldy, ldy, a.M - m);
+  });
 }
 
 } // namespace
