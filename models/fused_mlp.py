@@ -27,7 +27,9 @@ class FusedMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        if x.size < qkernels.BLAS_ROWS * x.shape[-1]:
+        # Projections swapped since the fusion (tensor-parallel sharding wraps down_proj in an
+        # all_sum) run as they are.
+        if x.size < qkernels.BLAS_ROWS * x.shape[-1] and _fusable_projections(g, u, d):
             y = qkernels.mlp(x, _packed(g), _packed(u), _packed(d))
             if y is not None:
                 return y
@@ -39,9 +41,10 @@ def _packed(layer: nn.Module) -> qkernels.Packed:
 
 
 def _fusable(m: nn.Module) -> bool:
-    if not is_swiglu_mlp(m):
-        return False
-    g, u, d = m.gate_proj, m.up_proj, m.down_proj
+    return is_swiglu_mlp(m) and _fusable_projections(m.gate_proj, m.up_proj, m.down_proj)
+
+
+def _fusable_projections(g: nn.Module, u: nn.Module, d: nn.Module) -> bool:
     return (
         all(type(p) is CpuQuantizedLinear and "bias" not in p for p in (g, u, d))
         and g.bits == u.bits

@@ -201,6 +201,27 @@ def test_fused_mlp_matches_unfused(k, f, d, gu_bits, down_bits, sdtype) -> None:
     assert mx.array_equal(parent.mlp(x[1:, 4:5]), whole[1:, 4:5]).item()  # batched equals single
 
 
+def test_fused_mlp_runs_swapped_projections_as_they_are() -> None:
+    """Sharding swaps projections after the fusion (down_proj inside an all_sum): those run."""
+    from models.fused_mlp import fuse_mlps
+
+    class Doubled(nn.Module):  # stands in for a wrapper such as sharding's SumAcross
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x: mx.array) -> mx.array:
+            return 2 * self.inner(x)
+
+    parent = nn.Module()
+    parent.mlp = _mlp(64, 96, 64, 4, 4, mx.float16)
+    x = mx.random.normal((2, 64))
+    ref = parent.mlp(x)
+    assert fuse_mlps(parent) == 1
+    parent.mlp.down_proj = Doubled(parent.mlp.down_proj)
+    assert _rel_err(parent.mlp(x), 2 * ref) < 1e-4
+
+
 def test_fused_mlp_rejects_mismatched_weights() -> None:
     from models.qkernels import _ext
 
