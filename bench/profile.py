@@ -131,7 +131,11 @@ def instrument(model: nn.Module, clock: Clock) -> Timed:
     """Wrap every submodule (deepest first, so the names stay valid); returns the timed root,
     whose own time is the lm_head of tied-embedding models."""
     named = [(n, m) for n, m in model.named_modules() if n]
+    # A fused MLP is one kernel op over its projections' weights: timed whole, children unwrapped.
+    fused = tuple(f"{n}." for n, m in named if type(m).__name__ == "FusedMLP")
     for name, module in sorted(named, key=lambda nm: -nm[0].count(".")):
+        if fused and name.startswith(fused):
+            continue
         cls = op_class(name, module)
         if cls is not None:
             model.update_modules(tree_unflatten([(name, Timed(module, cls, clock))]))
