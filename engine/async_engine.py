@@ -23,6 +23,7 @@ from engine.errors import (
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
+from engine.memory import MemoryGovernor, settle_mlx
 from engine.model_manager import ModelManager
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
@@ -60,8 +61,11 @@ class AsyncEngine(EngineAPI):
         limit = self.registry.memory_limit
         self.kv = KVManager(int(limit * config.kv_fraction))
         self.registry.kv_bytes_fn = lambda: self.kv.used_bytes
-        self._thread = EngineThread(self._step_all, self._housekeeping, _settle_mlx)
-        self.models = ModelManager(config, self.registry, self.kv, self._thread, self._emit)
+        self.memory = MemoryGovernor(config.mlx_cache_limit, config.idle_release, limit // 8)
+        self._thread = EngineThread(self._step_all, self._housekeeping, settle_mlx)
+        self.models = ModelManager(
+            config, self.registry, self.kv, self.memory, self._thread, self._emit
+        )
         self._owner: dict[str, tuple[str, EngineCore]] = {}  # request id -> (model, core)
         self._sinks: dict[str, Callable[[StepOutput], None]] = {}
         self._accepting = True
@@ -77,6 +81,7 @@ class AsyncEngine(EngineAPI):
 
     async def start(self) -> None:
         self.registry.apply_mlx_limits()
+        self.memory.set_step_bytes(0)  # no model yet: the smallest cache
         report = await asyncio.to_thread(doctor, True)
         blas = report.blas_name + (f" ({report.blas_note})" if report.blas_note else "")
         log.info(
@@ -125,12 +130,14 @@ class AsyncEngine(EngineAPI):
             except Exception:  # our bug in the recovery: log it, keep every model's queue
                 log.exception("step failed for model %s", name)
         if busy:
+            self.memory.busy()
             self._snapshot = self._take_snapshot()
         return busy
 
     def _housekeeping(self) -> None:
         self._snapshot = self._take_snapshot()
         self.models.housekeeping()
+        self.memory.tick()
 
     # --- models: the manager's -------------------------------------------------------------------
     def list_models(self) -> list[ModelStatus]:
@@ -382,22 +389,16 @@ class AsyncEngine(EngineAPI):
         )
 
     def stats(self) -> EngineStats:
-        import mlx.core as mx
-
         snap = self._snapshot
+        mem = self.memory.report()
         return dataclasses.replace(
             snap,
             failed_requests=snap.failed_requests + self._failed_streams,
-            mlx_active_bytes=mx.get_active_memory(),
-            mlx_peak_bytes=mx.get_peak_memory(),
-            mlx_cache_bytes=mx.get_cache_memory(),
+            rss_bytes=mem.rss_bytes,
+            mlx_active_bytes=mem.mlx_active_bytes,
+            mlx_peak_bytes=mem.mlx_peak_bytes,
+            mlx_cache_bytes=mem.mlx_cache_bytes,
+            mlx_cache_limit_bytes=mem.mlx_cache_limit_bytes,
+            memory_releases=mem.releases,
             loaded=self.running_models(),
         )
-
-
-def _settle_mlx() -> None:
-    """Wait for queued MLX work before the engine thread ends: work still running when the
-    interpreter exits tears down MLX's worker threads mid-task (std::terminate)."""
-    import mlx.core as mx
-
-    mx.synchronize()

@@ -17,6 +17,7 @@ from engine.api import ModelHandle
 from engine.core import Emit, EngineCore
 from engine.engine_thread import EngineThread
 from engine.kv_manager import KVManager
+from engine.memory import MemoryGovernor
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -27,16 +28,24 @@ log = logging.getLogger("mlxd.engine")
 
 class ModelManager:
     def __init__(
-        self, config: EngineConfig, registry: Any, kv: KVManager, thread: EngineThread, emit: Emit
+        self,
+        config: EngineConfig,
+        registry: Any,
+        kv: KVManager,
+        memory: MemoryGovernor,
+        thread: EngineThread,
+        emit: Emit,
     ):
         self.config = config
         self.registry = registry
         self.kv = kv
+        self.memory = memory
         self._thread = thread
         self._emit = emit
         self.cores: dict[str, EngineCore] = {}
         self.runners: dict[str, ModelRunner] = {}  # the MLX side under each core
         self._entries: dict[str, Any] = {}  # a loaded model's registry entry, read at its load
+        self._step_bytes: dict[str, int] = {}  # what a step of each model allocates and frees
         self.dropped: dict[str, int] = {}  # counters of cores since dropped (never go down)
 
     # --- what there is --------------------------------------------------------------------------
@@ -123,6 +132,7 @@ class ModelManager:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_waiting=self.config.max_waiting,
+            kv_chunk=self.config.kv_chunk,
             kv_bytes_per_token=loaded.kv_bytes_per_token(),
             context_length=loaded.context_length,
             kv_window=window,
@@ -146,6 +156,10 @@ class ModelManager:
         core = EngineCore(scheduler, runner, self._emit, overlap=runner.pipelined)
         self.cores[loaded.name] = core
         self.runners[loaded.name] = runner
+        self._step_bytes[loaded.name] = loaded.step_activation_bytes(
+            self.config.max_num_batched_tokens, self.config.max_num_seqs
+        )
+        self.memory.set_step_bytes(sum(self._step_bytes.values()))
         return core
 
     def drop_core(self, name: str) -> None:
@@ -156,6 +170,8 @@ class ModelManager:
                 self.dropped[key] = self.dropped.get(key, 0) + value
         if runner is not None and runner.prefix_cache is not None:
             runner.prefix_cache.clear()
+        self._step_bytes.pop(name, None)
+        self.memory.set_step_bytes(sum(self._step_bytes.values()))
 
     def housekeeping(self) -> None:
         """Unload models whose keep_alive ran out; drop idle cores of unloaded models."""

@@ -62,10 +62,10 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_waiting: int
+    kv_chunk: int  # KV is reserved for what a sequence has, plus this many tokens at a time
     kv_bytes_per_token: int = 1
     context_length: int = 2048
     kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)
-    kv_chunk: int = 32  # KV is reserved for what a sequence has, plus this many tokens at a time
     speculative: str = "off"  # "off", "on" or "auto" (on while the batch is small)
     speculative_tokens: int = 4  # the most tokens a row drafts in one step
 

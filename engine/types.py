@@ -193,9 +193,12 @@ class EngineStats:
     preemptions: int = 0  # running sequences sent back to the queue to free KV
     drafted_tokens: int = 0  # speculative decoding: draft tokens verified ...
     accepted_tokens: int = 0  # ... and those that held
+    rss_bytes: int = 0  # the process's resident memory
     mlx_active_bytes: int = 0
     mlx_peak_bytes: int = 0
     mlx_cache_bytes: int = 0
+    mlx_cache_limit_bytes: int = 0
+    memory_releases: int = 0  # times the idle engine gave MLX's cache and free heap pages back
     rejections: dict[str, int] = field(default_factory=dict)
     loaded: list[ModelStatus] = field(default_factory=list)
 
@@ -220,3 +223,6 @@ class EngineConfig:
     kv_fraction: float
     speculative: str  # "off", "on" or "auto": n-gram drafts verified in the batch (greedy rows)
     speculative_tokens: int  # the most tokens one row drafts a step
+    kv_chunk: int  # tokens of KV a sequence reserves at a time as it grows
+    mlx_cache_limit: int  # bytes of freed buffers MLX keeps for reuse; 0: what a step needs
+    idle_release: float  # seconds idle before MLX's cache and free heap pages go back; <0 never

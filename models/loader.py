@@ -36,7 +36,7 @@ from models.files import (
 )
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
-from models.memory import backend, kv_bytes_per_token
+from models.memory import backend, kv_bytes_per_token, step_activation_bytes
 from models.quant_layers import CpuQuantizedEmbedding, quantize_for_cpu
 from models.tokenizer import Tokenizer
 
@@ -74,6 +74,10 @@ class LoadedModel:
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token costs over all layers, in the model's activation dtype."""
         return kv_bytes_per_token(self.config, self.kv_dtype_bytes)
+
+    def step_activation_bytes(self, tokens: int, rows: int) -> int:
+        """Bytes a step of `tokens` tokens over `rows` rows allocates and frees (models/memory.py)."""
+        return step_activation_bytes(self.config, tokens, rows, self.kv_dtype_bytes)
 
 
 def _quant_desc(config: dict[str, Any]) -> str:

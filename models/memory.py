@@ -8,6 +8,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from models.files import text_config
+
 DEFAULT_FRACTION = 0.75  # of system (CPU) or recommended working set (Metal) memory
 
 
@@ -51,9 +53,29 @@ def default_memory_limit(fraction: float = DEFAULT_FRACTION) -> int:
 
 def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
     """Keys plus values of one token over all layers: layers x kv heads x head dim x 2 x dtype size."""
-    cfg = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    cfg = text_config(config)
     layers = int(cfg.get("num_hidden_layers", 0))
     heads = int(cfg.get("num_attention_heads", 1))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // max(heads, 1)))
     return layers * kv_heads * head_dim * 2 * dtype_bytes
+
+
+def step_activation_bytes(
+    config: dict[str, Any], tokens: int, rows: int, dtype_bytes: int = 4
+) -> int:
+    """Bytes of the arrays one step makes and frees: one layer's activations of `tokens` tokens
+    (layers run in turn, each reusing the buffers the last one freed: projections, MLP, norms)
+    plus `rows` rows of logits and the float32 copies sampling makes of them.
+
+    A long prompt chunk's attention scores (heads x tokens x keys) are left out: such one-off
+    buffers cost less to allocate again than the chunk costs to compute."""
+    cfg = text_config(config)
+    hidden = int(cfg.get("hidden_size", 0))
+    heads = int(cfg.get("num_attention_heads", 1))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
+    inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    vocab = int(cfg.get("vocab_size", 0))
+    per_token = 4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim
+    return dtype_bytes * tokens * per_token + 3 * 4 * rows * vocab

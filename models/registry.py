@@ -142,9 +142,8 @@ class ModelRegistry:
         return sum(f.stat().st_size for f in entry.path.glob("*.safetensors"))
 
     def apply_mlx_limits(self) -> None:
-        """Tell MLX the same limit (advisory there) and keep its buffer cache within the headroom."""
+        """Tell MLX the same limit (advisory there); the engine bounds MLX's buffer cache."""
         mx.set_memory_limit(self.memory_limit)
-        mx.set_cache_limit(max(self.memory_limit // 8, 64 << 20))
 
     def _make_room(self, name: str, need: int) -> None:
         if need > self.memory_limit:

@@ -233,9 +233,11 @@ class EngineCollector(Collector):
             "mlxd_kv_cache_bytes": ("KV cache bytes in use by running sequences", s.kv_bytes),
             "mlxd_kv_cache_budget_bytes": ("KV cache byte budget", s.kv_budget_bytes),
             "mlxd_prefix_cache_bytes": ("Bytes held by the prefix cache", s.prefix_cache_bytes),
+            "mlxd_process_resident_bytes": ("Resident memory of the server process", s.rss_bytes),
             "mlxd_mlx_active_bytes": ("MLX active memory", s.mlx_active_bytes),
             "mlxd_mlx_peak_bytes": ("MLX peak memory", s.mlx_peak_bytes),
             "mlxd_mlx_cache_bytes": ("MLX buffer cache memory", s.mlx_cache_bytes),
+            "mlxd_mlx_cache_limit_bytes": ("MLX buffer cache limit", s.mlx_cache_limit_bytes),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)
@@ -257,6 +259,11 @@ class EngineCollector(Collector):
                 s.drafted_tokens,
             ),
             ("mlxd_spec_accepted_tokens", "Draft tokens accepted", s.accepted_tokens),
+            (
+                "mlxd_memory_releases",
+                "Times the idle engine gave MLX's buffer cache and free heap pages back",
+                s.memory_releases,
+            ),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))

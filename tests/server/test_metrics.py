@@ -65,6 +65,9 @@ async def test_every_family_is_exposed(client: httpx.AsyncClient) -> None:
         "mlxd_mlx_active_bytes",
         "mlxd_mlx_peak_bytes",
         "mlxd_mlx_cache_bytes",
+        "mlxd_mlx_cache_limit_bytes",
+        "mlxd_process_resident_bytes",
+        "mlxd_memory_releases_total",
         "mlxd_model_load_seconds_count",
         "mlxd_engine_up",
     ):

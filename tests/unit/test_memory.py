@@ -1,0 +1,81 @@
+"""MLX's buffer cache bounded by what a step needs and given back when idle; the step estimate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+import pytest
+
+from engine.memory import MIN_CACHE_LIMIT, MemoryGovernor
+from models.memory import step_activation_bytes
+
+SMOLLM2 = {
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache_limit() -> Iterator[None]:
+    """The governors here set MLX's process-wide cache limit: put it back after each test."""
+    old = mx.set_cache_limit(0)
+    mx.set_cache_limit(old)
+    yield
+    mx.set_cache_limit(old)
+
+
+def test_step_estimate_is_one_layer_of_the_chunk_plus_the_logits() -> None:
+    per_token = 4 * 576 + 3 * 1536 + (9 + 2 * 3) * 64
+    assert step_activation_bytes(SMOLLM2, 2048, 32) == 4 * 2048 * per_token + 12 * 32 * 49152
+    # Layers run in turn and reuse each other's buffers: depth does not add.
+    assert step_activation_bytes({**SMOLLM2, "num_hidden_layers": 60}, 2048, 32) == (
+        step_activation_bytes(SMOLLM2, 2048, 32)
+    )
+    nested = {"text_config": SMOLLM2, "model_type": "gemma3"}
+    assert step_activation_bytes(nested, 16, 4) == step_activation_bytes(SMOLLM2, 16, 4)
+
+
+def test_the_cache_limit_follows_the_models_within_floor_and_ceiling() -> None:
+    g = MemoryGovernor(cache_limit=0, idle_release=1.0, ceiling=1 << 30)
+    g.set_step_bytes(0)
+    assert g.cache_limit == MIN_CACHE_LIMIT
+    g.set_step_bytes(300 << 20)
+    assert g.cache_limit == 300 << 20
+    assert mx.set_cache_limit(300 << 20) == 300 << 20  # MLX was told
+    g.set_step_bytes(5 << 30)
+    assert g.cache_limit == 1 << 30
+    fixed = MemoryGovernor(cache_limit=123 << 20, idle_release=1.0, ceiling=1 << 30)
+    fixed.set_step_bytes(5 << 30)
+    assert fixed.cache_limit == 123 << 20
+
+
+def test_idle_release_empties_the_cache_once_per_idle_spell() -> None:
+    g = MemoryGovernor(cache_limit=256 << 20, idle_release=0.0, ceiling=1 << 30)
+    g.set_step_bytes(0)
+    g.busy()
+    a = mx.ones((1 << 20,))
+    mx.eval(a)
+    del a
+    assert mx.get_cache_memory() >= 4 << 20  # the freed buffer is kept for reuse
+    assert g.tick()
+    assert mx.get_cache_memory() == 0 and g.releases == 1
+    assert not g.tick()  # nothing ran since: nothing to release again
+    g.busy()
+    assert g.tick() and g.releases == 2
+    report = g.report()
+    assert report.rss_bytes > 0 and report.mlx_cache_bytes == 0 and report.releases == 2
+
+
+def test_no_release_before_the_idle_time_or_when_disabled() -> None:
+    waiting = MemoryGovernor(cache_limit=0, idle_release=3600.0, ceiling=1 << 30)
+    waiting.busy()
+    assert not waiting.tick()
+    never = MemoryGovernor(cache_limit=0, idle_release=-1.0, ceiling=1 << 30)
+    never.busy()
+    assert not never.tick() and never.releases == 0
