@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-spec bench-profile doctor clean
+.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-spec bench-profile soak doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -84,6 +84,12 @@ bench: install
 # A few minutes: greedy only, 1 and 16 streams, 32-token streams, one warm-up.
 bench-quick: install
 	$(PY) scripts/bench_compare.py --temperatures 0 --concurrency 1,16 --max-tokens 32 --warmup 1 $(ARGS)
+
+# Memory under a long load: 32 streams (a quarter cancelled) for 5 minutes against `mlxd serve`
+# on the default model; RSS sampled from /metrics against weights + KV + prefix cache + 20%.
+# Not part of `make test`. ARGS shortens it, e.g. ARGS="--duration 120".
+soak: install
+	$(PY) scripts/soak.py $(ARGS)
 
 # Where a decode step's time goes, by op class, at 1, 4 and 16 rows (the model in-process).
 # Speculative decoding off against on (two mlxd servers, one greedy stream, requests alternating):

@@ -59,16 +59,17 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     health_path: str = "/health"
     proc: subprocess.Popen | None = None
+    cwd: Path = ROOT  # the source tree the command runs from
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 600.0) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        env = {**os.environ, "PYTHONPATH": str(self.cwd), **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                self.cmd, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         try:
             wait_healthy(self.url + self.health_path, self.proc, timeout, " ".join(self.cmd[:4]))
@@ -108,10 +109,12 @@ def mlxd_server(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    root: Path = ROOT,
 ) -> ServerProcess:
-    """`mlxd serve` (this checkout's) on a free port, not yet started."""
+    """`mlxd serve` (this checkout's, or the source tree `root`'s) on a free port, not yet
+    started."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if models_dir is not None:
         cmd += ["--models-dir", str(models_dir)]
-    return ServerProcess([*cmd, *(args or [])], log_path, port, dict(env or {}))
+    return ServerProcess([*cmd, *(args or [])], log_path, port, dict(env or {}), cwd=root)
