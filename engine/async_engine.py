@@ -23,7 +23,7 @@ from engine.errors import (
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
-from engine.memory import MemoryGovernor, settle_mlx
+from engine.memory import MemoryGovernor, map_large_allocations, settle_mlx
 from engine.model_manager import ModelManager
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
@@ -81,6 +81,7 @@ class AsyncEngine(EngineAPI):
 
     async def start(self) -> None:
         self.registry.apply_mlx_limits()
+        map_large_allocations()
         self.memory.set_step_bytes(0)  # no model yet: the smallest cache
         report = await asyncio.to_thread(doctor, True)
         blas = report.blas_name + (f" ({report.blas_note})" if report.blas_note else "")

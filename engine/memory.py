@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import psutil
@@ -27,19 +28,37 @@ import psutil
 log = logging.getLogger("mlxd.engine")
 
 MIN_CACHE_LIMIT = 64 << 20  # the smallest cache limit a computed one gets
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc_function(name: str) -> Any:
+    """A glibc function (None elsewhere: macOS's and musl's allocators need no such help)."""
+    lib = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(lib), name, None) if lib else None
+    except OSError:
+        return None
 
 
 def _heap_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0) (returns the C heap's free pages to the OS); elsewhere a no-op."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        trim = None
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return lambda: None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0) and None
+
+
+def map_large_allocations() -> None:
+    """Have glibc map buffers of MMAP_THRESHOLD bytes and more on their own, so freeing one
+    returns it to the OS at once. By default the threshold rises to 32 MB as such buffers are
+    freed, after which KV arrays and activations come from the heap and a freed one stays
+    resident (its neighbours pin it) until a trim."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 @dataclass
