@@ -23,7 +23,7 @@ from engine.errors import (
     InvalidRequestError,
 )
 from engine.kv_manager import KVManager
-from engine.memory import MemoryGovernor, map_large_allocations, settle_mlx
+from engine.memory import MemoryGovernor, settle_mlx
 from engine.model_manager import ModelManager
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
@@ -81,8 +81,7 @@ class AsyncEngine(EngineAPI):
 
     async def start(self) -> None:
         self.registry.apply_mlx_limits()
-        map_large_allocations()
-        self.memory.set_step_bytes(0)  # no model yet: the smallest cache
+        self.memory.start()
         report = await asyncio.to_thread(doctor, True)
         blas = report.blas_name + (f" ({report.blas_note})" if report.blas_note else "")
         log.info(
@@ -391,15 +390,9 @@ class AsyncEngine(EngineAPI):
 
     def stats(self) -> EngineStats:
         snap = self._snapshot
-        mem = self.memory.report()
         return dataclasses.replace(
             snap,
             failed_requests=snap.failed_requests + self._failed_streams,
-            rss_bytes=mem.rss_bytes,
-            mlx_active_bytes=mem.mlx_active_bytes,
-            mlx_peak_bytes=mem.mlx_peak_bytes,
-            mlx_cache_bytes=mem.mlx_cache_bytes,
-            mlx_cache_limit_bytes=mem.mlx_cache_limit_bytes,
-            memory_releases=mem.releases,
             loaded=self.running_models(),
+            **dataclasses.asdict(self.memory.report()),
         )

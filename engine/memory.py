@@ -63,14 +63,14 @@ def map_large_allocations() -> None:
 
 @dataclass
 class MemoryReport:
-    """The process's memory as /metrics shows it."""
+    """The process's memory as /metrics shows it (named as EngineStats's fields)."""
 
     rss_bytes: int
     mlx_active_bytes: int
     mlx_peak_bytes: int
     mlx_cache_bytes: int
     mlx_cache_limit_bytes: int
-    releases: int  # times the idle engine gave the cache and the heap's free pages back
+    memory_releases: int  # times the idle engine gave the cache and the heap's free pages back
 
 
 class MemoryGovernor:
@@ -86,6 +86,11 @@ class MemoryGovernor:
         self._released = True
         self._trim = _heap_trim()
         self._process = psutil.Process()
+
+    def start(self) -> None:
+        """Before the first model: the smallest cache; large buffers mapped on their own."""
+        map_large_allocations()
+        self.set_step_bytes(0)
 
     def set_step_bytes(self, step_bytes: int) -> None:
         """The loaded models' steps allocate and free this much: bound the cache by it."""
@@ -122,7 +127,7 @@ class MemoryGovernor:
             mlx_peak_bytes=mx.get_peak_memory(),
             mlx_cache_bytes=mx.get_cache_memory(),
             mlx_cache_limit_bytes=self.cache_limit,
-            releases=self.releases,
+            memory_releases=self.releases,
         )
 
 

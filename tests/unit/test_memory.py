@@ -69,7 +69,7 @@ def test_idle_release_empties_the_cache_once_per_idle_spell() -> None:
     g.busy()
     assert g.tick() and g.releases == 2
     report = g.report()
-    assert report.rss_bytes > 0 and report.mlx_cache_bytes == 0 and report.releases == 2
+    assert report.rss_bytes > 0 and report.mlx_cache_bytes == 0 and report.memory_releases == 2
 
 
 def test_no_release_before_the_idle_time_or_when_disabled() -> None:
