@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.types import EngineStats, GenerateRequest, ModelStatus, RequestOutput
+from engine.types import EngineStats, GenerateRequest, GroupStatus, ModelStatus, RequestOutput
 
 
 @dataclass
@@ -112,6 +112,11 @@ class EngineAPI:
     async def embed(self, model: str, inputs: list[list[int]]) -> list[list[float]]:
         """Mean-pooled last hidden states of each token list, L2-normalized."""
         raise NotImplementedError
+
+    def group_status(self) -> GroupStatus | None:
+        """The distributed group this engine serves across (ranks, split, per-rank memory);
+        None in one process."""
+        return None
 
     def stats(self) -> EngineStats:
         """A snapshot taken between engine steps (never a structure read mid-step)."""

@@ -105,6 +105,10 @@ class AsyncEngine(EngineAPI):
         await asyncio.shield(self._shutdown)
 
     async def _drain_and_stop(self, drain_timeout: float) -> None:
+        await self._drain(drain_timeout)
+        await asyncio.to_thread(self._thread.stop)
+
+    async def _drain(self, drain_timeout: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + drain_timeout
         while self._owner and time.monotonic() < deadline:
@@ -112,7 +116,6 @@ class AsyncEngine(EngineAPI):
         if self._thread.alive:
             await self._thread.call(self._abort_everything)
             await self._thread.call(self.models.unload_all)
-        await asyncio.to_thread(self._thread.stop)
 
     def _abort_everything(self) -> None:
         for core in self.models.cores.values():

@@ -23,6 +23,8 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "NotServedError",
+    "GroupFailedError",
     "QueueFullError",
 ]
 
@@ -71,3 +73,21 @@ class EngineUnavailableError(EngineError):
 
     def __init__(self) -> None:
         super().__init__("the engine is unavailable; retry later")
+
+
+class NotServedError(ModelNotFoundError):
+    """A distributed group serves one model; another was asked for."""
+
+    def __init__(self, name: str, served: str):
+        super().__init__(name, [served])
+        Exception.__init__(
+            self, f"model '{name}' is not served here: this server runs {served} across its ranks"
+        )
+
+
+class GroupFailedError(EngineShuttingDownError):
+    """A rank of the distributed group died or hung: the server is exiting."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        Exception.__init__(self, f"the distributed group failed ({reason}); the server is exiting")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from engine.api import ModelHandle
 from engine.core import Emit, EngineCore
 from engine.engine_thread import EngineThread
+from engine.errors import NotServedError
 from engine.kv_manager import KVManager
 from engine.memory import MemoryGovernor
 from engine.prefix_cache import PrefixCache
@@ -47,6 +49,9 @@ class ModelManager:
         self._entries: dict[str, Any] = {}  # a loaded model's registry entry, read at its load
         self._step_bytes: dict[str, int] = {}  # what a step of each model allocates and frees
         self.dropped: dict[str, int] = {}  # counters of cores since dropped (never go down)
+        # A distributed group serves one model, whose runner sends each step to the other ranks.
+        self.make_runner: Callable[..., ModelRunner] = ModelRunner
+        self.served: str | None = None
 
     # --- what there is --------------------------------------------------------------------------
     def list_models(self) -> list[ModelStatus]:
@@ -89,6 +94,8 @@ class ModelManager:
     def acquire(self, name: str, keep_alive: float | None) -> Any:
         """The loaded model with a reference taken (pair with registry.release). Loads it if
         needed, so call it off the engine thread."""
+        if self.served is not None and self.registry.resolve(name).name != self.served:
+            raise NotServedError(name, self.served)
         before = self.registry.load_count
         t0 = time.monotonic()
         loaded = self.registry.acquire(name, keep_alive)
@@ -141,7 +148,7 @@ class ModelManager:
         )
         prefix = PrefixCache(self.config.prefix_cache_bytes)
         make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
-        runner = ModelRunner(loaded.model, make_cache, prefix)
+        runner = self.make_runner(loaded.model, make_cache, prefix)
         if not runner.trimmable:  # sliding-window caches can't drop one row's drafts
             scheduler_config.speculative = "off"
         elif self.config.speculative == "auto" and not runner.cheap_positions:

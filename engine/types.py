@@ -178,6 +178,28 @@ class ModelStatus:
 
 
 @dataclass
+class RankStatus:
+    """One rank of a distributed group, as its last heartbeat reported it."""
+
+    rank: int
+    pid: int = 0
+    weight_bytes: int = 0  # this rank's resident weights (its share of the model)
+    active_bytes: int = 0  # MLX active memory
+    peak_bytes: int = 0
+
+
+@dataclass
+class GroupStatus:
+    """The group one model is served across (`mlxd serve --distributed`)."""
+
+    mode: str  # "tensor" | "pipeline"
+    model: str
+    split: str  # what each rank holds, in words
+    ranks: list[RankStatus] = field(default_factory=list)
+    failed: str = ""  # why the group failed ("" while it serves)
+
+
+@dataclass
 class EngineStats:
     """A snapshot for /metrics and /api/ps."""
 
@@ -201,6 +223,7 @@ class EngineStats:
     memory_releases: int = 0  # times the idle engine gave MLX's cache and free heap pages back
     rejections: dict[str, int] = field(default_factory=dict)
     loaded: list[ModelStatus] = field(default_factory=list)
+    group: GroupStatus | None = None  # set when serving across ranks
 
 
 @dataclass
@@ -226,3 +249,7 @@ class EngineConfig:
     kv_chunk: int  # tokens of KV a sequence reserves at a time as it grows
     mlx_cache_limit: int  # bytes of freed buffers MLX keeps for reuse; 0: what a step needs
     idle_release: float  # seconds idle before MLX's cache and free heap pages go back; <0 never
+    distributed: str  # "": one process; "tensor" | "pipeline": one model across mlx.launch's ranks
+    dist_step_timeout: (
+        float  # seconds a step or heartbeat may take before the group counts as failed
+    )

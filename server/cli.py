@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as e:
         return _fail(f"cannot read the settings: {_one_line(e)}")
+    if settings.distributed:
+        return _serve_distributed(settings)
     from engine.async_engine import AsyncEngine
 
     the_engine = AsyncEngine(engine_config(settings))  # the one engine: serve() runs it
@@ -45,6 +47,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listing = ", ".join(known) if known else "none (try `mlxd pull` or `mlxd import`)"
         return _fail(f"unknown model '{args.default_model}'; known models: {listing}", EXIT_USAGE)
     return serve(settings, the_engine)
+
+
+def _serve_distributed(settings: Any) -> int:
+    """One rank of `mlx.launch ... -- mlxd serve --distributed MODE`: rank 0 serves HTTP, the
+    others run its steps (engine/distributed)."""
+    from engine.distributed.group import GroupError, prepare
+    from server.settings import engine_config
+
+    try:
+        rank = prepare(settings.distributed)
+    except GroupError as e:
+        return _fail(str(e), EXIT_USAGE)
+    config = engine_config(settings)
+    if rank != 0:
+        from engine.distributed.worker import run_worker
+        from server.logging_setup import configure_logging
+
+        configure_logging(settings.log_level)
+        return run_worker(config)
+    from engine.distributed.engine import DistributedEngine
+    from server.app import serve
+
+    return serve(settings, DistributedEngine(config))
 
 
 def _one_line(e: Exception) -> str:

@@ -285,6 +285,27 @@ class EngineCollector(Collector):
         count = GaugeMetricFamily("mlxd_loaded_models", "Models loaded in memory")
         count.add_metric([], float(len(s.loaded)))
         yield count
+        if s.group is not None:
+            yield from _group_metrics(s.group)
+
+
+def _group_metrics(g: Any) -> Iterable[Metric]:
+    """A distributed group's ranks and per-rank memory (engine.types.GroupStatus)."""
+    up = GaugeMetricFamily("mlxd_group_up", "1 while the distributed group serves", labels=["mode"])
+    up.add_metric([g.mode], 0.0 if g.failed else 1.0)
+    yield up
+    ranks = GaugeMetricFamily("mlxd_group_ranks", "Ranks the model is split across")
+    ranks.add_metric([], float(len(g.ranks)))
+    yield ranks
+    for name, doc, attr in (
+        ("mlxd_group_rank_weight_bytes", "Weight bytes each rank holds", "weight_bytes"),
+        ("mlxd_group_rank_active_bytes", "MLX active memory of each rank", "active_bytes"),
+        ("mlxd_group_rank_peak_bytes", "MLX peak memory of each rank", "peak_bytes"),
+    ):
+        fam = GaugeMetricFamily(name, doc, labels=["rank"])
+        for r in g.ranks:
+            fam.add_metric([str(r.rank)], float(getattr(r, attr)))
+        yield fam
 
 
 class ObservabilityMiddleware:

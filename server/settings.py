@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = key("engine")
     speculative: Literal["off", "on", "auto"] = key("engine")
     speculative_tokens: int = key("engine")
+    # [distributed]
+    distributed: Literal["", "tensor", "pipeline"] = key("distributed", "mode")
+    dist_step_timeout: float = key("distributed", "step_timeout")
 
     @field_validator("api_keys", "cors_origins", "preload", "pinned", "import_dirs", mode="before")
     @classmethod

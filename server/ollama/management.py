@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.api import EngineAPI
-from engine.types import ModelStatus
+from engine.types import GroupStatus, ModelStatus
 from server.errors import APIError
 from server.ollama.blobs import PENDING, blob_path
 from server.ollama.options import timestamp
@@ -82,6 +82,26 @@ def ps_entry(s: ModelStatus, on_gpu: bool) -> Event:
         "expires_at": expires,
         "size_vram": size if on_gpu else 0,
         "context_length": s.context_length,
+    }
+
+
+def group_entry(g: GroupStatus) -> Event:
+    """/api/ps's "distributed" object (an mlxd extension): the group serving the model."""
+    return {
+        "mode": g.mode,
+        "ranks": len(g.ranks),
+        "split": g.split,
+        "failed": g.failed,
+        "per_rank": [
+            {
+                "rank": r.rank,
+                "pid": r.pid,
+                "weight_bytes": r.weight_bytes,
+                "active_bytes": r.active_bytes,
+                "peak_bytes": r.peak_bytes,
+            }
+            for r in g.ranks
+        ],
     }
 
 

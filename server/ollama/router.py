@@ -73,8 +73,15 @@ async def tags(request: Request) -> JSONResponse:
 @router.get("/api/ps")
 async def ps(request: Request) -> JSONResponse:
     on_gpu = _on_gpu()
-    models = engine_of(request).running_models()
-    return JSONResponse({"models": [mgmt.ps_entry(s, on_gpu) for s in models]})
+    engine = engine_of(request)
+    group = engine.group_status()
+    entries = []
+    for s in engine.running_models():
+        entry = mgmt.ps_entry(s, on_gpu)
+        if group is not None and group.model == s.name:
+            entry["distributed"] = mgmt.group_entry(group)
+        entries.append(entry)
+    return JSONResponse({"models": entries})
 
 
 def _on_gpu() -> bool:

@@ -51,7 +51,9 @@ def other_value(value: Any) -> tuple[str, Any]:
         return "a,b", ["a", "b"]
     if isinstance(value, Path):
         return "/tmp/mlxd-settings-test", Path("/tmp/mlxd-settings-test")
-    return {"info": "debug", "as_stored": "fp32", "auto": "off"}.get(value, "other-value"), None
+    return {"info": "debug", "as_stored": "fp32", "auto": "off", "": "tensor"}.get(
+        value, "other-value"
+    ), None
 
 
 def test_every_key_is_documented_and_in_the_table() -> None:

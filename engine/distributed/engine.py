@@ -1,0 +1,90 @@
+"""Rank 0's engine: the AsyncEngine serving one model across the group.
+
+Differences from one process: the served model is loaded at start on every rank (on the engine
+thread, which then owns the group) and stays loaded; other models are not served; embeddings are
+refused (their forward pass would have to run on every rank too); each step goes through the
+Leader; a failed group ends every stream with an error, answers 503, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from engine.async_engine import AsyncEngine
+from engine.distributed.group import GroupError, launched_rank
+from engine.distributed.leader import Leader
+from engine.errors import GroupFailedError, InvalidRequestError
+from engine.outputs import StepOutput
+from engine.types import EngineConfig, EngineStats, FinishReason, GroupStatus
+
+log = logging.getLogger("mlxd.dist")
+
+
+class DistributedEngine(AsyncEngine):
+    def __init__(self, config: EngineConfig):
+        config = dataclasses.replace(config, pinned=[*config.pinned, config.default_model])
+        super().__init__(config)
+        self.leader = Leader(config, self._group_failed)
+        self.models.make_runner = self.leader.make_runner
+
+    async def start(self) -> None:
+        if launched_rank() != 0:
+            raise GroupError("DistributedEngine runs on rank 0 only")
+        # AsyncEngine.start without its preloads (one model here) and its matmul measurement.
+        self.registry.apply_mlx_limits()
+        self._thread.start()
+        await asyncio.to_thread(self.models.ensure_default)
+        loaded = await self._thread.call(lambda: self.leader.start(self.registry))
+        self.models.served = loaded.name
+        await self.get_model(loaded.name)  # its core, now: the first request finds it ready
+
+    def _check_accepting(self) -> None:
+        if self.leader.failed:
+            raise GroupFailedError(self.leader.failed)
+        super()._check_accepting()
+
+    def _housekeeping(self) -> None:
+        super()._housekeeping()
+        try:
+            self.leader.heartbeat()
+        except GroupError:
+            pass  # the leader has failed the group: streams ended, the process exits
+
+    async def _drain_and_stop(self, drain_timeout: float) -> None:
+        await self._drain(drain_timeout)
+        if self._thread.alive and not self.leader.failed:
+            await self._thread.call(self.leader.stop)
+        await asyncio.to_thread(self._thread.stop)
+
+    async def unload_model(self, name: str) -> None:
+        raise InvalidRequestError("a distributed group keeps its model loaded", param="model")
+
+    async def embed(self, model: str, inputs: list[list[int]]) -> list[list[float]]:
+        raise InvalidRequestError(
+            "embeddings are not served by a distributed group (run a single-process mlxd)"
+        )
+
+    def _group_failed(self, message: str) -> None:
+        """Any thread (the engine thread may be stuck in a collective): end every stream with an
+        error frame now; new requests get 503 from here on."""
+        self._accepting = False
+        error = str(GroupFailedError(message))
+        for rid in list(self._sinks):
+            sink = self._sinks.pop(rid, None)
+            if sink is None:
+                continue
+            try:
+                sink(StepOutput([], finish_reason=FinishReason.ERROR, error=error))
+            except Exception:  # that stream is gone already
+                log.debug("could not end request %s", rid)
+
+    def group_status(self) -> GroupStatus:
+        st = self.leader.status
+        return dataclasses.replace(st, ranks=[dataclasses.replace(r) for r in st.ranks])
+
+    def stats(self) -> EngineStats:
+        s = super().stats()
+        s.group = self.group_status()
+        return s

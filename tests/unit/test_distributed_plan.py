@@ -1,0 +1,129 @@
+"""The distributed serving path without a second process: a step plan survives its JSON trip, a
+size-1 group carries messages, the watchdog trips, and a rank that runs rank 0's plans on its own
+runner computes the same KV as rank 0 even when rank 0 samples (its own samples are never used)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from engine.distributed.group import Group, GroupError, Watchdog, prepare
+from engine.distributed.leader import LeaderRunner
+from engine.distributed.plan import decode_step, encode_step
+from engine.distributed.worker import run_plan
+from engine.prefix_cache import PrefixCache
+from engine.runner import ModelRunner
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
+from engine.types import GenerateRequest, SamplingParams
+from tests.unit.engine_harness import Harness, tiny_llama
+
+
+def _seq(rid: str, prompt: list[int], output: list[int], **params: Any) -> Sequence:
+    seq = Sequence(GenerateRequest(rid, "m", prompt, SamplingParams(**params)))
+    seq.output_ids = list(output)
+    return seq
+
+
+def test_a_plan_survives_its_trip() -> None:
+    new = _seq("new", [5, 6, 7, 8], [], prompt_logprobs=True, top_logprobs=2, temperature=0.7)
+    back = _seq("back", [1, 2], [3, 4])  # preempted before: prefills prompt and output again
+    back.num_prefill = 4
+    decoding = _seq("dec", [9, 9], [10])
+    out = SchedulerOutput(
+        [ScheduledSeq(new, 3, 1, False, 1), ScheduledSeq(back, 4, 0, True, 0, 1),
+         ScheduledSeq(decoding, 1, 2, True)],
+        finished=[_seq("done", [1], [2, 3])],
+        preempted=[_seq("gone", [4, 5], [6])],
+    )  # fmt: skip
+    message = json.loads(json.dumps(encode_step(out, {"dec"}, {"dec": 10})))
+    plan = decode_step(message)
+    rows = {s.seq.id: s for s in plan.out.scheduled}
+    assert [s.seq.id for s in plan.out.scheduled] == ["new", "back", "dec"]
+    n, b, d = rows["new"], rows["back"], rows["dec"]
+    assert (n.num_tokens, n.start, n.samples, n.cached) == (3, 1, False, 1)
+    assert n.seq.prefill_ids == [5, 6, 7, 8] and n.seq.prompt_ids == [5, 6, 7, 8]
+    assert n.seq.params.prompt_logprobs and n.seq.params.top_logprobs == 2
+    assert n.seq.params.temperature == 0.0  # a mirror decodes greedily: its samples are unused
+    assert b.seq.prefill_ids == [1, 2, 3, 4] and b.seq.output_ids == [3, 4] and b.preemptions == 1
+    assert d.seq.prefill_ids == [] and plan.feeds == {"dec": 10}  # tokens of a decoding row
+    assert plan.out.finished[0].all_token_ids() == [1, 2, 3]
+    assert plan.out.preempted[0].all_token_ids() == [4, 5, 6]
+
+
+def test_a_group_of_one_carries_messages() -> None:
+    group = Group("tensor", mx.distributed.init())
+    assert group.size == 1
+    message = {"k": "step", "s": [["chatcmpl-é", 1, 2, None]], "x": {"a": 7}}
+    assert group.broadcast(message) == message
+    assert group.gather([3, 2**31 - 1]) == [[3, 2**31 - 1]]
+
+
+def test_the_watchdog_trips_once_past_its_deadline() -> None:
+    trips: list[str] = []
+    dog = Watchdog(trips.append, tick=0.01)
+    with dog.guard("a quick one", 5.0):
+        pass
+    with dog.guard("a step", 0.05):
+        time.sleep(0.3)
+    assert trips == ["a rank stopped answering during a step"]
+
+
+def test_splits_this_build_cannot_make_are_refused_before_any_group(monkeypatch) -> None:
+    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(GroupError, match="pipeline parallelism is not in this build"):
+        prepare("pipeline")
+    with pytest.raises(GroupError, match="mlx.launch"):
+        prepare("tensor")
+    monkeypatch.setenv("MLX_RANK", "2")
+    assert prepare("tensor") == 2
+
+
+class _Loopback:
+    """Rank 0's Leader without a group: each plan runs at once on the other rank's runner."""
+
+    failed = ""
+    timeout = 60.0
+
+    def __init__(self, other: ModelRunner):
+        self.other = other
+        self.plans = 0
+
+    def send(self, message: dict[str, Any], what: str) -> None:
+        run_plan(self.other, json.loads(json.dumps(message)))
+        self.plans += 1
+
+    def call(self, what: str, fn: Any, timeout: float | None = None) -> Any:
+        return fn()
+
+    def fail(self, message: str) -> None:
+        raise AssertionError(message)
+
+
+def test_another_rank_follows_rank_zeros_samples() -> None:
+    model = tiny_llama()
+    h = Harness(model, budget=6, prefix_bytes=10**8)
+    other = ModelRunner(model, h.runner.make_cache,
+                        PrefixCache(10**8, min_tokens=4), pipelined=False)  # fmt: skip
+    link = _Loopback(other)
+    h.runner = h.core.runner = LeaderRunner(link, model, h.runner.make_cache, h.prefix)  # type: ignore[arg-type]
+    prompt = [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    reqs = [
+        GenerateRequest(f"r{i}", "m", prompt[: 5 + i], SamplingParams(max_tokens=6, seed=i))
+        for i in range(4)
+    ] + [GenerateRequest("again", "m", prompt, SamplingParams(max_tokens=4, seed=9))]
+    outputs = h.run(reqs, every=2)
+    assert link.plans > 10 and all(len(o) >= 4 for o in outputs.values())
+    # Every finished row's KV went to both prefix caches: computed from the same inputs, the
+    # sampled tokens included, it is the same on both ranks.
+    mine, theirs = h.prefix._entries, other.prefix_cache._entries  # type: ignore[union-attr]
+    assert mine.keys() == theirs.keys() and len(mine) >= 4
+    for key, layers in mine.items():
+        for (k1, v1), (k2, v2) in zip(layers, theirs[key]):
+            assert mx.allclose(k1, k2, atol=1e-5) and mx.allclose(v1, v2, atol=1e-5)
+    assert other.rows == [] and other.batch is None
