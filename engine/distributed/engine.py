@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 
 from engine.async_engine import AsyncEngine
 from engine.distributed.group import GroupError, launched_rank
@@ -36,7 +37,14 @@ class DistributedEngine(AsyncEngine):
         self.registry.apply_mlx_limits()
         self._thread.start()
         await asyncio.to_thread(self.models.ensure_default)
-        loaded = await self._thread.call(lambda: self.leader.start(self.registry))
+        try:
+            loaded = await self._thread.call(lambda: self.leader.start(self.registry))
+        except GroupError as e:
+            # One line, and out: the other ranks were told to stop; a traceback (and MLX's
+            # teardown of a group whose peers are gone) would only bury the reason.
+            log.error("cannot start the group: %s", e)
+            logging.shutdown()
+            os._exit(2)
         self.models.served = loaded.name
         await self.get_model(loaded.name)  # its core, now: the first request finds it ready
 

@@ -43,7 +43,37 @@ def prepare(mode: str) -> int:
         check_mode(mode)
     except ShardingError as e:
         raise GroupError(str(e)) from None
-    return launched_rank()
+    rank = launched_rank()
+    share_cores(rank)
+    return rank
+
+
+def share_cores(rank: int) -> None:
+    """Ranks on one host split its cores between their BLAS threads (unless the user chose):
+    OpenMP threads of several processes spin-waiting on the same cores starve each other
+    (measured on 2 cores: 3 ranks' MKL barriers made a step many times slower). Runs before
+    the first BLAS call, which reads these variables."""
+    if any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return
+    hosts = _ring_hosts()
+    if not hosts or rank >= len(hosts):
+        return
+    local = sum(1 for h in hosts if h[:1] == hosts[rank][:1])
+    threads = str(max(1, (os.cpu_count() or 1) // local))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+
+
+def _ring_hosts() -> list[list[str]]:
+    """Each rank's IPs from the ring backend's hostfile ([["ip:port", ...], ...]), or []."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path:
+        return []
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return [[str(a).rsplit(":", 1)[0] for a in h] for h in data if isinstance(h, list)]
+    except (OSError, ValueError):
+        return []
 
 
 def launched_rank() -> int:

@@ -5,13 +5,14 @@ runner computes the same KV as rank 0 even when rank 0 samples (its own samples 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
 import mlx.core as mx
 import pytest
 
-from engine.distributed.group import Group, GroupError, Watchdog, prepare
+from engine.distributed.group import Group, GroupError, Watchdog, prepare, share_cores
 from engine.distributed.leader import LeaderRunner
 from engine.distributed.plan import decode_step, encode_step
 from engine.distributed.worker import run_plan
@@ -127,3 +128,18 @@ def test_another_rank_follows_rank_zeros_samples() -> None:
         for (k1, v1), (k2, v2) in zip(layers, theirs[key]):
             assert mx.allclose(k1, k2, atol=1e-5) and mx.allclose(v1, v2, atol=1e-5)
     assert other.rows == [] and other.batch is None
+
+
+def test_ranks_on_one_host_share_its_cores(monkeypatch, tmp_path) -> None:
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["10.0.0.2:5000"]]))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    share_cores(1)  # two ranks on 127.0.0.1
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    share_cores(2)  # the user's choice stands
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "MKL_NUM_THREADS" not in os.environ
