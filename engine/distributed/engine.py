@@ -25,7 +25,12 @@ log = logging.getLogger("mlxd.dist")
 
 class DistributedEngine(AsyncEngine):
     def __init__(self, config: EngineConfig):
-        config = dataclasses.replace(config, pinned=[*config.pinned, config.default_model])
+        # On the CPU backend the split takes fp32 weights: a shard of a quantized layer is MLX's
+        # own QuantizedLinear, whose CPU matmul is far slower than mlxd's kernels or the BLAS
+        # (a 3-rank step measured minutes, not seconds). Other backends keep their format.
+        config = dataclasses.replace(
+            config, pinned=[*config.pinned, config.default_model], weights_on_cpu="fp32"
+        )
         super().__init__(config)
         self.leader = Leader(config, self._group_failed)
         self.models.make_runner = self.leader.make_runner

@@ -135,6 +135,7 @@ class Leader:
         """Rank 0 is shutting down: the other ranks exit 0."""
         if not self.failed and self.group is not None:
             self.send({"k": "stop"}, "the stop message")
+            self.group = None  # the others are gone: no heartbeat may follow
 
     def make_runner(self, model: Any, make_cache: Callable[[], list], prefix: Any) -> ModelRunner:
         return LeaderRunner(self, model, make_cache, prefix)
