@@ -101,7 +101,7 @@ def test_three_ranks_serve_like_one_process(smollm2_dir: Path, tmp_path: Path) -
         assert split == alone, log.read_text(errors="replace")[-3000:]
         assert all(split), split
         assert group["mode"] == "tensor" and group["ranks"] == 3 and not group["failed"]
-        assert size == group["per_rank"][0]["weight_bytes"]
+        assert abs(size - group["per_rank"][0]["weight_bytes"]) < 1024  # ranks report KiB
         share = EMBED_BYTES + (full_bytes - EMBED_BYTES) / 3
         for r in group["per_rank"]:
             assert abs(r["weight_bytes"] - share) / share < 0.02, (r, share, full_bytes)
