@@ -17,7 +17,7 @@ from engine.async_engine import AsyncEngine
 from engine.distributed.group import GroupError, launched_rank
 from engine.distributed.leader import Leader
 from engine.errors import GroupFailedError, InvalidRequestError
-from engine.outputs import StepOutput
+from engine.outputs import Failure, StepOutput
 from engine.types import EngineConfig, EngineStats, FinishReason, GroupStatus
 
 log = logging.getLogger("mlxd.dist")
@@ -83,7 +83,7 @@ class DistributedEngine(AsyncEngine):
         """Any thread (the engine thread may be stuck in a collective): end every stream with an
         error frame now; new requests get 503 from here on."""
         self._accepting = False
-        error = str(GroupFailedError(message))
+        error = Failure("unavailable", str(GroupFailedError(message)))
         for rid in list(self._sinks):
             sink = self._sinks.pop(rid, None)
             if sink is None:
