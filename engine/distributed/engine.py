@@ -28,8 +28,12 @@ class DistributedEngine(AsyncEngine):
         # On the CPU backend the split takes fp32 weights: a shard of a quantized layer is MLX's
         # own QuantizedLinear, whose CPU matmul is far slower than mlxd's kernels or the BLAS
         # (a 3-rank step measured minutes, not seconds). Other backends keep their format.
+        # Speculative drafts are not part of a step's plan yet: the group decodes without them.
         config = dataclasses.replace(
-            config, pinned=[*config.pinned, config.default_model], weights_on_cpu="fp32"
+            config,
+            pinned=[*config.pinned, config.default_model],
+            weights_on_cpu="fp32",
+            speculative="off",
         )
         super().__init__(config)
         self.leader = Leader(config, self._group_failed)
