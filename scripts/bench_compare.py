@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
         if "mlxd" in args.servers and args.structured:
             code = _structured(started["mlxd"], args)
-    failed = sum(lv.errors for r in result.rows for lv in r.levels.values())
+    # The exit code speaks for mlxd; a peer's errors (mlx-lm's server drops connections at 16
+    # streams) are printed under the table and do not fail the run.
+    failed = sum(lv.errors for r in result.rows for k, lv in r.levels.items() if k == "mlxd")
     return 1 if failed else code
 
 
