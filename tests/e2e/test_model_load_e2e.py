@@ -23,10 +23,16 @@ import pytest
 from bench.launch import ServerProcess
 
 # Out of `make test` while it fails on the 2-core machine: gaps of 10-13x the median step during
-# a 3.5 s load (2026-11-29, load average ~15). The load is off the engine thread, but loading the
-# tokenizer (mlx-lm, transformers) parses the 3.5 MB tokenizer.json about 14 times in json
-# decodes that hold the GIL (0.6 s of a 2.2 s load, profiled), and the engine thread waits.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# a 3.5 s load (2026-11-29, load average ~15), and 9.6x (one 0.168 s gap during a 0.93 s load)
+# on a quiet machine (2026-11-30). The load is off the engine thread, but loading the tokenizer
+# (mlx-lm, transformers) parses the 3.5 MB tokenizer.json about 14 times in json decodes that
+# hold the GIL (0.6 s of a 2.2 s load, profiled), and the engine thread waits. Strict: once the
+# stall is fixed this xfail turns into a failure, so the marker goes with the fix.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.xfail(strict=True, reason="tokenizer loads hold the GIL (issue 12)"),
+]
 
 MODEL = "smollm2:135m"
 SECOND = "smollm2:twin"  # a copy under another name: a real load of real weights
