@@ -96,17 +96,7 @@ class ModelManager:
         needed, so call it off the engine thread."""
         if self.served is not None and self.registry.resolve(name).name != self.served:
             raise NotServedError(name, self.served)
-        before = self.registry.load_count
-        t0 = time.monotonic()
-        loaded = self.registry.acquire(name, keep_alive)
-        if self.registry.load_count != before:
-            log.info(
-                "loaded %s in %.1f s: %s, %.0f MB",
-                loaded.name,
-                time.monotonic() - t0,
-                loaded.weight_format,
-                loaded.weight_bytes / 1e6,
-            )
+        loaded = self.registry.acquire(name, keep_alive)  # logs the load, once per load
         if loaded.name not in self._entries:
             try:
                 self._entries[loaded.name] = self.registry.resolve(loaded.name)

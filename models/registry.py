@@ -185,11 +185,20 @@ class ModelRegistry:
                 return lm  # another thread loaded it while we waited
             with self._room_lock:
                 self._make_room(key, self.estimate_bytes(entry))
+                t0 = time.monotonic()
                 try:
                     lm = load_model(entry.path, key, self.weights_on_cpu, self.prepare_model)
                 except ModelLoadError as e:
                     self._errors[key] = str(e)
                     raise
+            # Logged here, by the one thread that loaded: requests that waited on it say nothing.
+            log.info(
+                "loaded %s in %.1f s: %s, %.0f MB",
+                key,
+                time.monotonic() - t0,
+                lm.weight_format,
+                lm.weight_bytes / 1e6,
+            )
             with self._lock:
                 self.load_count += 1
                 self._errors.pop(key, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def test_resolve_unknown_and_aliases(tmp_path: Path) -> None:
     assert err.value.known == ["real:one"]
 
 
-def test_racing_acquires_load_once(tmp_path: Path) -> None:
+def test_racing_acquires_load_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mlxd.registry")
     _models(tmp_path, "m")
     reg = ModelRegistry(tmp_path, memory_limit=1 << 30)
     barrier = threading.Barrier(6)
@@ -99,6 +101,8 @@ def test_racing_acquires_load_once(tmp_path: Path) -> None:
     assert reg.load_count == 1
     assert len(got) == 6 and all(g is got[0] for g in got)
     assert reg.status("m").refcount == 6
+    # One load, one log line: the five requests that waited on it do not report a load.
+    assert sum(r.getMessage().startswith("loaded m") for r in caplog.records) == 1
 
 
 def test_lru_eviction_under_limit(tmp_path: Path, one_model_bytes: int) -> None:
