@@ -300,17 +300,22 @@ class AsyncEngine(EngineAPI):
             )
             return self._final(rid, delta, out, out.finish_reason, stop, load_time)
         if delta or out.logprobs or out.prompt_logprobs:
-            return RequestOutput(
-                rid,
-                delta.content,
-                delta.reasoning,
-                delta.tool_calls,
-                out.token_ids,
-                out.logprobs,
-                prompt_logprobs=out.prompt_logprobs,
-                call_deltas=delta.call_deltas,
-            )
+            return self._increment(rid, delta, out)
         return None
+
+    @staticmethod
+    def _increment(rid: str, delta: OutputDelta, out: StepOutput, **final: Any) -> RequestOutput:
+        return RequestOutput(
+            rid,
+            delta.content,
+            delta.reasoning,
+            delta.tool_calls,
+            out.token_ids,
+            out.logprobs,
+            prompt_logprobs=out.prompt_logprobs,
+            call_deltas=delta.call_deltas,
+            **final,
+        )
 
     def _final(
         self,
@@ -323,20 +328,15 @@ class AsyncEngine(EngineAPI):
     ) -> RequestOutput:
         metrics = out.metrics or RequestMetrics()
         metrics.load_time = load_time
-        return RequestOutput(
+        return self._increment(
             rid,
-            delta.content,
-            delta.reasoning,
-            delta.tool_calls,
-            out.token_ids,
-            out.logprobs,
-            prompt_logprobs=out.prompt_logprobs,
+            delta,
+            out,
             finish_reason=reason,
             stop_matched=stop,
             metrics=metrics,
             error=out.error.message if out.error is not None else None,
             error_kind=out.error.kind if out.error is not None else "internal",
-            call_deltas=delta.call_deltas,
         )
 
     def _abort_on_thread(self, request_id: str) -> None:
