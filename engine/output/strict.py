@@ -1,7 +1,9 @@
 """OpenAI's strict mode (`strict: true` on a function or a json_schema): the output follows the
-schema exactly, so an object takes no keys beyond its `properties`. OpenAI requires such schemas
-to say `additionalProperties: false` on every object; here an object that says nothing is
-closed, and one that allows more keys is refused (as OpenAI refuses it)."""
+schema exactly, so an object has every key of its `properties` and no other. OpenAI requires
+such schemas to say `additionalProperties: false` and to list every property in `required` on
+every object; here an object that says nothing is closed and fully required, and one that
+allows more keys or leaves a property out of its `required` is refused (as OpenAI refuses it).
+Optional fields are written as OpenAI documents: a union with null."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def _is_object(schema: dict[str, Any]) -> bool:
 
 def closed(schema: Any) -> Any:
     """A copy of `schema` in which every object schema without `additionalProperties` has it
-    false (nested objects, array items, alternatives and definitions included)."""
+    false and every one without `required` requires all its properties (nested objects, array
+    items, alternatives and definitions included)."""
     if isinstance(schema, list):
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
@@ -36,11 +39,14 @@ def closed(schema: Any) -> Any:
             out[key] = {name: closed(s) for name, s in out[key].items()}
     if _is_object(out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    if _is_object(out) and "required" not in out and isinstance(out.get("properties"), dict):
+        out["required"] = list(out["properties"])
     return out
 
 
 def strict_error(schema: Any, at: str = "") -> str | None:
-    """Where a strict schema lets an object take more keys (None: nowhere)."""
+    """Where a strict schema lets an object take more keys or leave a property out (None:
+    nowhere)."""
     if isinstance(schema, list):
         for i, s in enumerate(schema):
             if (err := strict_error(s, f"{at}[{i}]")) is not None:
@@ -51,6 +57,11 @@ def strict_error(schema: Any, at: str = "") -> str | None:
     extra = schema.get("additionalProperties", False)
     if _is_object(schema) and extra is not False:
         return f"{at or 'the schema'}: strict mode needs additionalProperties: false"
+    if (missing := _not_required(schema)) is not None:
+        return (
+            f"{at or 'the schema'}: strict mode needs every property in 'required' "
+            f"(missing '{missing}'; make an optional field a union with null)"
+        )
     for key in _ONE + _MANY:
         if key in schema and (err := strict_error(schema[key], f"{at}.{key}")) is not None:
             return err
@@ -59,3 +70,11 @@ def strict_error(schema: Any, at: str = "") -> str | None:
             if (err := strict_error(s, f"{at}.{key}.{name}")) is not None:
                 return err
     return None
+
+
+def _not_required(schema: dict[str, Any]) -> str | None:
+    """A property that a `required` list leaves out (None: none, or no list to check)."""
+    required, props = schema.get("required"), schema.get("properties")
+    if not isinstance(required, list) or not isinstance(props, dict):
+        return None
+    return next((str(name)[:64] for name in props if name not in required), None)

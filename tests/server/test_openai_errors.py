@@ -83,6 +83,12 @@ def test_unsupported_fields_are_named(client: TestClient, extra: dict, param: st
 
 
 OPEN = {"type": "object", "properties": {"a": {"type": "object", "additionalProperties": True}}}
+PARTIAL = {  # strict mode needs every property required (optional ones are unions with null)
+    "type": "object",
+    "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+    "required": ["a"],
+    "additionalProperties": False,
+}
 WEATHER = {
     "type": "function",
     "function": {
@@ -172,6 +178,16 @@ WEATHER = {
             },  # fmt: skip
             "response_format.json_schema.schema",
             "additionalProperties: false",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": PARTIAL},
+                }
+            },  # fmt: skip
+            "response_format.json_schema.schema",
+            "missing 'b'",
         ),
     ],
 )

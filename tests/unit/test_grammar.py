@@ -93,19 +93,21 @@ NESTED = {
             "items": {"type": "object", "properties": {"k": {"type": "string"}}},
         },
     },
-    "required": ["city"],
 }
 
 
 @pytest.mark.parametrize("fmt", ["generic", "hermes", "llama3"])
 def test_strict_tools_take_no_extra_keys_non_strict_ones_may(lltok, fmt):
-    """OpenAI's strict mode: no key beyond the schema's, at any depth; without it, JSON Schema's
-    default (extra keys allowed) stands."""
-    args = ['{"city": "Oslo"}', '{"city": "Oslo", "where": {"lat": 1}, "tags": [{"k": "a"}]}']
-    extra = [
-        '{"city": "Oslo", "country": "NO"}',
-        '{"city": "Oslo", "where": {"lat": 1, "lon": 2}}',
-        '{"city": "Oslo", "tags": [{"k": "a", "v": "b"}]}',
+    """OpenAI's strict mode: every key of the schema and no other, at any depth; without it,
+    JSON Schema's defaults (keys optional, extra keys allowed) stand."""
+    args = ['{"city": "Oslo", "where": {"lat": 1}, "tags": [{"k": "a"}]}']
+    full = '"where": {"lat": 1}, "tags": [{"k": "a"}]'
+    loose = [
+        '{"city": "Oslo"}',  # keys left out
+        '{"city": "Oslo", "where": {}, "tags": [{}]}',
+        f'{{"city": "Oslo", {full}, "country": "NO"}}',  # keys added
+        '{"city": "Oslo", "where": {"lat": 1, "lon": 2}, "tags": []}',
+        '{"city": "Oslo", "where": {"lat": 1}, "tags": [{"k": "a", "v": "b"}]}',
     ]
     key = "parameters" if fmt == "llama3" else "arguments"
 
@@ -121,7 +123,7 @@ def test_strict_tools_take_no_extra_keys_non_strict_ones_may(lltok, fmt):
         spec = OutputSpec(tools=[ToolSpec("f", "", NESTED, strict)], tool_choice="required")
         plan = plan_output(spec, TEMPLATES[fmt], None, "", _no_special)
         assert all(_accepts(lltok, plan.grammar, call(a)) for a in args)
-        assert [_accepts(lltok, plan.grammar, call(a)) for a in extra] == [not strict] * 3
+        assert [_accepts(lltok, plan.grammar, call(a)) for a in loose] == [not strict] * 5
 
 
 def test_a_strict_json_schema_answer_takes_no_extra_keys(lltok):
@@ -129,7 +131,8 @@ def test_a_strict_json_schema_answer_takes_no_extra_keys(lltok):
         plan = plan_output(
             OutputSpec(json_schema=NESTED, strict_schema=strict), None, None, "", _no_special
         )
-        assert _accepts(lltok, plan.grammar, '{"city": "Oslo", "where": {"lat": 1}}')
+        full = '{"city": "Oslo", "where": {"lat": 1}, "tags": []}'
+        assert _accepts(lltok, plan.grammar, full)
         assert _accepts(lltok, plan.grammar, '{"city": "Oslo", "where": {"x": 1}}') is not strict
 
 
@@ -138,9 +141,14 @@ def test_closing_and_checking_strict_schemas():
     assert shut["additionalProperties"] is False
     assert shut["properties"]["where"]["additionalProperties"] is False
     assert shut["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert shut["required"] == ["city", "where", "tags"]
+    assert shut["properties"]["tags"]["items"]["required"] == ["k"]
     assert "additionalProperties" not in NESTED  # the caller's schema is left alone
+    assert "required" not in NESTED
     assert strict_error(shut) is None
     assert strict_error(NESTED) is None  # saying nothing is fine: such objects get closed
+    partial = {**NESTED, "required": ["city", "tags"]}
+    assert "missing 'where'" in (strict_error(partial) or "")
     loose = {
         **shut,
         "properties": {
