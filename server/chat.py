@@ -87,6 +87,8 @@ def chat_text(
         dicts, extra = tool_messages(output, tok.chat_template, dicts)
         if not output.reasoning:
             extra["enable_thinking"] = False
+        elif output.reasoning_effort is not None:
+            extra["reasoning_effort"] = output.reasoning_effort
     try:
         text = tok.apply_chat_template(dicts, add_generation_prompt=True, **extra)
     except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate

@@ -34,6 +34,7 @@ class OutputSpec:
     strict_schema: bool = False  # the JSON answer in OpenAI's strict mode (see tools' `strict`)
     reasoning: bool = True  # split the model's thinking out when it has markers
     reasoning_budget: int | None = None  # thinking tokens before its end is forced (None: no cap)
+    reasoning_effort: str | None = None  # a level for templates that read one (gpt-oss's)
 
     @property
     def calls_tools(self) -> bool:

@@ -10,7 +10,11 @@ from engine.api import EngineAPI
 from engine.grammar import schema_error
 from engine.output.events import OutputSpec, ToolCall, ToolSpec
 from engine.structured import reasoning_markers
+from server.effort import apply_effort
 from server.errors import APIError
+
+# `think` as a string: a boolean's spelling or one of Ollama's levels (the ones gpt-oss takes).
+_THINK_LEVELS = ("true", "false", "low", "medium", "high")
 
 
 def _schema(value: Any, where: str) -> dict[str, Any]:
@@ -43,6 +47,8 @@ async def output_spec(
                 _schema(params, f"tools[{i}].function.parameters"),
             )
         )
+    if isinstance(think, str) and think not in ("", "true", "false"):
+        apply_effort(spec, think, "think", _THINK_LEVELS)  # Ollama's levels (gpt-oss's)
     if think not in (None, False, "", "false"):
         handle = await engine.get_model(model)
         if reasoning_markers(handle.tokenizer) is None:

@@ -110,6 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension (enable_thinking)
+    reasoning_effort: Any = None  # checked in server/effort.py, naming the levels
 
 
 Prompt = StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]

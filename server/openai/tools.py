@@ -9,6 +9,7 @@ from typing import Any
 from engine.grammar import schema_error
 from engine.output.events import OutputSpec, ToolCall, ToolCallDelta, ToolChoiceMode, ToolSpec
 from engine.output.strict import strict_error
+from server.effort import apply_effort
 from server.errors import APIError
 from server.openai.protocol import ChatCompletionRequest, ChatMessage
 
@@ -57,6 +58,7 @@ def output_spec(req: ChatCompletionRequest) -> OutputSpec:
     spec.json_schema = _response_schema(req.response_format)
     inner = (req.response_format or {}).get("json_schema")
     spec.strict_schema = isinstance(inner, dict) and inner.get("strict") is True
+    apply_effort(spec, req.reasoning_effort, "reasoning_effort")
     kwargs = req.chat_template_kwargs or {}
     if kwargs.get("enable_thinking") is False:
         spec.reasoning = False

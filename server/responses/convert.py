@@ -16,6 +16,7 @@ from engine.output.events import OutputSpec, ToolChoiceMode, ToolSpec
 from engine.output.strict import strict_error
 from engine.types import SamplingParams
 from server.chat import ChatRequest, Message
+from server.effort import apply_effort
 from server.errors import APIError
 from server.responses.protocol import ResponsesRequest
 
@@ -106,7 +107,7 @@ def output_spec(req: ResponsesRequest) -> OutputSpec:
             spec.json_schema = {"type": "object"}
         elif kind != "text":
             raise bad("text.format.type", "must be 'text', 'json_object' or 'json_schema'")
-    spec.reasoning = (req.reasoning or {}).get("effort") != "none"
+    apply_effort(spec, (req.reasoning or {}).get("effort"), "reasoning.effort")
     return spec
 
 
