@@ -2,9 +2,10 @@
 the internal chat request (server/chat.py) rendered from the job runner's output stream.
 
 Content blocks in answer order: `thinking` (the model's reasoning), `text`, then one `tool_use`
-per call (`input` an object). Usage: `input_tokens` is the whole prompt (what count_tokens
-reports for the same request); `cache_read_input_tokens` says how many of them the prefix cache
-served.
+per call (`input` an object). Usage as Anthropic counts it: the prompt is `input_tokens` plus
+`cache_read_input_tokens` (the part the prefix cache served), so their sum is what count_tokens
+reports for the same request. A stream's message_start cannot know the cached part yet (the
+prompt is not read); its message_delta carries the final split, as Anthropic's does.
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ class MessagesRenderer:
 
     def _usage(self, result: JobResult | None) -> Event:
         usage = result.usage() if result is not None else None
+        cached = usage.cached_tokens if usage else 0
         return {
-            "input_tokens": len(self.job.requests[0].prompt_token_ids),
+            "input_tokens": len(self.job.requests[0].prompt_token_ids) - cached,
             "output_tokens": usage.completion_tokens if usage else 0,
-            "cache_read_input_tokens": usage.cached_tokens if usage else 0,
+            "cache_read_input_tokens": cached,
             "cache_creation_input_tokens": 0,
         }
 
@@ -153,6 +155,7 @@ class MessagesRenderer:
             "type": "message_delta",
             "delta": self._stop(result.choices[0]),
             "usage": {
+                "input_tokens": usage["input_tokens"],
                 "output_tokens": usage["output_tokens"],
                 "cache_read_input_tokens": usage["cache_read_input_tokens"],
             },

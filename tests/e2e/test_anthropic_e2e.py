@@ -49,7 +49,9 @@ def test_stream_final_message_and_count_tokens(client):
     assert len(deltas) > 1 and "".join(deltas) == final.content[0].text
     assert final.stop_reason in ("end_turn", "max_tokens")
     counted = client.messages.count_tokens(model=MODEL, messages=ASK)
-    assert counted.input_tokens == final.usage.input_tokens
+    assert counted.input_tokens == final.usage.input_tokens + (
+        final.usage.cache_read_input_tokens or 0
+    )
 
 
 def test_raw_stream_events_and_count(live_server: str):
@@ -127,7 +129,9 @@ def test_tool_choice_any_gives_tool_use_and_a_tool_result_round_trip(client):
     assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert answer.content
     counted = client.messages.count_tokens(model=MODEL, messages=follow, tools=[WEATHER])
-    assert counted.input_tokens == answer.usage.input_tokens
+    assert counted.input_tokens == answer.usage.input_tokens + (
+        answer.usage.cache_read_input_tokens or 0
+    )
 
 
 def test_tool_use_streams(client):

@@ -57,7 +57,8 @@ def test_message_body_and_usage_match_count_tokens(client, eng):
     assert msg["usage"]["output_tokens"] == len("Hello world")
     assert msg["usage"]["cache_read_input_tokens"] == 3
     counted = client.post(URL + "/count_tokens", json=body(system="Be brief.")).json()
-    assert counted == {"input_tokens": msg["usage"]["input_tokens"]}
+    # Anthropic's split: the uncached part plus the part the prefix cache read.
+    assert counted == {"input_tokens": msg["usage"]["input_tokens"] + 3}
     prompt = "".join(chr(i - 3) for i in eng.requests[0].prompt_token_ids)
     assert prompt == "<system>Be brief.\n<user>hi\n<assistant>"
 
@@ -112,7 +113,9 @@ def test_stream_event_order(client, eng):
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == len("Hi there")
     counted = client.post(URL + "/count_tokens", json=body()).json()["input_tokens"]
-    assert start["usage"]["input_tokens"] == counted
+    assert start["usage"]["input_tokens"] == counted  # before the prompt is read: all of it
+    final = delta["usage"]
+    assert final["input_tokens"] + final["cache_read_input_tokens"] == counted
 
 
 def test_stream_error_mid_answer_is_an_error_event(client, eng):
