@@ -28,9 +28,13 @@ class _Node:
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, min_tokens: int = 16):
+    def __init__(self, budget_bytes: int, min_tokens: int = 16, token_bytes: int = 0):
+        """`token_bytes` > 0 counts an entry as that many bytes per token instead of its arrays'
+        size: the ranks of a group, each holding a different share of the KV, then keep and
+        evict the same entries (their runners must restore the same prefixes in lockstep)."""
         self.budget_bytes = budget_bytes
         self.min_tokens = min_tokens
+        self.token_bytes = token_bytes
         self._entries: OrderedDict[Key, list[tuple[mx.array, mx.array]]] = OrderedDict()
         self._bytes: dict[Key, int] = {}
         self._root = _Node()
@@ -105,7 +109,7 @@ class PrefixCache:
             (mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])) for c in caches
         ]
         mx.async_eval([a for kv in entry for a in kv])
-        size = sum(k.nbytes + v.nbytes for k, v in entry)
+        size = n * self.token_bytes or sum(k.nbytes + v.nbytes for k, v in entry)
         if size > self.budget_bytes:
             return
         while self.nbytes + size > self.budget_bytes and self._entries:

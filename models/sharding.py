@@ -88,34 +88,28 @@ SPLITS = ("tensor", "pipeline")
 
 def check_mode(mode: str) -> None:
     """Refuse a split this build cannot make, before any process joins the group."""
-    if mode == "pipeline":
-        raise ShardingError(
-            "pipeline parallelism is not in this build yet; use --distributed tensor"
-        )
-    if mode != "tensor":
+    if mode not in SPLITS:
         raise ShardingError(f"unknown split {mode!r}; use one of {', '.join(SPLITS)}")
 
 
 def check_split(mode: str, config: dict[str, Any], n: int) -> None:
     """Refuse, before any weight is read, a split this model cannot take over n ranks."""
     check_mode(mode)
-    check_config_split(config, n)
+    if mode == "pipeline":
+        from models.pipeline import check_config_pipeline  # it builds on this module
+
+        check_config_pipeline(config, n)
+    else:
+        check_config_split(config, n)
 
 
-def split_model(model: nn.Module, group: Any, mode: str) -> nn.Module:
-    """This rank's part of `model` (the model every rank then calls alike): tensor parallel shards
-    it in place. A split is one more way to load a model per rank; its KV caches follow from the
-    returned model (`make_cache`, or its `layers`)."""
-    if mode != "tensor":
-        raise ShardingError(f"cannot split a model for {mode!r} parallelism in this build")
-    shard_tensor(model, group)
-    return model
-
-
-def describe_split(mode: str, n: int) -> str:
+def describe_split(mode: str, n: int, config: dict[str, Any]) -> str:
     """One line for /api/ps: what each rank holds."""
-    if mode != "tensor":
-        return f"{mode} parallel over {n} ranks"
+    if mode == "pipeline":
+        from models.pipeline import describe_pipeline
+
+        cfg = config.get("text_config", config)
+        return describe_pipeline(int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0), n)
     return f"{mode} parallel over {n} ranks: 1/{n} of every layer's heads and MLP on each rank"
 
 

@@ -25,14 +25,16 @@ log = logging.getLogger("mlxd.dist")
 
 class DistributedEngine(AsyncEngine):
     def __init__(self, config: EngineConfig):
-        # On the CPU backend the split takes fp32 weights: a shard of a quantized layer is MLX's
-        # own QuantizedLinear, whose CPU matmul is far slower than mlxd's kernels or the BLAS
-        # (a 3-rank step measured minutes, not seconds). Other backends keep their format.
+        # On the CPU backend a tensor split takes fp32 weights: a shard of a quantized layer is
+        # MLX's own QuantizedLinear, whose CPU matmul is far slower than mlxd's kernels or the
+        # BLAS (a 3-rank step measured minutes, not seconds). Other backends keep their
+        # format, and so does a pipeline split (whole layers: mlxd's kernels run them as is).
         # Speculative drafts are not part of a step's plan yet: the group decodes without them.
+        tensor = config.distributed == "tensor"
         config = dataclasses.replace(
             config,
             pinned=[*config.pinned, config.default_model],
-            weights_on_cpu="fp32",
+            weights_on_cpu="fp32" if tensor else config.weights_on_cpu,
             speculative="off",
         )
         super().__init__(config)

@@ -27,6 +27,7 @@ import numpy as np
 log = logging.getLogger("mlxd.dist")
 
 MODES = ("tensor", "pipeline")
+JOIN_TIMEOUT = 300.0  # seconds a rank keeps trying to reach the others at start
 # Where each launcher puts a process's rank: mlx.launch (ring, JACCL, NCCL), then MPI's.
 _RANK_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
@@ -127,10 +128,18 @@ def init_group(mode: str) -> Group:
     MLX call of this rank."""
     if mode not in MODES:
         raise GroupError(f"--distributed must be one of {', '.join(MODES)}, not {mode!r}")
-    try:
-        g = mx.distributed.init(strict=True)
-    except RuntimeError as e:
-        raise GroupError(f"no distributed backend could start ({e}); see README") from None
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while True:
+        try:
+            g = mx.distributed.init(strict=True)
+            break
+        except RuntimeError as e:
+            # The ring backend gives up on a peer after ~30 s; rank 0 joins only once its HTTP
+            # server has started and the model is imported, which can take longer (measured:
+            # 34 s on the shared 2-core machine). A retry joins the same group.
+            if "connect" not in str(e).lower() or time.monotonic() > deadline:
+                raise GroupError(f"no distributed backend could start ({e}); see README") from None
+            log.info("no peer answered yet (%s); trying again", e)
     if g.size() < 2:
         raise GroupError("--distributed needs at least 2 ranks (mlx.launch -n N with N >= 2)")
     return Group(mode, g)

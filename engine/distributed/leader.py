@@ -25,12 +25,13 @@ from engine.runner import ModelRunner
 from engine.scheduler import SchedulerOutput
 from engine.types import EngineConfig, GroupStatus, RankStatus
 from models.errors import ModelError
+from models.pipeline import PipelineSplit
 from models.sharding import (
     ShardingError,
     check_split,
     describe_split,
     resident_weight_bytes,
-    split_model,
+    shard_tensor,
 )
 
 log = logging.getLogger("mlxd.dist")
@@ -52,6 +53,7 @@ class Leader:
         self.failed = ""
         self.watchdog = Watchdog(self.fail)
         self.status = GroupStatus(config.distributed, config.default_model, "")
+        self.token_bytes = 0  # the served model's KV bytes per token, once loaded
 
     # --- failure ----------------------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -109,11 +111,13 @@ class Leader:
             self.stop()
             raise GroupError(error or f"rank(s) {bad} could not load {name} (see their logs)")
         # Every rank's first forward pass pays one-time costs (allocations, kernel setup) that
-        # can take many steady steps' time: paid here, under the load's deadline.
-        self.send({"k": "warm"}, "the warm-up message")
+        # can take many steady steps' time: paid here, under the load's deadline. The message
+        # carries rank 0's prefix-cache cost of a token, which every rank's cache then uses.
+        self.token_bytes = loaded.kv_bytes_per_token()
+        self.send({"k": "warm", "t": self.token_bytes}, "the warm-up message")
         self.call("the warm-up", lambda: warm_up(loaded), LOAD_TIMEOUT)
         self.status.model = loaded.name
-        self.status.split = describe_split(group.mode, group.size)
+        self.status.split = describe_split(group.mode, group.size, loaded.config)
         self.status.ranks = [
             RankStatus(r, pid=pid, weight_bytes=w * KIB) for r, (_, w, pid) in enumerate(rows)
         ]
@@ -138,15 +142,33 @@ class Leader:
             self.group = None  # the others are gone: no heartbeat may follow
 
     def make_runner(self, model: Any, make_cache: Callable[[], list], prefix: Any) -> ModelRunner:
+        # Entries counted in tokens, alike on every rank whatever its share of the KV: the
+        # ranks keep and evict the same prefixes (a restore missing on one rank would be a
+        # forward pass the others do not run).
+        prefix.token_bytes = self.token_bytes
         return LeaderRunner(self, model, make_cache, prefix)
 
 
 def load_split(registry: Any, name: str, group: Group) -> Any:
-    """The model loaded through `registry` (held, never released) and split for this rank."""
-    loaded = registry.acquire(name, -1)
-    loaded.model = split_model(loaded.model, group.group, group.mode)
-    loaded.weight_bytes = resident_weight_bytes(loaded.model)
-    loaded.weight_format += f", {group.mode} parallel 1/{group.size}"
+    """The model loaded through `registry` (held, never released) and split for this rank. A
+    pipeline rank cuts the model as built, before any weight is read: it never reads the
+    other ranks' layers."""
+    if group.mode == "pipeline":
+        split = PipelineSplit(group.group)
+        registry.prepare_model = split.cut
+        try:
+            loaded = registry.acquire(name, -1)
+        finally:
+            registry.prepare_model = None
+        stage = split.finish(loaded.model)
+        loaded.weight_bytes = stage.weight_bytes
+        held = f"layers {stage.layers.start}-{stage.layers.stop - 1} of {stage.num_layers}"
+    else:
+        loaded = registry.acquire(name, -1)
+        shard_tensor(loaded.model, group.group)
+        loaded.weight_bytes = resident_weight_bytes(loaded.model)
+        held = f"1/{group.size}"
+    loaded.weight_format += f", {group.mode} parallel: {held}"
     return loaded
 
 

@@ -29,6 +29,7 @@ class Worker:
         self.config = config
         self.runner: ModelRunner | None = None
         self.loaded: Any = None
+        self._load_msg: dict[str, Any] = {}
         self.watchdog = Watchdog(self._tripped)
 
     def _tripped(self, message: str) -> None:
@@ -70,8 +71,8 @@ class Worker:
         elif kind == "step":
             self._step(msg)
         elif kind == "warm":
-            if self.runner is not None:
-                warm_up(self.loaded)
+            if self.loaded is not None:
+                self._warm(msg)
         else:
             raise GroupError(f"unknown message {kind!r} from rank 0")
         return True
@@ -92,16 +93,21 @@ class Worker:
             log.exception("rank %d: cannot load %s", self.group.rank, name)
             self.group.gather([1, 0, os.getpid()])
             return
-        # The runner rank 0 will make at its first request, made alike (same cache, prefix budget).
-        window = int(msg["c"])
+        self.loaded, self._load_msg = loaded, msg
+        log.info("rank %d: %s ready, %s, %.0f MB of weights", self.group.rank, name,
+                 loaded.weight_format, loaded.weight_bytes / 1e6)  # fmt: skip
+        self.group.gather([0, loaded.weight_bytes // KIB, os.getpid()])
+
+    def _warm(self, msg: dict[str, Any]) -> None:
+        """The runner rank 0 will make at its first request, made alike (same cache, same
+        prefix budget counted in rank 0's bytes per token), and its first forward pass."""
+        loaded, load = self.loaded, self._load_msg
+        window = int(load["c"])
         window = window if 0 < window < loaded.context_length else 0
         make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
-        prefix = PrefixCache(int(msg["p"]))
+        prefix = PrefixCache(int(load["p"]), token_bytes=int(msg["t"]))
         self.runner = ModelRunner(loaded.model, make_cache, prefix, pipelined=False)
-        self.loaded = loaded
-        log.info("rank %d: %s ready, %.0f MB of weights", self.group.rank, name,
-                 loaded.weight_bytes / 1e6)  # fmt: skip
-        self.group.gather([0, loaded.weight_bytes // KIB, os.getpid()])
+        warm_up(loaded)
 
     def _step(self, msg: dict[str, Any]) -> None:
         if self.runner is None:

@@ -1,11 +1,12 @@
-"""`mlxd serve --distributed tensor` end to end over loopback: SmolLM2 split over 3 ranks (9 query
-heads, 3 KV heads). The openai client streams 8 concurrent greedy requests through rank 0 and
-gets, token for token, what one process answers; each rank holds about 1/3 of the layers; a rank
+"""`mlxd serve --distributed tensor|pipeline` end to end over loopback: SmolLM2 split over 3 ranks
+tensor-parallel (9 query heads, 3 KV heads) and over 2 ranks pipeline-parallel (layers 0-14 and
+15-29). The openai client streams 8 concurrent greedy requests through rank 0 and gets, token
+for token, what one process answers; each rank holds about 1/N of the layers' weights; a rank
 killed mid-stream ends the stream with an error frame and rank 0 exits non-zero within 30 s.
 
-Slow (minutes): on this 2-core machine each all_sum between 3 processes costs tens of ms.
+Slow (minutes): on this 2-core machine each transfer between the processes costs tens of ms.
 fp32 weights on both sides, as in test_tensor_parallel_e2e: the comparison is of the split, not
-of two quantized kernels' rounding.
+of two quantized kernels' rounding, and the embedding's size is known exactly.
 """
 
 from __future__ import annotations
@@ -38,13 +39,24 @@ PROMPTS = [
     "Give me a name for a black cat.",
 ]
 MAX_TOKENS = 12
-EMBED_BYTES = 49152 * 576 * 4  # the fp32 embedding (tied lm_head) stays whole on every rank
+EMBED_BYTES = 49152 * 576 * 4  # the fp32 embedding (tied lm_head)
 ENV = {"MLXD_WEIGHTS_ON_CPU": "fp32", "MLXD_LOG_LEVEL": "info"}
+SPLITS = [("tensor", 3), ("pipeline", 2)]  # SmolLM2's heads divide by 3, not 2
 
 
-def _serve_args(models_dir: Path, port: int) -> list[str]:
+def _serve_args(models_dir: Path, port: int, mode: str) -> list[str]:
     return ["-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--models-dir", str(models_dir), "--distributed", "tensor"]  # fmt: skip
+            "--models-dir", str(models_dir), "--distributed", mode]  # fmt: skip
+
+
+def _shares(mode: str, n: int, full_bytes: int) -> list[float]:
+    """Each rank's expected weight bytes: tensor parallel keeps the embedding whole on every
+    rank and 1/n of the rest; pipeline parallel gives rank 0 the embedding and every rank 1/n
+    of the layers (SmolLM2's 30 split evenly over 2 or 3)."""
+    layers = (full_bytes - EMBED_BYTES) / n
+    if mode == "tensor":
+        return [EMBED_BYTES + layers] * n
+    return [EMBED_BYTES + layers] + [layers] * (n - 1)
 
 
 def _stream(url: str, prompt: str) -> list[str]:
@@ -73,14 +85,15 @@ def _group(url: str) -> dict:
 
 
 @pytest.mark.slow
-def test_three_ranks_serve_like_one_process(smollm2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "n"), SPLITS)
+def test_ranks_serve_like_one_process(mode: str, n: int, smollm2_dir: Path, tmp_path: Path) -> None:
     with mlxd_server(tmp_path / "one.log", smollm2_dir.parent, env=ENV).start(600) as one:
         alone = _all_at_once(one.url)
         full_bytes = int(httpx.get(one.url + "/api/ps").json()["models"][0]["size"])
     port = free_port()
     launch = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launch), "--backend", "ring", "-n", "3", "--", sys.executable,
-           *_serve_args(smollm2_dir.parent, port)]  # fmt: skip
+    cmd = [str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable,
+           *_serve_args(smollm2_dir.parent, port, mode)]  # fmt: skip
     log = tmp_path / "group.log"
     # This test is about equality, not faults: on the shared 2-core machine (load average ~15)
     # a 3-rank step can outlast the default 20 s bound the fault test relies on.
@@ -92,7 +105,7 @@ def test_three_ranks_serve_like_one_process(smollm2_dir: Path, tmp_path: Path) -
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_healthy(url + "/health", proc, 600, "mlx.launch -n 3")
+            wait_healthy(url + "/health", proc, 600, f"mlx.launch -n {n}")
         except ServerFailed as e:
             pytest.fail(f"{e}\n{log.read_text(errors='replace')[-3000:]}")
         split = _all_at_once(url)
@@ -100,14 +113,13 @@ def test_three_ranks_serve_like_one_process(smollm2_dir: Path, tmp_path: Path) -
         metrics = httpx.get(url + "/metrics").text
         assert split == alone, log.read_text(errors="replace")[-3000:]
         assert all(split), split
-        assert group["mode"] == "tensor" and group["ranks"] == 3 and not group["failed"]
+        assert group["mode"] == mode and group["ranks"] == n and not group["failed"]
         assert abs(size - group["per_rank"][0]["weight_bytes"]) < 1024  # ranks report KiB
-        share = EMBED_BYTES + (full_bytes - EMBED_BYTES) / 3
-        for r in group["per_rank"]:
+        for r, share in zip(group["per_rank"], _shares(mode, n, full_bytes), strict=True):
             assert abs(r["weight_bytes"] - share) / share < 0.02, (r, share, full_bytes)
             assert r["active_bytes"] > 0
-        assert "mlxd_group_ranks 3.0" in metrics
-        assert 'mlxd_group_rank_weight_bytes{rank="2"}' in metrics
+        assert f"mlxd_group_ranks {n}.0" in metrics
+        assert f'mlxd_group_rank_weight_bytes{{rank="{n - 1}"}}' in metrics
         # A clean stop: SIGTERM to rank 0 tells the other ranks to stop; every rank exits 0.
         os.kill(group["per_rank"][0]["pid"], signal.SIGTERM)
         proc.wait(timeout=60)
@@ -119,23 +131,28 @@ def test_three_ranks_serve_like_one_process(smollm2_dir: Path, tmp_path: Path) -
             proc.wait()
 
 
-def _rank(rank: int, hostfile: Path, models_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def _rank(
+    rank: int, hostfile: Path, models_dir: Path, port: int, mode: str, log: Path
+) -> subprocess.Popen:
     """One rank as mlx.launch starts it (MLX_RANK, MLX_HOSTFILE), but our child: its exit code
     is ours to read (mlx.launch reports none, and stops the other ranks itself)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **ENV, "MLX_RANK": str(rank),
            "MLX_HOSTFILE": str(hostfile)}  # fmt: skip
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, *_serve_args(models_dir, port)], cwd=ROOT,
+        return subprocess.Popen([sys.executable, *_serve_args(models_dir, port, mode)], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_streams_and_rank_zero(smollm2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "n"), SPLITS)
+def test_a_killed_rank_ends_streams_and_rank_zero(
+    mode: str, n: int, smollm2_dir: Path, tmp_path: Path
+) -> None:
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(3)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
     port = free_port()
-    logs = [tmp_path / f"rank{r}.log" for r in range(3)]
-    ranks = [_rank(r, hostfile, smollm2_dir.parent, port, logs[r]) for r in range(3)]
+    logs = [tmp_path / f"rank{r}.log" for r in range(n)]
+    ranks = [_rank(r, hostfile, smollm2_dir.parent, port, mode, logs[r]) for r in range(n)]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url + "/health", ranks[0], 600, "rank 0")
@@ -165,7 +182,8 @@ def test_a_killed_rank_ends_streams_and_rank_zero(smollm2_dir: Path, tmp_path: P
         code = ranks[0].wait(timeout=30 + 5)
         assert code != 0
         assert time.monotonic() - killed_at < 30
-        assert ranks[2].wait(timeout=60) != 0
+        for other in ranks[2:]:
+            assert other.wait(timeout=60) != 0
         text = logs[0].read_text(errors="replace")
         assert "distributed group failed" in text
     finally:

@@ -21,6 +21,7 @@ from engine.runner import ModelRunner
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.types import GenerateRequest, SamplingParams
+from models.sharding import ShardingError, check_split, describe_split
 from tests.unit.engine_harness import Harness, tiny_llama
 
 
@@ -77,12 +78,29 @@ def test_the_watchdog_trips_once_past_its_deadline() -> None:
 def test_splits_this_build_cannot_make_are_refused_before_any_group(monkeypatch) -> None:
     for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(GroupError, match="pipeline parallelism is not in this build"):
-        prepare("pipeline")
-    with pytest.raises(GroupError, match="mlx.launch"):
-        prepare("tensor")
+    with pytest.raises(GroupError, match="unknown split 'expert'"):
+        prepare("expert")
+    for mode in ("tensor", "pipeline"):
+        with pytest.raises(GroupError, match="mlx.launch"):
+            prepare(mode)
     monkeypatch.setenv("MLX_RANK", "2")
-    assert prepare("tensor") == 2
+    assert prepare("tensor") == 2 and prepare("pipeline") == 2
+
+
+def test_a_split_the_model_cannot_take_is_refused_before_any_weight_is_read() -> None:
+    smollm2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "intermediate_size": 1536}  # fmt: skip
+    check_split("tensor", smollm2, 3)
+    with pytest.raises(ShardingError, match="do not divide over 2 ranks"):
+        check_split("tensor", smollm2, 2)
+    check_split("pipeline", smollm2, 2)  # any rank count up to the layer count
+    check_split("pipeline", smollm2, 30)
+    with pytest.raises(ShardingError, match="30 layers cannot be split over 31 ranks"):
+        check_split("pipeline", smollm2, 31)
+    assert describe_split("pipeline", 2, smollm2) == (
+        "pipeline parallel over 2 ranks; rank 0: embedding, lm_head, layers 0-14; "
+        "rank 1: layers 15-29"
+    )
 
 
 class _Loopback:

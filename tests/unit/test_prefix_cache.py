@@ -76,3 +76,31 @@ def test_the_trie_finds_the_longest_shared_prefix_and_forgets_dropped_entries():
     for key in list(pc._entries):
         pc._drop(key)
     assert not pc._root.children and pc.nbytes == 0
+
+
+def test_counted_in_tokens_ranks_holding_different_layers_keep_the_same_entries():
+    # Two pipeline ranks of one group: 3 layers on one, 5 on the other. Counted in bytes their
+    # budgets would run out at different entries; counted in tokens they evict alike.
+    def caches(layers: int, n: int) -> list[KVCache]:
+        out = []
+        for _ in range(layers):
+            c = KVCache()
+            c.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+            out.append(c)
+        return out
+
+    token_bytes = 8 * 2 * 4 * 4  # the whole model's: 8 layers x (k, v) x dims x fp32
+    ranks = [PrefixCache(60 * token_bytes, min_tokens=4, token_bytes=token_bytes) for _ in "ab"]
+    inserts = [(0, 20), (100, 30), (200, 25), (300, 40)]
+    for start, n in inserts:
+        for pc, layers in zip(ranks, (3, 5)):
+            pc.insert(list(range(start, start + n)), caches(layers, n))
+    kept = [[k[0] for k in pc._entries] for pc in ranks]
+    assert kept[0] == kept[1] == [300]  # 40 tokens: the older ones went to make room
+    assert ranks[0].nbytes == ranks[1].nbytes == 40 * token_bytes
+    # In bytes, the same inserts would keep different entries on the two ranks.
+    in_bytes = [PrefixCache(60 * token_bytes, min_tokens=4) for _ in "ab"]
+    for start, n in inserts:
+        for pc, layers in zip(in_bytes, (3, 5)):
+            pc.insert(list(range(start, start + n)), caches(layers, n))
+    assert [len(pc._entries) for pc in in_bytes] == [4, 3]
