@@ -186,6 +186,7 @@ class RankStatus:
     weight_bytes: int = 0  # this rank's resident weights (its share of the model)
     active_bytes: int = 0  # MLX active memory
     peak_bytes: int = 0
+    kv_tokens: int = 0  # tokens of KV its own budget holds (its share of each token's KV)
 
 
 @dataclass

@@ -301,6 +301,7 @@ def _group_metrics(g: Any) -> Iterable[Metric]:
         ("mlxd_group_rank_weight_bytes", "Weight bytes each rank holds", "weight_bytes"),
         ("mlxd_group_rank_active_bytes", "MLX active memory of each rank", "active_bytes"),
         ("mlxd_group_rank_peak_bytes", "MLX peak memory of each rank", "peak_bytes"),
+        ("mlxd_group_rank_kv_tokens", "Tokens of KV each rank's own budget holds", "kv_tokens"),
     ):
         fam = GaugeMetricFamily(name, doc, labels=["rank"])
         for r in g.ranks:

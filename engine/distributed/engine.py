@@ -57,6 +57,7 @@ class DistributedEngine(AsyncEngine):
             logging.shutdown()
             os._exit(2)
         self.models.served = loaded.name
+        self.kv.budget_bytes = self.leader.kv_budget_bytes  # before the first request
         await self.get_model(loaded.name)  # its core, now: the first request finds it ready
 
     def _check_accepting(self) -> None:

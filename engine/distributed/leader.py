@@ -30,6 +30,7 @@ from models.sharding import (
     ShardingError,
     check_split,
     describe_split,
+    layers_of,
     resident_weight_bytes,
     shard_tensor,
 )
@@ -54,6 +55,7 @@ class Leader:
         self.watchdog = Watchdog(self.fail)
         self.status = GroupStatus(config.distributed, config.default_model, "")
         self.token_bytes = 0  # the served model's KV bytes per token, once loaded
+        self.kv_budget_bytes = 0  # the group's, once loaded
 
     # --- failure ----------------------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -104,9 +106,12 @@ class Leader:
         except Exception as e:  # reported after every rank answered: the group stops cleanly
             error = f"rank 0: {e}"
             log.exception("cannot load %s for the group", name)
-        me = [0 if loaded else 1, loaded.weight_bytes // KIB if loaded else 0, os.getpid()]
+        me = [1, 0, os.getpid(), 0]
+        if loaded is not None:
+            budget = int(registry.memory_limit * self.config.kv_fraction)
+            me = [0, loaded.weight_bytes // KIB, os.getpid(), kv_tokens(loaded, group, budget)]
         rows = self.call("the model's load", lambda: group.gather(me), LOAD_TIMEOUT)
-        bad = [r for r, (failed, _, _) in enumerate(rows) if failed]
+        bad = [r for r, row in enumerate(rows) if row[0]]
         if bad or loaded is None:
             self.stop()
             raise GroupError(error or f"rank(s) {bad} could not load {name} (see their logs)")
@@ -119,9 +124,15 @@ class Leader:
         self.status.model = loaded.name
         self.status.split = describe_split(group.mode, group.size, loaded.config)
         self.status.ranks = [
-            RankStatus(r, pid=pid, weight_bytes=w * KIB) for r, (_, w, pid) in enumerate(rows)
+            RankStatus(r, pid=pid, weight_bytes=w * KIB, kv_tokens=kv)
+            for r, (_, w, pid, kv) in enumerate(rows)
         ]
-        log.info("serving %s: %s", loaded.name, self.status.split)
+        # Rank 0 schedules for the group: its KV budget (counted in the whole model's bytes
+        # per token) is what the tightest rank's own memory holds.
+        tokens = min(kv for *_, kv in rows)
+        self.kv_budget_bytes = tokens * self.token_bytes
+        log.info("serving %s: %s; KV for %d tokens (ranks' own budgets: %s)", loaded.name,
+                 self.status.split, tokens, ", ".join(str(row[3]) for row in rows))  # fmt: skip
         return loaded
 
     def heartbeat(self) -> None:
@@ -170,6 +181,17 @@ def load_split(registry: Any, name: str, group: Group) -> Any:
         held = f"1/{group.size}"
     loaded.weight_format += f", {group.mode} parallel: {held}"
     return loaded
+
+
+def kv_tokens(loaded: Any, group: Group, budget_bytes: int) -> int:
+    """Tokens of KV `budget_bytes` hold on this rank: it keeps its layers' part of each token's
+    KV (a pipeline rank), or 1/N of every layer's KV heads (a tensor rank)."""
+    total = int(loaded.config.get("text_config", loaded.config).get("num_hidden_layers") or 0)
+    share = len(layers_of(loaded.model)) / max(total, 1)
+    if group.mode == "tensor":
+        share /= group.size
+    per_token = max(1.0, loaded.kv_bytes_per_token() * share)
+    return min(int(budget_bytes / per_token), 2**31 - 1)
 
 
 def warm_up(loaded: Any) -> None:

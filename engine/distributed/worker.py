@@ -14,7 +14,14 @@ from typing import Any
 import mlx.core as mx
 
 from engine.distributed.group import Group, GroupError, Watchdog, init_group
-from engine.distributed.leader import KIB, LOAD_TIMEOUT, load_split, memory_kib, warm_up
+from engine.distributed.leader import (
+    KIB,
+    LOAD_TIMEOUT,
+    kv_tokens,
+    load_split,
+    memory_kib,
+    warm_up,
+)
 from engine.distributed.plan import decode_step, step_deadline
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
@@ -91,12 +98,14 @@ class Worker:
             loaded = load_split(registry, name, self.group)
         except Exception:
             log.exception("rank %d: cannot load %s", self.group.rank, name)
-            self.group.gather([1, 0, os.getpid()])
+            self.group.gather([1, 0, os.getpid(), 0])
             return
         self.loaded, self._load_msg = loaded, msg
         log.info("rank %d: %s ready, %s, %.0f MB of weights", self.group.rank, name,
                  loaded.weight_format, loaded.weight_bytes / 1e6)  # fmt: skip
-        self.group.gather([0, loaded.weight_bytes // KIB, os.getpid()])
+        budget = int(registry.memory_limit * self.config.kv_fraction)
+        tokens = kv_tokens(loaded, self.group, budget)
+        self.group.gather([0, loaded.weight_bytes // KIB, os.getpid(), tokens])
 
     def _warm(self, msg: dict[str, Any]) -> None:
         """The runner rank 0 will make at its first request, made alike (same cache, same

@@ -99,6 +99,7 @@ def group_entry(g: GroupStatus) -> Event:
                 "weight_bytes": r.weight_bytes,
                 "active_bytes": r.active_bytes,
                 "peak_bytes": r.peak_bytes,
+                "kv_tokens": r.kv_tokens,
             }
             for r in g.ranks
         ],

@@ -117,7 +117,7 @@ def test_ranks_serve_like_one_process(mode: str, n: int, smollm2_dir: Path, tmp_
         assert abs(size - group["per_rank"][0]["weight_bytes"]) < 1024  # ranks report KiB
         for r, share in zip(group["per_rank"], _shares(mode, n, full_bytes), strict=True):
             assert abs(r["weight_bytes"] - share) / share < 0.02, (r, share, full_bytes)
-            assert r["active_bytes"] > 0
+            assert r["active_bytes"] > 0 and r["kv_tokens"] > 0
         assert f"mlxd_group_ranks {n}.0" in metrics
         assert f'mlxd_group_rank_weight_bytes{{rank="{n - 1}"}}' in metrics
         # A clean stop: SIGTERM to rank 0 tells the other ranks to stop; every rank exits 0.

@@ -15,8 +15,8 @@ GROUP = GroupStatus(
     "tensor",
     FAKE_MODEL,
     "tensor parallel over 3 ranks",
-    [RankStatus(r, pid=100 + r, weight_bytes=1000 + r, active_bytes=2000, peak_bytes=3000)
-     for r in range(3)],
+    [RankStatus(r, pid=100 + r, weight_bytes=1000 + r, active_bytes=2000, peak_bytes=3000,
+                kv_tokens=4000 + r) for r in range(3)],
 )  # fmt: skip
 
 
@@ -37,11 +37,13 @@ def test_ps_and_metrics_report_the_group() -> None:
         assert group["mode"] == "tensor" and group["ranks"] == 3 and group["failed"] == ""
         assert [r["weight_bytes"] for r in group["per_rank"]] == [1000, 1001, 1002]
         assert group["per_rank"][2] == {"rank": 2, "pid": 102, "weight_bytes": 1002,
-                                        "active_bytes": 2000, "peak_bytes": 3000}  # fmt: skip
+                                        "active_bytes": 2000, "peak_bytes": 3000,
+                                        "kv_tokens": 4002}  # fmt: skip
         text = client.get("/metrics").text
     assert sample(text, "mlxd_group_ranks") == 3
     assert sample(text, "mlxd_group_up", mode="tensor") == 1
     assert sample(text, "mlxd_group_rank_weight_bytes", rank="1") == 1001
+    assert sample(text, "mlxd_group_rank_kv_tokens", rank="2") == 4002
 
 
 def test_one_process_reports_no_group() -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
 import pytest
 
 from engine.distributed.group import Group, GroupError, Watchdog, prepare, share_cores
-from engine.distributed.leader import LeaderRunner
+from engine.distributed.leader import LeaderRunner, kv_tokens
 from engine.distributed.plan import decode_step, encode_step
 from engine.distributed.worker import run_plan
 from engine.prefix_cache import PrefixCache
@@ -101,6 +102,20 @@ def test_a_split_the_model_cannot_take_is_refused_before_any_weight_is_read() ->
         "pipeline parallel over 2 ranks; rank 0: embedding, lm_head, layers 0-14; "
         "rank 1: layers 15-29"
     )
+
+
+def test_each_rank_budgets_kv_for_its_own_share_of_a_token() -> None:
+    def loaded(own_layers: int) -> SimpleNamespace:
+        model = SimpleNamespace(model=SimpleNamespace(layers=[object()] * own_layers))
+        return SimpleNamespace(config={"num_hidden_layers": 30}, model=model,
+                               kv_bytes_per_token=lambda: 30 * 1000)  # fmt: skip
+
+    def group(mode: str, n: int) -> Group:
+        return Group(mode, SimpleNamespace(size=lambda: n, rank=lambda: 0))
+
+    assert kv_tokens(loaded(30), group("tensor", 3), 10**7) == 1000  # 1/3 of every layer
+    assert kv_tokens(loaded(15), group("pipeline", 2), 10**7) == 666  # 15 of 30 layers
+    assert kv_tokens(loaded(7), group("pipeline", 4), 10**7) == 1428
 
 
 class _Loopback:
