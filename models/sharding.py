@@ -6,6 +6,8 @@ columns with an `all_sum` after them ("sharded-to-all"). mlx-lm's `shard` works 
 QuantizedLinear only; mlxd's CPU layout swaps in TransposedLinear, so the split is done here, over
 each module's [out, in] `weight`, and handed to mlx's own `shard_linear` for the others. The
 embedding and the lm_head stay whole on every rank (as in mlx-lm).
+
+`check_split` and `describe_split` serve both splits; the pipeline's is models/pipeline.py.
 """
 
 from __future__ import annotations
