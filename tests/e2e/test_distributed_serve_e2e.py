@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from bench.launch import ServerFailed, free_port, mlxd_server, wait_healthy
+from tests.promtext import sample
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2:135m"
@@ -119,6 +120,9 @@ def test_ranks_serve_like_one_process(mode: str, n: int, smollm2_dir: Path, tmp_
             assert abs(r["weight_bytes"] - share) / share < 0.02, (r, share, full_bytes)
             assert r["active_bytes"] > 0 and r["kv_tokens"] > 0
         assert f"mlxd_group_ranks {n}.0" in metrics
+        # The chat template's system prompt is a shared prefix: later requests restored it
+        # from the prefix cache, on every rank alike (or their outputs would differ).
+        assert sample(metrics, "mlxd_prefix_cache_hits_total") > 0, metrics
         assert f'mlxd_group_rank_weight_bytes{{rank="{n - 1}"}}' in metrics
         # A clean stop: SIGTERM to rank 0 tells the other ranks to stop; every rank exits 0.
         os.kill(group["per_rank"][0]["pid"], signal.SIGTERM)
