@@ -40,9 +40,10 @@ ATTN = "attention: SDPA + KV-cache update"
 ROPE = "RoPE"
 NORM = "norms (RMSNorm)"
 ELEM = "other elementwise: SwiGLU, residuals, embedding, mask"
+LAYER = "fused decode layers: all of the above in 4 ops + KV update"
 SAMPLE = "sampling"
 PYTHON = "Python: graph building / dispatch"
-CLASSES = [PROJ, HEAD, ATTN, ROPE, NORM, ELEM, SAMPLE, PYTHON]
+CLASSES = [PROJ, HEAD, ATTN, ROPE, NORM, ELEM, LAYER, SAMPLE, PYTHON]
 
 
 @dataclass
@@ -118,6 +119,8 @@ def op_class(name: str, module: nn.Module) -> str | None:
         return PROJ
     if kind == "FusedMLP":
         return PROJ  # gate/up/down and SwiGLU in one kernel op: mostly its matmuls
+    if kind == "FusedBlock":
+        return LAYER  # a decode step's layer in four kernel ops (models/fused_block.py)
     if "Norm" in kind:
         return NORM
     if "RoPE" in kind or leaf == "rope":
@@ -131,8 +134,8 @@ def instrument(model: nn.Module, clock: Clock) -> Timed:
     """Wrap every submodule (deepest first, so the names stay valid); returns the timed root,
     whose own time is the lm_head of tied-embedding models."""
     named = [(n, m) for n, m in model.named_modules() if n]
-    # A fused MLP is one kernel op over its projections' weights: timed whole, children unwrapped.
-    fused = tuple(f"{n}." for n, m in named if type(m).__name__ == "FusedMLP")
+    # A fused MLP or layer is one kernel op (a few) over its parts: timed whole, parts unwrapped.
+    fused = tuple(f"{n}." for n, m in named if type(m).__name__ in ("FusedMLP", "FusedBlock"))
     for name, module in sorted(named, key=lambda nm: -nm[0].count(".")):
         if fused and name.startswith(fused):
             continue

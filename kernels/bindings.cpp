@@ -1,9 +1,11 @@
 // Python bindings: mlxd's CPU kernels as the `models._kernels` module.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "attention.h"
 #include "fused.h"
+#include "layer.h"
 #include "mlp.h"
 #include "qmm.h"
 
@@ -22,6 +24,16 @@ NB_MODULE(_kernels, m) {
       "biases"_a,
       "bits"_a,
       "y = x @ dequantize(w, scales, biases, group_size=32, bits)^T in float32, on the CPU.");
+  m.def(
+      "qmm_add",
+      &mlxd::qmm_add,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "bits"_a,
+      "residual"_a,
+      "residual + qmm(x, w, scales, biases, bits) in one op (float32, CPU).");
   m.def(
       "dequantize",
       &mlxd::dequantize,
@@ -46,6 +58,49 @@ NB_MODULE(_kernels, m) {
       "down_b"_a,
       "down_bits"_a,
       "down(silu(gate(x)) * up(x)) on group-32 quantized weights in one op (float32, CPU).");
+  m.def(
+      "mlp_residual",
+      &mlxd::mlp_residual,
+      "h"_a,
+      "norm_w"_a,
+      "eps"_a,
+      "gate_w"_a,
+      "gate_s"_a,
+      "gate_b"_a,
+      "up_w"_a,
+      "up_s"_a,
+      "up_b"_a,
+      "gu_bits"_a,
+      "down_w"_a,
+      "down_s"_a,
+      "down_b"_a,
+      "down_bits"_a,
+      "h + mlp(rms_norm(h, norm_w, eps)) in one op (float32, CPU).");
+  m.def(
+      "attn_in",
+      &mlxd::attn_in,
+      "x"_a,
+      "norm_w"_a,
+      "eps"_a,
+      "q_w"_a,
+      "q_s"_a,
+      "q_b"_a,
+      "k_w"_a,
+      "k_s"_a,
+      "k_b"_a,
+      "v_w"_a,
+      "v_s"_a,
+      "v_b"_a,
+      "bits"_a,
+      "offset"_a,
+      "n_heads"_a,
+      "n_kv_heads"_a,
+      "dims"_a,
+      "traditional"_a,
+      "base"_a,
+      "scale"_a,
+      "[q, k, v] of a decode step: RMSNorm, the three projections and RoPE on q and k in one op"
+      " (float32 x [B, 1, K]; q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hk, 1, Dv]; CPU).");
   m.def(
       "rms_norm",
       &mlxd::rms_norm,

@@ -1,5 +1,6 @@
 #include "fused.h"
 #include "packed.h"
+#include "rows.h"
 
 #include <cmath>
 #include <stdexcept>
@@ -47,15 +48,7 @@ void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     }
     const float* x = tmp.empty() ? xa.data<float>() : reinterpret_cast<const float*>(tmp.data());
     for (size_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * d;
-      float ss = 0.f;
-      for (int i = 0; i < d; ++i) {
-        ss += xr[i] * xr[i];
-      }
-      const float inv = 1.f / std::sqrt(ss / d + eps);
-      for (int i = 0; i < d; ++i) {
-        y[r * d + i] = xr[i] * inv * w[i];
-      }
+      rms_norm_row(x + r * d, w, y + r * d, d, eps);
     }
   });
 }
@@ -104,32 +97,15 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       tmp = packed_copy(xa);
     }
     const float* x = tmp.empty() ? xa.data<float>() : reinterpret_cast<const float*>(tmp.data());
-    std::vector<float> inv(half), cs(half), sn(half);
-    for (int i = 0; i < half; ++i) {
-      inv[i] = std::pow(base, -static_cast<float>(2 * i) / dims);
-    }
+    const std::vector<float> inv = rope_inv_freqs(base, dims);
+    std::vector<float> cs(half), sn(half);
     for (int b = 0; b < B; ++b) {
       const int o = off[per_row ? b : 0];
       for (int l = 0; l < L; ++l) {
-        const float pos = static_cast<float>(o + l) * scale;
-        for (int i = 0; i < half; ++i) {
-          const float t = pos * inv[i];
-          cs[i] = std::cos(t);
-          sn[i] = std::sin(t);
-        }
+        rope_angles(static_cast<float>(o + l) * scale, inv, cs.data(), sn.data());
         for (int h = 0; h < H; ++h) {
           const size_t row = ((static_cast<size_t>(b) * H + h) * L + l) * D;
-          const float* xr = x + row;
-          float* yr = y + row;
-          for (int i = 0; i < half; ++i) {
-            const int i1 = trad ? 2 * i : i, i2 = trad ? 2 * i + 1 : i + half;
-            const float a = xr[i1], c = xr[i2];
-            yr[i1] = a * cs[i] - c * sn[i];
-            yr[i2] = a * sn[i] + c * cs[i];
-          }
-          for (int i = dims; i < D; ++i) {
-            yr[i] = xr[i];
-          }
+          rope_head(x + row, y + row, cs.data(), sn.data(), dims, D, trad);
         }
       }
     }

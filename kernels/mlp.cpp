@@ -3,6 +3,7 @@
 #include "pool.h"
 #include "qdot_i8.h"
 #include "qmm.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <stdexcept>
@@ -79,6 +80,35 @@ mx::array mlp(
       {xf, gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b});
 }
 
+mx::array mlp_residual(
+    const mx::array& h,
+    const mx::array& norm_w,
+    float eps,
+    const mx::array& gate_w,
+    const mx::array& gate_s,
+    const mx::array& gate_b,
+    const mx::array& up_w,
+    const mx::array& up_s,
+    const mx::array& up_b,
+    int gu_bits,
+    const mx::array& down_w,
+    const mx::array& down_s,
+    const mx::array& down_b,
+    int down_bits) {
+  auto y = mlp(h, gate_w, gate_s, gate_b, up_w, up_s, up_b, gu_bits, down_w, down_s, down_b,
+               down_bits);
+  const int K = h.shape(-1);
+  if (h.dtype() != mx::float32 || y.shape() != h.shape() || norm_w.dtype() != mx::float32 ||
+      norm_w.ndim() != 1 || norm_w.shape(0) != K) {
+    throw std::invalid_argument("mlp_residual: float32 h [..., D], down [D, F], norm weight [D]");
+  }
+  auto inputs = y.inputs();
+  inputs.push_back(norm_w);
+  auto s = mx::default_stream(mx::Device::cpu);
+  return mx::array(
+      h.shape(), mx::float32, std::make_shared<Mlp>(s, gu_bits, down_bits, eps), std::move(inputs));
+}
+
 void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (const auto& a : inputs) {
@@ -90,7 +120,9 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   QWeight U = weight_of(inputs[4], inputs[5], gu_bits_);
   QWeight Dn = weight_of(inputs[7], inputs[8], down_bits_);
   const int M = static_cast<int>(inputs[0].size() / inputs[0].shape(-1));
-  enc.dispatch([G, U, Dn, M, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
+  const bool residual = inputs.size() == 11;
+  const float eps = eps_;
+  enc.dispatch([=, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
     std::vector<std::vector<char>> tmp;
     const auto p = row_major(arrs, tmp);
     QWeight* ws[3] = {&G, &U, &Dn};
@@ -99,7 +131,21 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       ws[i]->scales = p[2 + 3 * i];
       ws[i]->biases = p[3 + 3 * i];
     }
-    run(G, U, Dn, static_cast<const float*>(p[0]), M, y);
+    const float* x = static_cast<const float*>(p[0]);
+    if (!residual) {
+      run(G, U, Dn, x, M, y);
+      return;
+    }
+    const int K = G.K;
+    std::vector<float> xn(static_cast<size_t>(M) * K);
+    for (int m = 0; m < M; ++m) {
+      rms_norm_row(x + static_cast<size_t>(m) * K, static_cast<const float*>(p[10]),
+                   xn.data() + static_cast<size_t>(m) * K, K, eps);
+    }
+    run(G, U, Dn, xn.data(), M, y);
+    for (size_t i = 0; i < xn.size(); ++i) {
+      y[i] = x[i] + y[i];
+    }
   });
 }
 

@@ -26,10 +26,28 @@ mx::array mlp(
     const mx::array& down_b,
     int down_bits);
 
+// h + mlp(rms_norm(h) * norm_w): a decoder layer's second half (norm, MLP, residual) in one op.
+mx::array mlp_residual(
+    const mx::array& h,
+    const mx::array& norm_w,
+    float eps,
+    const mx::array& gate_w,
+    const mx::array& gate_s,
+    const mx::array& gate_b,
+    const mx::array& up_w,
+    const mx::array& up_s,
+    const mx::array& up_b,
+    int gu_bits,
+    const mx::array& down_w,
+    const mx::array& down_s,
+    const mx::array& down_b,
+    int down_bits);
+
+// Inputs x, the three weights' arrays and, for mlp_residual, the norm weight last.
 class Mlp : public mx::UnaryPrimitive {
  public:
-  Mlp(mx::Stream s, int gu_bits, int down_bits)
-      : mx::UnaryPrimitive(s), gu_bits_(gu_bits), down_bits_(down_bits) {}
+  Mlp(mx::Stream s, int gu_bits, int down_bits, float eps = 0.f)
+      : mx::UnaryPrimitive(s), gu_bits_(gu_bits), down_bits_(down_bits), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
@@ -37,11 +55,12 @@ class Mlp : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Mlp&>(other);
-    return gu_bits_ == o.gu_bits_ && down_bits_ == o.down_bits_;
+    return gu_bits_ == o.gu_bits_ && down_bits_ == o.down_bits_ && eps_ == o.eps_;
   }
 
  private:
   int gu_bits_, down_bits_;
+  float eps_;
 };
 
 } // namespace mlxd

@@ -105,6 +105,28 @@ mx::array qmm(
       shape, mx::float32, std::make_shared<QMatmul>(s, bits), {xf, w, scales, biases});
 }
 
+mx::array qmm_add(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits,
+    const mx::array& residual) {
+  const int K = check_weight("qmm_add", w, scales, biases, bits);
+  auto shape = x.shape();
+  if (x.ndim() < 1 || x.shape(-1) != K) {
+    throw std::invalid_argument("qmm_add: x [..., K] does not match w's K");
+  }
+  shape.back() = w.shape(0);
+  if (residual.dtype() != mx::float32 || residual.shape() != shape) {
+    throw std::invalid_argument("qmm_add: float32 residual of the output's shape");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
+  return mx::array(
+      shape, mx::float32, std::make_shared<QMatmul>(s, bits), {xf, w, scales, biases, residual});
+}
+
 mx::array dequantize(
     const mx::array& w,
     const mx::array& scales,
@@ -124,11 +146,13 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   }
   out.set_data(mx::allocator::malloc(out.nbytes()));
   enc.set_output_array(out);
-  const bool dequant = inputs.size() == 3; // dequantize(w, scales, biases): no x
+  // dequantize(w, scales, biases): no x; qmm_add: the residual last.
+  const bool dequant = inputs.size() == 3;
+  const bool add = inputs.size() == 5;
   const int o = dequant ? 0 : 1; // where w sits
   QWeight W = weight_of(inputs[o], inputs[o + 1], bits_);
   const int M = dequant ? 0 : static_cast<int>(inputs[0].size() / inputs[0].shape(-1));
-  enc.dispatch([W, M, o, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
+  enc.dispatch([W, M, o, add, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
     std::vector<std::vector<char>> tmp;
     const auto ptrs = row_major(arrs, tmp);
     W.w = static_cast<const uint8_t*>(ptrs[o]);
@@ -138,6 +162,12 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       run_dequant(W, y);
     } else {
       run(W, static_cast<const float*>(ptrs[0]), M, y);
+    }
+    if (add) {
+      const float* r = static_cast<const float*>(ptrs[4]);
+      for (size_t i = 0; i < static_cast<size_t>(M) * W.N; ++i) {
+        y[i] = r[i] + y[i];
+      }
     }
   });
 }

@@ -19,6 +19,16 @@ mx::array qmm(
     const mx::array& biases,
     int bits);
 
+// residual + qmm(x, w, scales, biases, bits), residual of the result's shape: a projection and the
+// residual add after it as one op.
+mx::array qmm_add(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int bits,
+    const mx::array& residual);
+
 // dequantize(w, scales, biases) in float32 [N, K] (same layouts as qmm).
 mx::array dequantize(
     const mx::array& w,

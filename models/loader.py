@@ -34,6 +34,7 @@ from models.files import (
     text_config,
     weight_files,
 )
+from models.fused_block import fuse_blocks
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
 from models.memory import backend, kv_bytes_per_token, step_activation_bytes
@@ -210,6 +211,7 @@ def load_model(
             fast_activations(model)  # MLPs left unfused
         if (dequant or on_kernels) and qkernels.available():
             fuse_for_cpu(model)  # one-pass RMSNorm / RoPE, decode attention: fused_layers.py
+            fuse_blocks(model)  # a decode step's layer as four kernel ops: fused_block.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval
         raise ModelLoadError(name, f"its weights cannot be read ({type(e).__name__})") from None

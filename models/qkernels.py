@@ -103,6 +103,42 @@ def mlp(x: mx.array, gate: Packed, up: Packed, down: Packed) -> mx.array | None:
     return _ext.mlp(x, *gate[:3], *up[:3], gate[3], *down)
 
 
+def mlp_residual(h: mx.array, norm: tuple[mx.array, float], gate: Packed, up: Packed, down: Packed):
+    """h + down(silu(gate(n)) * up(n)) with n = mx.fast.rms_norm(h, *norm), in one op on the CPU
+    for float32 h; None where the extension cannot run it."""
+    if not (_fast(h) and _ext is not None and gate[3] == up[3] and norm[0].dtype == mx.float32):
+        return None
+    return _ext.mlp_residual(h, *norm, *gate[:3], *up[:3], gate[3], *down)
+
+
+def qmm_add(x: mx.array, w: Packed, residual: mx.array) -> mx.array:
+    """residual + qmm(x, *w): one op on the CPU for float32 inputs, two elsewhere."""
+    if _fast(x) and _ext is not None and residual.dtype == mx.float32:
+        return _ext.qmm_add(x, *w[:3], w[3], residual)
+    return residual + qmm(x, *w)
+
+
+def attn_in(
+    x: mx.array,
+    norm: tuple[mx.array, float],
+    q: Packed,
+    k: Packed,
+    v: Packed,
+    offset: int | mx.array,
+    heads: tuple[int, int],
+    rope: tuple[int, bool, float, float],
+) -> list[mx.array] | None:
+    """A decode step's [q, k, v] ([B, H, 1, D] each) from x [B, 1, K]: RMSNorm (weight, eps),
+    the three projections and RoPE (dims, traditional, base, scale) at each row's offset on q
+    and k, in one op on the CPU; None where the extension cannot run it."""
+    if not (_fast(x) and _ext is not None and q[3] == k[3] == v[3] and x.ndim == 3):
+        return None
+    off = offset if isinstance(offset, mx.array) else mx.array([offset], dtype=mx.int32)
+    if x.shape[1] != 1 or off.size not in (1, x.shape[0]) or norm[0].dtype != mx.float32:
+        return None
+    return _ext.attn_in(x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope)
+
+
 def _fast(x: mx.array) -> bool:
     if _ext is None and _reason is None:
         _load()

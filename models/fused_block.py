@@ -1,0 +1,128 @@
+"""Decoder layers whose decode step is four kernel ops around the KV cache's own update.
+
+With every op of a layer on mlxd's kernels, a SmolLM2 decode step was still ~20 graph nodes per
+layer (RMSNorm, three projections, three reshapes, two RoPEs, the cache's update, attention,
+o_proj, two residual adds, RMSNorm, MLP), each paying MLX's dispatch and Python's graph building:
+at one row that overhead outweighed the matmuls. `FusedBlock` takes over an mlx-lm decoder layer
+of the llama / qwen2 / qwen3 shape (same children, same parameters; public `update_modules`)
+and runs one query position per row as
+
+    q, k, v = attn_in(x)                 RMSNorm, q/k/v projections, RoPE (kernels/layer.cpp)
+    k, v = cache.update_and_fetch(k, v)  the cache's own update, as mlx-lm's layers call it
+    h = x + o_proj(attention(q, k, v))   decode attention, then the projection with the add
+    out = h + mlp(rms_norm(h))           the MLP with its norm and residual add
+
+with the arithmetic of the unfused kernels, so it gives their bits. Prefill, other devices and
+layers the kernels cannot take run the layer's own sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.models import llama, qwen2, qwen3
+
+from models import qkernels
+from models.fused_attention import FusedAttention
+from models.fused_layers import FastRMSNorm, FastRoPE
+from models.fused_mlp import FusedMLP
+from models.quant_layers import CpuQuantizedLinear
+
+# Blocks whose __call__ is `h = x + attn(norm1(x)); return h + mlp(norm2(h))` (mlx-lm 0.32).
+SUPPORTED: tuple[type[nn.Module], ...] = (
+    llama.TransformerBlock,
+    qwen2.TransformerBlock,
+    qwen3.TransformerBlock,
+)
+_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+class FusedBlock(nn.Module):
+    """An mlx-lm decoder layer (see SUPPORTED) whose decode step runs on the fused kernels."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for key, value in vars(block).items():  # hidden size, args, ...
+            if not key.startswith("_"):
+                setattr(self, key, value)
+        for name, child in block.children().items():
+            setattr(self, name, child)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        if (
+            x.shape[1] == 1
+            and cache is not None
+            and not hasattr(cache, "bits")
+            and _kernel_backed(self)
+        ):
+            out = self._decode(x, mask, cache)
+            if out is not None:
+                return out
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
+        attn, mlp, rope = self.self_attn, self.mlp, self.self_attn.rope
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = qkernels.attn_in(
+            x,
+            (n1.weight, n1.eps),
+            _packed(attn.q_proj),
+            _packed(attn.k_proj),
+            _packed(attn.v_proj),
+            cache.offset,
+            (attn.n_heads, attn.n_kv_heads),
+            (rope.dims, rope.traditional, rope.base, rope.scale),
+        )
+        if qkv is None:
+            return None
+        q, k, v = qkv
+        k, v = cache.update_and_fetch(k, v)
+        o = qkernels.decode_attention(q, k, v, attn.scale, mask)
+        # [B, H, 1, D] is [B, 1, H * D] in memory: a reshape, no copy.
+        h = qkernels.qmm_add(o.reshape(x.shape[0], 1, -1), _packed(attn.o_proj), x)
+        norm = (n2.weight, n2.eps)
+        gate, up, down = (_packed(mlp[p]) for p in _MLP_PROJ)
+        out = qkernels.mlp_residual(h, norm, gate, up, down)
+        return out if out is not None else h + mlp(n2(h))
+
+
+def _packed(layer: nn.Module) -> qkernels.Packed:
+    return layer.weight, layer.scales, layer.biases, layer.bits
+
+
+def _kernel_backed(block: nn.Module) -> bool:
+    """Whether every projection is still a bias-free kernel layer (tensor-parallel sharding
+    swaps them after loading) and q, k, v share their bits."""
+    attn, mlp = block.self_attn, block.mlp
+    projs = [attn[p] for p in _ATTN_PROJ] + [mlp[p] for p in _MLP_PROJ]
+    if not all(type(p) is CpuQuantizedLinear and "bias" not in p for p in projs):
+        return False
+    return projs[0].bits == projs[1].bits == projs[2].bits and projs[4].bits == projs[5].bits
+
+
+def _fusable(m: nn.Module) -> bool:
+    if type(m) not in SUPPORTED:
+        return False
+    attn = m.children().get("self_attn")
+    return (
+        type(attn) is FusedAttention
+        and "q_norm" not in attn  # qwen3's per-head norms keep the attention layer's path
+        and type(attn.get("rope")) is FastRoPE
+        and type(m.children().get("mlp")) is FusedMLP
+        and type(m.children().get("input_layernorm")) is FastRMSNorm
+        and type(m.children().get("post_attention_layernorm")) is FastRMSNorm
+        and _kernel_backed(m)
+    )
+
+
+def fuse_blocks(model: nn.Module) -> int:
+    """Swap decoder layers whose parts all run on the kernels for FusedBlock; returns how many."""
+    swaps = [(n, FusedBlock(m)) for n, m in model.named_modules() if _fusable(m)]
+    for name, new in swaps:
+        model.update_modules(tree_unflatten([(name, new)]))
+    return len(swaps)

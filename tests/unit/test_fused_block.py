@@ -1,0 +1,212 @@
+"""The fused decode layer (kernels/layer.cpp, qmm_add, mlp_residual; models/fused_block.py)
+against MLX's reference ops on random shapes and odd sizes, and against the unfused layers in
+whole models: the same bits, batched equals single."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import models  # noqa: F401  (BLAS before mlx)
+from models import qkernels
+from models.fused_block import FusedBlock, fuse_blocks
+from models.fused_layers import fuse_for_cpu
+from models.fused_mlp import fuse_mlps
+from models.quant_layers import quantize_for_cpu
+
+pytestmark = pytest.mark.skipif(
+    not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
+)
+# Integer activations (VNNI builds) round x to ~15 bits per 32-value block.
+TOL = 1e-3 if qkernels.simd_path().endswith("vnni") else 1e-4
+
+
+def _rel_err(got: mx.array, ref: mx.array) -> float:
+    return (mx.abs(got - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-6)).item()
+
+
+def _weight(n: int, k: int, bits: int, sdtype=mx.float16) -> qkernels.Packed:
+    w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.2, group_size=32, bits=bits)
+    return w, s.astype(sdtype), b.astype(sdtype), bits
+
+
+def _dense(p: qkernels.Packed) -> mx.array:
+    w, s, b, bits = p
+    return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), 32, bits)
+
+
+@pytest.mark.parametrize(
+    "b,k,hq,hk,d,dv,dims,trad,bits,sdtype",
+    [
+        (1, 576, 9, 3, 64, 64, 64, False, 4, mx.float16),  # SmolLM2's layer
+        (3, 96, 4, 2, 16, 16, 16, True, 8, mx.float32),
+        (2, 64, 3, 1, 24, 40, 16, False, 4, mx.bfloat16),  # odd heads, partial RoPE, Dv != D
+        (5, 32, 6, 6, 8, 8, 8, False, 8, mx.float16),
+    ],
+)
+def test_attn_in_matches_mlx(b, k, hq, hk, d, dv, dims, trad, bits, sdtype) -> None:
+    mx.random.seed(b + k)
+    x = mx.random.normal((b, 1, k))
+    nw = mx.random.normal((k,))
+    q, kk, v = (
+        _weight(hq * d, k, bits, sdtype),
+        _weight(hk * d, k, bits, sdtype),
+        _weight(hk * dv, k, bits, sdtype),
+    )
+    for offset in (17, mx.array([3 * i + 1 for i in range(b)], dtype=mx.int32)):
+        got = qkernels.attn_in(x, (nw, 1e-5), q, kk, v, offset, (hq, hk), (dims, trad, 1e4, 0.5))
+        assert got is not None
+        xn = mx.fast.rms_norm(x, nw, 1e-5)
+        refs = []
+        for p, h, dd, rotate in ((q, hq, d, True), (kk, hk, d, True), (v, hk, dv, False)):
+            y = (xn @ _dense(p).T).reshape(b, 1, h, dd).transpose(0, 2, 1, 3)
+            if rotate:
+                y = mx.fast.rope(y, dims, traditional=trad, base=1e4, scale=0.5, offset=offset)
+            refs.append(y)
+        for g, r in zip(got, refs, strict=True):
+            assert g.shape == r.shape and _rel_err(g, r) < TOL
+
+
+def test_qmm_add_and_mlp_residual_match_mlx() -> None:
+    mx.random.seed(1)
+    for m, k, f, bits in ((1, 64, 96, 4), (4, 96, 160, 8), (3, 32, 32, 4)):
+        x, h = mx.random.normal((m, 1, k)), mx.random.normal((m, 1, k))
+        o = _weight(k, k, bits)
+        got = qkernels.qmm_add(x, o, h)
+        assert _rel_err(got, h + x @ _dense(o).T) < TOL
+        g, u, dn = _weight(f, k, bits), _weight(f, k, bits), _weight(k, f, 8)
+        nw = mx.random.normal((k,))
+        got = qkernels.mlp_residual(h, (nw, 1e-6), g, u, dn)
+        n = mx.fast.rms_norm(h, nw, 1e-6)
+        ref = h + (nn.silu(n @ _dense(g).T) * (n @ _dense(u).T)) @ _dense(dn).T
+        assert got is not None and _rel_err(got, ref) < TOL
+
+
+def test_kernels_reject_bad_shapes() -> None:
+    ext = qkernels._ext
+    q = _weight(64, 64, 4)
+    with pytest.raises(ValueError):  # heads do not divide the rows
+        ext.attn_in(
+            mx.zeros((1, 1, 64)),
+            mx.ones((64,)),
+            1e-5,
+            *q[:3],
+            *q[:3],
+            *q[:3],
+            4,
+            mx.array([0]),
+            3,
+            1,
+            16,
+            False,
+            1e4,
+            1.0,
+        )
+    with pytest.raises(ValueError):  # two positions
+        ext.attn_in(
+            mx.zeros((1, 2, 64)),
+            mx.ones((64,)),
+            1e-5,
+            *q[:3],
+            *q[:3],
+            *q[:3],
+            4,
+            mx.array([0]),
+            4,
+            4,
+            16,
+            False,
+            1e4,
+            1.0,
+        )
+    with pytest.raises(ValueError):
+        ext.qmm_add(mx.zeros((1, 64)), *q[:3], 4, mx.zeros((1, 63)))
+
+
+def _tiny(bits: int | None):
+    from tests.unit.engine_harness import tiny_llama
+
+    model = tiny_llama()
+    if bits is not None:
+        nn.quantize(model, group_size=32, bits=bits)
+    return model
+
+
+def _on_kernels(model, fmt: str):
+    quantize_for_cpu(model, fmt)
+    fuse_mlps(model)
+    fuse_for_cpu(model)
+    return model
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
+def test_fused_layers_give_the_unfused_bits(bits: int | None, fmt: str, monkeypatch) -> None:
+    """Left-padded prompts merged into batch caches, then decode steps: the fused layers' logits
+    are the unfused kernels' bit for bit (same arithmetic, fewer ops)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    calls = []
+    ext = qkernels._ext
+
+    class Counting:
+        def __getattr__(self, name: str):
+            return getattr(ext, name)
+
+        def attn_in(self, *args):
+            calls.append(1)
+            return ext.attn_in(*args)
+
+    monkeypatch.setattr(qkernels, "_ext", Counting())
+
+    mx.random.seed(0)
+    ref = _on_kernels(_tiny(bits), fmt)
+    fused = _on_kernels(_tiny(bits), fmt)
+    fused.update(ref.parameters())
+    assert fuse_blocks(fused) == len(fused.layers)
+    assert all(isinstance(layer, FusedBlock) for layer in fused.layers)
+    prompts = [[5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77]]
+    logits = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        per_row = []
+        for p in prompts:
+            cache = make_prompt_cache(model)
+            model(mx.array([p]), cache=cache)
+            per_row.append(cache)
+        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
+        x, out = mx.array([[1], [2], [3]]), []
+        for _ in range(6):
+            step = model(x, cache=batch)[:, -1]
+            out.append(step)
+            x = mx.argmax(step, axis=-1)[:, None]
+        logits[name] = out
+    for a, b in zip(logits["ref"], logits["fused"], strict=True):
+        assert mx.array_equal(a, b).item()
+    # Every decode step of every layer, and the one-token prompt's prefill.
+    assert len(calls) == (6 + 1) * len(fused.layers)
+
+
+def test_layers_the_kernels_cannot_take_are_left_alone() -> None:
+    from tests.unit.test_fused_attention import _build
+
+    for kind in ("qwen2", "qwen3", "gemma3"):  # q/k/v biases, q/k norms, gemma's own block
+        model = _on_kernels(_build(kind), "q8")
+        assert fuse_blocks(model) == 0, kind
+    model = _tiny(None)  # float weights: no kernel-backed projections
+    fuse_for_cpu(model)
+    assert fuse_blocks(model) == 0
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
+def test_batched_equals_single_with_fused_blocks(bits: int | None, fmt: str) -> None:
+    from tests.unit.engine_harness import Harness
+    from tests.unit.test_engine_batching import greedy, prompts
+
+    model = _on_kernels(_tiny(bits), fmt)
+    assert fuse_blocks(model) == 2
+    ps = prompts(5, seed=4)
+    alone = {}
+    for i, p in enumerate(ps):
+        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
+    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    assert batched == alone
