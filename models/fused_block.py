@@ -53,12 +53,7 @@ class FusedBlock(nn.Module):
             setattr(self, name, child)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if (
-            x.shape[1] == 1
-            and cache is not None
-            and not hasattr(cache, "bits")
-            and _kernel_backed(self)
-        ):
+        if x.shape[1] == 1 and cache is not None and not hasattr(cache, "bits"):
             out = self._decode(x, mask, cache)
             if out is not None:
                 return out
@@ -66,43 +61,48 @@ class FusedBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
-        attn, mlp, rope = self.self_attn, self.mlp, self.self_attn.rope
-        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        # Children and parameters read from the modules' dicts: nn.Module's __getattr__ costs
+        # ~0.3 us a lookup, and a step makes ~30 per layer.
+        attn, mlp = self["self_attn"], self["mlp"]
+        projs = _projections(attn, mlp)
+        if projs is None:
+            return None
+        q, k, v, o, gate, up, down = projs
+        rope, n1, n2 = attn["rope"], self["input_layernorm"], self["post_attention_layernorm"]
         qkv = qkernels.attn_in(
             x,
-            (n1.weight, n1.eps),
-            _packed(attn.q_proj),
-            _packed(attn.k_proj),
-            _packed(attn.v_proj),
+            (n1["weight"], n1.eps),
+            q,
+            k,
+            v,
             cache.offset,
             (attn.n_heads, attn.n_kv_heads),
             (rope.dims, rope.traditional, rope.base, rope.scale),
         )
         if qkv is None:
             return None
-        q, k, v = qkv
-        k, v = cache.update_and_fetch(k, v)
-        o = qkernels.decode_attention(q, k, v, attn.scale, mask)
+        keys, values = cache.update_and_fetch(qkv[1], qkv[2])
+        out = qkernels.decode_attention(qkv[0], keys, values, attn.scale, mask)
         # [B, H, 1, D] is [B, 1, H * D] in memory: a reshape, no copy.
-        h = qkernels.qmm_add(o.reshape(x.shape[0], 1, -1), _packed(attn.o_proj), x)
-        norm = (n2.weight, n2.eps)
-        gate, up, down = (_packed(mlp[p]) for p in _MLP_PROJ)
-        out = qkernels.mlp_residual(h, norm, gate, up, down)
-        return out if out is not None else h + mlp(n2(h))
+        h = qkernels.qmm_add(out.reshape(x.shape[0], 1, -1), o, x)
+        y = qkernels.mlp_residual(h, (n2["weight"], n2.eps), gate, up, down)
+        return y if y is not None else h + mlp(n2(h))
 
 
-def _packed(layer: nn.Module) -> qkernels.Packed:
-    return layer.weight, layer.scales, layer.biases, layer.bits
-
-
-def _kernel_backed(block: nn.Module) -> bool:
-    """Whether every projection is still a bias-free kernel layer (tensor-parallel sharding
-    swaps them after loading) and q, k, v share their bits."""
-    attn, mlp = block.self_attn, block.mlp
-    projs = [attn[p] for p in _ATTN_PROJ] + [mlp[p] for p in _MLP_PROJ]
-    if not all(type(p) is CpuQuantizedLinear and "bias" not in p for p in projs):
-        return False
-    return projs[0].bits == projs[1].bits == projs[2].bits and projs[4].bits == projs[5].bits
+def _projections(attn: nn.Module, mlp: nn.Module) -> list[qkernels.Packed] | None:
+    """q, k, v, o, gate, up, down as kernel arrays while every one is still a bias-free kernel
+    layer (tensor-parallel sharding swaps them after loading) and q/k/v, gate/up share bits;
+    else None."""
+    out = []
+    for parent, names in ((attn, _ATTN_PROJ), (mlp, _MLP_PROJ)):
+        for name in names:
+            p = parent[name]
+            if type(p) is not CpuQuantizedLinear or "bias" in p:
+                return None
+            out.append((p["weight"], p["scales"], p["biases"], p.bits))
+    if not out[0][3] == out[1][3] == out[2][3] or out[4][3] != out[5][3]:
+        return None
+    return out
 
 
 def _fusable(m: nn.Module) -> bool:
@@ -116,7 +116,7 @@ def _fusable(m: nn.Module) -> bool:
         and type(m.children().get("mlp")) is FusedMLP
         and type(m.children().get("input_layernorm")) is FastRMSNorm
         and type(m.children().get("post_attention_layernorm")) is FastRMSNorm
-        and _kernel_backed(m)
+        and _projections(attn, m.children()["mlp"]) is not None
     )
 
 
