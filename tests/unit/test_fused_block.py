@@ -140,10 +140,14 @@ def _on_kernels(model, fmt: str):
     return model
 
 
-@pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
-def test_fused_layers_give_the_unfused_bits(bits: int | None, fmt: str, monkeypatch) -> None:
-    """Left-padded prompts merged into batch caches, then decode steps: the fused layers' logits
-    are the unfused kernels' bit for bit (same arithmetic, fewer ops)."""
+@pytest.mark.parametrize(
+    "bits,fmt,window",
+    [(4, "as_stored", None), (8, "as_stored", None), (None, "q8", None), (4, "as_stored", 8)],
+)
+def test_fused_layers_give_the_unfused_bits(bits, fmt: str, window, monkeypatch) -> None:
+    """Left-padded prompts merged into batch caches (rotating ones past their window too), then
+    decode steps: the fused layers' logits are the unfused kernels' bit for bit (same
+    arithmetic, fewer ops)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     calls = []
@@ -170,7 +174,7 @@ def test_fused_layers_give_the_unfused_bits(bits: int | None, fmt: str, monkeypa
     for name, model in (("ref", ref), ("fused", fused)):
         per_row = []
         for p in prompts:
-            cache = make_prompt_cache(model)
+            cache = make_prompt_cache(model, window)
             model(mx.array([p]), cache=cache)
             per_row.append(cache)
         batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
