@@ -264,6 +264,8 @@ def report(
         "-" * len(head),
     ]
     for cls in CLASSES:
+        if not any(split[r].get(cls) for r in rows):
+            continue  # e.g. a fused layer's parts: no op of that class ran on its own
         cells = []
         for r in rows:
             ms, total = split[r].get(cls, 0.0) * 1e3, sum(split[r].values()) * 1e3
