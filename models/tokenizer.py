@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 from models.errors import ModelLoadError
+
+# Files a tokenizer is never read from: a folder's other files all go into its tokenizer's key.
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".npz", ".h5", ".msgpack")
+# transformers tokenizers by the digest of the files they were read from, while some loaded model
+# holds one: a model whose tokenizer files match a loaded model's shares its tokenizer.
+_shared: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -32,16 +42,54 @@ def collect_eos_ids(path: Path, config: dict[str, Any] | None = None) -> set[int
     return ids | _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
 
 
+def _files_digest(path: Path) -> str:
+    """sha256 over the names and bytes of a folder's non-weight files (hashing 1 MiB chunks
+    releases the GIL, so this costs the engine thread nothing)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        if f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _no_legacy_reads(path: Path) -> dict[str, Any]:
+    """Without `added_tokens_decoder` in tokenizer_config.json (GGUF imports, old exports),
+    transformers parses all of tokenizer.json a second time just for its added tokens, which the
+    backend parse already holds. An empty one skips that, unless the legacy files it would also
+    read (special_tokens_map.json, added_tokens.json) exist."""
+    if "added_tokens_decoder" in _read_json(path / "tokenizer_config.json"):
+        return {}
+    if (path / "special_tokens_map.json").exists() or (path / "added_tokens.json").exists():
+        return {}
+    return {"added_tokens_decoder": {}}
+
+
+def _read_tokenizer(path: Path, name: str) -> Any:
+    """The transformers tokenizer of a folder. AutoTokenizer directly, not mlx-lm's load_tokenizer:
+    its wrapper (streaming detokenizer, think/tool markers) goes unused here and costs three
+    get_vocab() copies and another tokenizer.json parse, each holding the GIL while the engine
+    thread streams. The tokenizers parse (Rust) left holds it too, for the whole parse (~90 ms
+    CPU for a 49k BPE), and no public API releases it: the one stall a load still costs."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, **_no_legacy_reads(path)
+        )
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is one clear message
+        raise ModelLoadError(name, f"its tokenizer cannot be read ({type(e).__name__})") from None
+
+
 class Tokenizer:
-    """Encode/decode and chat templates over mlx-lm's TokenizerWrapper.
+    """Encode/decode and chat templates over a transformers fast tokenizer (`hf`)."""
 
-    `wrapper` is the mlx-lm TokenizerWrapper (its `detokenizer` streams text); `hf` the
-    transformers tokenizer underneath.
-    """
-
-    def __init__(self, wrapper: Any, eos_token_ids: set[int], add_bos: bool | None = None):
-        self.wrapper = wrapper
-        self.hf = getattr(wrapper, "_tokenizer", wrapper)
+    def __init__(self, hf: Any, eos_token_ids: set[int], add_bos: bool | None = None):
+        self.hf = hf
         self.eos_token_ids: set[int] = set(eos_token_ids)
         if self.hf.eos_token_id is not None:
             self.eos_token_ids.add(int(self.hf.eos_token_id))
@@ -52,21 +100,21 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Path, name: str, config: dict[str, Any] | None = None) -> Tokenizer:
-        """Load from a model folder without touching the network; ModelLoadError if absent/broken."""
-        from mlx_lm.utils import load_tokenizer
-
+        """Load from a model folder without touching the network; ModelLoadError if absent/broken.
+        A folder whose tokenizer files match a loaded model's shares that model's tokenizer."""
         path = Path(path)
         if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
             raise ModelLoadError(name, "the model has no tokenizer")
         eos = collect_eos_ids(path, config)
-        try:
-            wrapper = load_tokenizer(path, eos_token_ids=sorted(eos) or None)
-        except Exception as e:  # noqa: BLE001 - any tokenizer failure is one clear message
-            raise ModelLoadError(
-                name, f"its tokenizer cannot be read ({type(e).__name__})"
-            ) from None
+        key = _files_digest(path)
+        with _shared_lock:
+            hf = _shared.get(key)
+        if hf is None:
+            hf = _read_tokenizer(path, name)
+            with _shared_lock:
+                hf = _shared.setdefault(key, hf)
         add_bos = _read_json(path / "tokenizer_config.json").get("add_bos_token")
-        return cls(wrapper, eos, add_bos=add_bos)
+        return cls(hf, eos, add_bos=add_bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. Chat prompts (their template writes BOS) pass add_special_tokens=False."""
