@@ -11,11 +11,14 @@ nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,32 @@ def _main_dtype(tensors: dict[str, mx.array]) -> str:
     return max(sizes, key=lambda k: sizes[k]) if sizes else "float16"
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = True
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a GGUF file is imported. Its reader builds hundreds of
+    thousands of small numpy views (a few per vocabulary string): as the heap grows, full
+    collections of 0.1-0.2 s run, holding the GIL, and every stream stalls. Reference counting
+    frees the reader's objects; any cycle left is collected once collection resumes."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -163,33 +192,8 @@ def import_gguf(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
     try:
-        reader = _read_gguf(src)
-        meta = _metadata(reader)
-        names = {t.name for t in reader.tensors}
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        spec = arch_spec(meta, names, len(tokens.data) if tokens is not None else 0)
-        special = write_tokenizer(reader, spec.arch, tmp)
-        tensors, quant = _convert_tensors(reader, src, spec, progress)
-        config = dict(spec.config)
-        if (qcfg := _quant_config(quant)) is not None:
-            config["quantization"] = qcfg
-            config["quantization_config"] = qcfg
-        else:
-            config["torch_dtype"] = _main_dtype(tensors)
-        config.update({k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id")})
-        config["mlxd"] = {"source": "gguf", "gguf_file_type": meta.get("general.file_type")}
-        mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
-        del tensors
-        _write_json(tmp / "config.json", config)
-        gen = {
-            k: v
-            for k, v in special.items()
-            if k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        }
-        _write_json(tmp / "generation_config.json", gen)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tmp.rename(dest)
-        return config
+        with _gc_paused():
+            return _import(src, dest, tmp, progress)
     except ImportFailedError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,3 +201,31 @@ def import_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         log.debug("GGUF import failed", exc_info=True)
         raise ImportFailedError(f"GGUF import failed ({type(e).__name__}: {e})") from None
+
+
+def _import(src: Path, dest: Path, tmp: Path, progress: Progress | None) -> dict:
+    reader = _read_gguf(src)
+    meta = _metadata(reader)
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    spec = arch_spec(meta, names, len(tokens.data) if tokens is not None else 0)
+    special = write_tokenizer(reader, spec.arch, tmp)
+    tensors, quant = _convert_tensors(reader, src, spec, progress)
+    config = dict(spec.config)
+    if (qcfg := _quant_config(quant)) is not None:
+        config["quantization"] = qcfg
+        config["quantization_config"] = qcfg
+    else:
+        config["torch_dtype"] = _main_dtype(tensors)
+    config.update({k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id")})
+    config["mlxd"] = {"source": "gguf", "gguf_file_type": meta.get("general.file_type")}
+    mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    del tensors
+    _write_json(tmp / "config.json", config)
+    gen = {
+        k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    _write_json(tmp / "generation_config.json", gen)
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.rename(dest)
+    return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import math
@@ -140,6 +141,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bert.gguf"]  # no temp dir left
+    assert gc.isenabled()  # paused for the import only, failed or not
 
 
 def test_garbage_file(tmp_path: Path) -> None:
