@@ -153,9 +153,12 @@ class ModelManager:
         core = EngineCore(scheduler, runner, self._emit, overlap=runner.pipelined)
         self.cores[loaded.name] = core
         self.runners[loaded.name] = runner
-        self._step_bytes[loaded.name] = loaded.step_activation_bytes(
+        step_bytes = loaded.step_activation_bytes(
             self.config.max_num_batched_tokens, self.config.max_num_seqs
         )
+        # New prompts batched together stay within what a step is budgeted (and MLX caches).
+        runner.prefill_bytes, runner.prefill_budget = loaded.prefill_activation_bytes, step_bytes
+        self._step_bytes[loaded.name] = step_bytes
         self.memory.set_step_bytes(sum(self._step_bytes.values()))
         return core
 

@@ -60,6 +60,10 @@ class ModelRunner:
         # step of its own, so `speculative = "auto"` leaves speculation off there.
         self.cheap_positions = mx.default_device() == mx.gpu
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
+        # A step's new prompts prefill together in batches whose padded transient arrays,
+        # prefill_bytes(rows, width, keys), fit prefill_budget (None: all in one batch).
+        self.prefill_bytes: Callable[[int, int, int], int] | None = None
+        self.prefill_budget = 0
 
     # --- the step ---------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -82,8 +86,9 @@ class ModelRunner:
             for tokens, caches in kept:
                 self.prefix_cache.insert(tokens, caches)
         fresh = [s for s in scheduled if self._batchable(s)]
-        if len(fresh) > 1:
-            self._prefill_together(fresh)
+        for batch in self._prefill_batches(fresh):
+            if len(batch) > 1:
+                self._prefill_together(batch)
         for sched in scheduled:
             if sched.seq.id not in self.next_input:
                 self._prefill(sched, step)
@@ -232,6 +237,23 @@ class ModelRunner:
             and sched.seq.id in self.prefilling
         )
 
+    def _prefill_batches(self, fresh: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+        """New prompts in batches whose padded transient arrays fit the prefill budget, shortest
+        first so a batch pads little (one long prompt padded 16 short ones to its length and
+        held 0.3-0.6 GB of scores and activations); a prompt over the budget prefills alone."""
+        if self.prefill_bytes is None or len(fresh) < 2:
+            return [fresh]
+        batches: list[list[ScheduledSeq]] = [[]]
+        for sched in sorted(fresh, key=lambda s: s.seq.num_prefill):
+            group = [*batches[-1], sched]
+            width = max(s.seq.num_prefill - 1 - s.start for s in group)
+            keys = max(s.start for s in group) + width  # cached prefixes are left-padded
+            if batches[-1] and self.prefill_bytes(len(group), width, keys) > self.prefill_budget:
+                batches.append([sched])
+            else:
+                batches[-1] = group
+        return batches
+
     def _prefill_together(self, group: list[ScheduledSeq]) -> None:
         """New sequences of one step prefill as one batch (KV only) and join the decode batch.
 
@@ -254,6 +276,8 @@ class ModelRunner:
                 self.model(mx.array(tokens, dtype=mx.int32), cache=batch)  # KV only
                 for c in batch:
                     c.finalize()
+                # Computed now, so batches of one step never hold their transients at once.
+                mx.async_eval([a for c in batch for a in (c.keys, c.values)])
         except Exception:  # new sequences only, the decode batch is untouched
             log.warning("batched prefill failed; prefilling one by one", exc_info=True)
             return

@@ -37,7 +37,12 @@ from models.files import (
 from models.fused_block import fuse_blocks
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
-from models.memory import backend, kv_bytes_per_token, step_activation_bytes
+from models.memory import (
+    backend,
+    kv_bytes_per_token,
+    prefill_activation_bytes,
+    step_activation_bytes,
+)
 from models.quant_layers import CpuQuantizedEmbedding, quantize_for_cpu
 from models.tokenizer import Tokenizer
 
@@ -79,6 +84,11 @@ class LoadedModel:
     def step_activation_bytes(self, tokens: int, rows: int) -> int:
         """Bytes a step of `tokens` tokens over `rows` rows allocates and frees (models/memory.py)."""
         return step_activation_bytes(self.config, tokens, rows, self.kv_dtype_bytes)
+
+    def prefill_activation_bytes(self, rows: int, width: int, keys: int) -> int:
+        """Bytes a batched prefill of `rows` prompts padded to `width` tokens over `keys`
+        positions allocates and frees (models/memory.py)."""
+        return prefill_activation_bytes(self.config, rows, width, keys, self.kv_dtype_bytes)
 
 
 def _quant_desc(config: dict[str, Any]) -> str:

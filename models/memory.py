@@ -61,6 +61,18 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
     return layers * kv_heads * head_dim * 2 * dtype_bytes
 
 
+def _dims(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(bytes a token's activations take in one layer / dtype size, query heads, vocab size)."""
+    cfg = text_config(config)
+    hidden = int(cfg.get("hidden_size", 0))
+    heads = int(cfg.get("num_attention_heads", 1))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
+    inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    per_token = 4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim
+    return per_token, heads, int(cfg.get("vocab_size", 0))
+
+
 def step_activation_bytes(
     config: dict[str, Any], tokens: int, rows: int, dtype_bytes: int = 4
 ) -> int:
@@ -70,12 +82,17 @@ def step_activation_bytes(
 
     A long prompt chunk's attention scores (heads x tokens x keys) are left out: such one-off
     buffers cost less to allocate again than the chunk costs to compute."""
-    cfg = text_config(config)
-    hidden = int(cfg.get("hidden_size", 0))
-    heads = int(cfg.get("num_attention_heads", 1))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
-    inter = int(cfg.get("intermediate_size") or 4 * hidden)
-    vocab = int(cfg.get("vocab_size", 0))
-    per_token = 4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim
+    per_token, _, vocab = _dims(config)
     return dtype_bytes * tokens * per_token + 3 * 4 * rows * vocab
+
+
+def prefill_activation_bytes(
+    config: dict[str, Any], rows: int, width: int, keys: int, dtype_bytes: int = 4
+) -> int:
+    """Bytes a batched prefill allocates and frees: `rows` prompts padded to `width` new tokens
+    each, attending over `keys` positions (the longest cached prefix plus `width`). One layer's
+    activations of every padded token, plus its attention scores, their softmax and the mask
+    (float32, width x keys a row and head; the CPU backend's attention materializes them)."""
+    per_token, heads, _ = _dims(config)
+    padded = rows * width
+    return dtype_bytes * padded * per_token + 4 * padded * keys * (2 * heads + 1)

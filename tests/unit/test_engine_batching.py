@@ -159,3 +159,26 @@ def test_prompt_scoring_matches_a_direct_forward(llama_model):
     expected = [lp[i, p[i + 1]].item() for i in range(len(p) - 1)]
     assert all(abs(a.logprob - b) < 1e-3 for a, b in zip(scores, expected))
     assert all(len(s.top) == 2 and s.top[0][2] >= s.top[1][2] for s in scores)
+
+
+def test_new_prompts_prefill_in_batches_within_the_prefill_budget(llama_model):
+    ps = prompts(8, seed=3)
+    alone = {}
+    for i, p in enumerate(ps):
+        alone.update(Harness(llama_model, budget=512).run([greedy(i, p)]))
+    h = Harness(llama_model, budget=512)
+    h.runner.prefill_bytes = lambda rows, width, keys: rows * width * keys
+    h.runner.prefill_budget = 3 * 30 * 30
+    batches: list[list[int]] = []
+    together = h.runner._prefill_together
+
+    def spy(group):
+        batches.append([s.seq.num_prefill - 1 for s in group])  # each row's new tokens
+        together(group)
+
+    h.runner._prefill_together = spy
+    assert h.run([greedy(i, p) for i, p in enumerate(ps)]) == alone
+    assert len(batches) >= 2 and sum(map(len, batches)) >= 6  # split, and still batched
+    for widths in batches:
+        assert len(widths) * max(widths) ** 2 <= h.runner.prefill_budget
+        assert widths == sorted(widths)  # shortest first: little padding

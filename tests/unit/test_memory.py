@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 from engine.memory import MIN_CACHE_LIMIT, MemoryGovernor
-from models.memory import step_activation_bytes
+from models.memory import prefill_activation_bytes, step_activation_bytes
 
 SMOLLM2 = {
     "hidden_size": 576,
@@ -39,6 +39,29 @@ def test_step_estimate_is_one_layer_of_the_chunk_plus_the_logits() -> None:
     )
     nested = {"text_config": SMOLLM2, "model_type": "gemma3"}
     assert step_activation_bytes(nested, 16, 4) == step_activation_bytes(SMOLLM2, 16, 4)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 64), (4, 128), (16, 128), (2, 512)])
+def test_prefill_estimate_matches_what_mlx_allocates(rows: int, width: int) -> None:
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cfg = {**SMOLLM2, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8}
+    cfg.update(num_key_value_heads=2, head_dim=32, vocab_size=512, num_hidden_layers=2)
+    args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True, **cfg)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    caches = make_prompt_cache(model)
+    mx.synchronize()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model(mx.zeros((rows, width), dtype=mx.int32), cache=caches)  # KV only, as prefills run
+    kv = [a for c in caches for a in (c.keys, c.values)]
+    mx.eval(kv)
+    transient = mx.get_peak_memory() - before - sum(a.nbytes for a in kv)
+    estimate = prefill_activation_bytes(cfg, rows, width, width)
+    assert 0.8 * transient <= estimate <= 1.5 * transient
 
 
 def test_the_cache_limit_follows_the_models_within_floor_and_ceiling() -> None:
