@@ -57,19 +57,19 @@ def _files_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _no_legacy_reads(path: Path) -> dict[str, Any]:
+def _no_legacy_reads(path: Path, tokenizer_config: dict[str, Any]) -> dict[str, Any]:
     """Without `added_tokens_decoder` in tokenizer_config.json (GGUF imports, old exports),
     transformers parses all of tokenizer.json a second time just for its added tokens, which the
     backend parse already holds. An empty one skips that, unless the legacy files it would also
     read (special_tokens_map.json, added_tokens.json) exist."""
-    if "added_tokens_decoder" in _read_json(path / "tokenizer_config.json"):
+    if "added_tokens_decoder" in tokenizer_config:
         return {}
     if (path / "special_tokens_map.json").exists() or (path / "added_tokens.json").exists():
         return {}
     return {"added_tokens_decoder": {}}
 
 
-def _read_tokenizer(path: Path, name: str) -> Any:
+def _read_tokenizer(path: Path, name: str, tokenizer_config: dict[str, Any]) -> Any:
     """The transformers tokenizer of a folder. AutoTokenizer directly, not mlx-lm's load_tokenizer:
     its wrapper (streaming detokenizer, think/tool markers) goes unused here and costs three
     get_vocab() copies and another tokenizer.json parse, each holding the GIL while the engine
@@ -79,7 +79,10 @@ def _read_tokenizer(path: Path, name: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, **_no_legacy_reads(path)
+            path,
+            local_files_only=True,
+            trust_remote_code=False,
+            **_no_legacy_reads(path, tokenizer_config),
         )
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is one clear message
         raise ModelLoadError(name, f"its tokenizer cannot be read ({type(e).__name__})") from None
@@ -106,15 +109,15 @@ class Tokenizer:
         if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
             raise ModelLoadError(name, "the model has no tokenizer")
         eos = collect_eos_ids(path, config)
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
         key = _files_digest(path)
         with _shared_lock:
             hf = _shared.get(key)
         if hf is None:
-            hf = _read_tokenizer(path, name)
+            hf = _read_tokenizer(path, name, tokenizer_config)
             with _shared_lock:
                 hf = _shared.setdefault(key, hf)
-        add_bos = _read_json(path / "tokenizer_config.json").get("add_bos_token")
-        return cls(hf, eos, add_bos=add_bos)
+        return cls(hf, eos, add_bos=tokenizer_config.get("add_bos_token"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. Chat prompts (their template writes BOS) pass add_special_tokens=False."""
