@@ -6,8 +6,11 @@ Measured on the stream's own clock, not in seconds: every gap between two tokens
 while the other model loads is compared with the stream's median gap. A load on the engine
 thread would show one gap as long as the whole load (a second or more against a step of tens
 of milliseconds); the bound below allows the slower steps of a CPU shared with the load.
-A tokenizer whose files match a loaded model's is shared, not parsed again: the twin below
-shares the first model's, or (its own tokenizer) has it parsed.
+A tokenizer whose files match a loaded model's is shared, not parsed again, so the twin below
+shares the first model's (2.1-2.4x the median gap, load average ~2, 2026-11-30). A model with
+a tokenizer of its own still shows one gap of 5.1-5.4x: tokenizers' Rust parse of
+tokenizer.json (~90 ms CPU for SmolLM2's 49k BPE) holds the GIL and no public API releases it.
+That case is not a test here: near the bound on an idle machine, it would pass or fail by load.
 """
 
 from __future__ import annotations
@@ -32,25 +35,11 @@ SECOND = "smollm2:twin"  # a copy under another name: a real load of real weight
 MAX_GAP_RATIO = 4.0  # a gap during the load, over the stream's median gap
 
 
-@pytest.fixture(
-    params=[
-        "same tokenizer",
-        pytest.param(
-            "own tokenizer",
-            # The twin's tokenizer.json rewritten (same tokenizer, other bytes), so it is parsed
-            # rather than shared. tokenizers' parse (Rust, ~90 ms CPU here) holds the GIL and no
-            # public API releases it: one gap of 5-9x the median step (2026-11-30, load ~5).
-            marks=pytest.mark.xfail(strict=True, reason="tokenizers parses holding the GIL"),
-        ),
-    ]
-)
-def two_models(request: pytest.FixtureRequest, smollm2_dir: Path, tmp_path: Path) -> Path:
+@pytest.fixture
+def two_models(smollm2_dir: Path, tmp_path: Path) -> Path:
     models = tmp_path / "models"
     shutil.copytree(smollm2_dir, models / "smollm2--135m")
-    twin = shutil.copytree(smollm2_dir, models / "smollm2--twin")
-    if request.param == "own tokenizer":
-        tokenizer = json.loads((twin / "tokenizer.json").read_text())
-        (twin / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))
+    shutil.copytree(smollm2_dir, models / "smollm2--twin")
     return models
 
 
