@@ -1,8 +1,10 @@
-// Decode attention: per (row, kv head), the keys the mask lets through are gathered in cache
-// order, scored for the head's R query heads at once (each key row is loaded once for the GQA
-// group), and folded into an online softmax block by block (running max, rescaled sums), with the
-// vectorized exp of vexp.h. Blocks count attended keys only, so a row's sums run in the same
-// order whatever padding the batch gives it: a row gets the same bits alone or in a batch.
+// Decode attention: per (row, kv head, query position), the keys the mask lets through are
+// gathered in cache order, scored for the head's R query heads at once (each key row is loaded
+// once for the GQA group), and folded into an online softmax block by block (running max,
+// rescaled sums), with the vectorized exp of vexp.h. Blocks count attended keys only, so a row's
+// sums run in the same order whatever padding the batch gives it: a row gets the same bits alone
+// or in a batch, and a position verified among a few (speculative drafts, each with its causal
+// mask row) the same bits as when it is decoded alone.
 #include "attention.h"
 #include "packed.h"
 #include "pool.h"
@@ -126,10 +128,10 @@ struct View { // a float32 [B, H, T, D] array with unit last stride
 
 struct Job {
   View q, k, v;
-  const bool* mask; // [Bm, T] with strides (msb, mst); null: every key
-  int64_t msb, mst;
-  float* out; // [B, Hq, 1, Dv] contiguous
-  int B, Hq, Hk, T, D, Dv;
+  const bool* mask; // [Bm, Lm, T] with strides (msb, msl, mst); null: every key
+  int64_t msb, msl, mst;
+  float* out; // [B, Hq, L, Dv] contiguous
+  int B, Hq, Hk, L, T, D, Dv;
   float scale;
 };
 
@@ -190,15 +192,16 @@ void block_accumulate(
   }
 }
 
-// One (row, kv head): its R query heads against the attended keys.
+// One (row, kv head, query position): its R query heads against the attended keys.
 template <int ND>
-void attend(const Job& j, int b, int g) {
+void attend(const Job& j, int b, int g, int pos) {
   const int R = j.Hq / j.Hk, D = j.D, Dv = j.Dv;
   thread_local std::vector<int> keys;
   thread_local std::vector<float> qs, sc, acc;
   keys.clear();
+  const bool* mrow = j.mask == nullptr ? nullptr : j.mask + b * j.msb + pos * j.msl;
   for (int t = 0; t < j.T; ++t) {
-    if (j.mask == nullptr || j.mask[b * j.msb + t * j.mst]) {
+    if (mrow == nullptr || mrow[t * j.mst]) {
       keys.push_back(t);
     }
   }
@@ -214,7 +217,7 @@ void attend(const Job& j, int b, int g) {
   sc.resize(static_cast<size_t>(R) * kBlock);
   acc.assign(static_cast<size_t>(R) * Dv, 0.f);
   for (int r = 0; r < R; ++r) {
-    const float* qr = j.q.at(b, g * R + r, 0);
+    const float* qr = j.q.at(b, g * R + r, pos);
     for (int d = 0; d < D; ++d) {
       qs[r * D + d] = qr[d] * j.scale; // scaled first, as MLX's SDPA does
     }
@@ -240,7 +243,7 @@ void attend(const Job& j, int b, int g) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    float* o = j.out + (static_cast<size_t>(b) * j.Hq + g * R + r) * Dv;
+    float* o = j.out + ((static_cast<size_t>(b) * j.Hq + g * R + r) * j.L + pos) * Dv;
     const float inv = 1.f / l[r];
     for (int d = 0; d < Dv; ++d) {
       o[d] = acc[r * Dv + d] * inv;
@@ -248,7 +251,7 @@ void attend(const Job& j, int b, int g) {
   }
 }
 
-using AttendFn = void (*)(const Job&, int, int);
+using AttendFn = void (*)(const Job&, int, int, int);
 
 // Head sizes of 1, 2, 4, 8 (and 16 with AVX-512) vectors keep a head row in registers.
 AttendFn pick(int D, int Dv) {
@@ -275,9 +278,12 @@ AttendFn pick(int D, int Dv) {
 
 void run(const Job& j) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
-  const double work = static_cast<double>(j.B) * j.Hq * j.T * (j.D + j.Dv);
+  const double work = static_cast<double>(j.B) * j.Hq * j.L * j.T * (j.D + j.Dv);
   const AttendFn f = pick(j.D, j.Dv);
-  pool().run(j.B * j.Hk, work >= 65536.0, [&](int c) { f(j, c / j.Hk, c % j.Hk); });
+  const int per_row = j.Hk * j.L;
+  pool().run(j.B * per_row, work >= 65536.0, [&](int c) {
+    f(j, c / per_row, (c % per_row) / j.L, c % j.L);
+  });
 }
 
 View view_of(const mx::array& a, std::vector<char>& tmp) {
@@ -302,24 +308,24 @@ mx::array decode_attention(
       throw std::invalid_argument("decode_attention: float32 q, k, v of 4 dims");
     }
   }
-  const int B = q.shape(0), Hq = q.shape(1), Hk = k.shape(1), T = k.shape(2);
-  if (q.shape(2) != 1 || k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hk ||
+  const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), Hk = k.shape(1), T = k.shape(2);
+  if (L < 1 || k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hk ||
       v.shape(2) != T || k.shape(3) != q.shape(3) || Hk < 1 || Hq % Hk || Hq / Hk > 64) {
     throw std::invalid_argument(
-        "decode_attention: q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv], Hq = R * Hk");
+        "decode_attention: q [B, Hq, L, D], k [B, Hk, T, D], v [B, Hk, T, Dv], Hq = R * Hk");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs{q, k, v};
   if (mask.has_value()) {
     const auto& m = *mask;
     if (m.dtype() != mx::bool_ || m.ndim() != 4 || (m.shape(0) != 1 && m.shape(0) != B) ||
-        m.shape(1) != 1 || m.shape(2) != 1 || m.shape(3) != T) {
-      throw std::invalid_argument("decode_attention: mask bool [B or 1, 1, 1, T]");
+        m.shape(1) != 1 || (m.shape(2) != 1 && m.shape(2) != L) || m.shape(3) != T) {
+      throw std::invalid_argument("decode_attention: mask bool [B or 1, 1, L or 1, T]");
     }
     inputs.push_back(m);
   }
   return mx::array(
-      {B, Hq, 1, v.shape(3)},
+      {B, Hq, L, v.shape(3)},
       mx::float32,
       std::make_shared<DecodeAttention>(s, scale),
       std::move(inputs));
@@ -340,12 +346,14 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   enc.dispatch([arrs = std::move(arrs), o = out.data<float>(), scale]() {
     const auto &q = arrs[0], &k = arrs[1], &v = arrs[2];
     std::vector<char> tq, tk, tv;
-    Job j{view_of(q, tq), view_of(k, tk), view_of(v, tv), nullptr, 0, 0, o,
-          q.shape(0), q.shape(1), k.shape(1), k.shape(2), k.shape(3), v.shape(3), scale};
+    Job j{view_of(q, tq), view_of(k, tk), view_of(v, tv), nullptr, 0, 0, 0, o,
+          q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), k.shape(3), v.shape(3),
+          scale};
     if (arrs.size() == 4) {
       const auto& m = arrs[3];
       j.mask = m.data<bool>();
       j.msb = m.shape(0) == 1 ? 0 : m.strides()[0];
+      j.msl = m.shape(2) == 1 ? 0 : m.strides()[2];
       j.mst = m.strides()[3];
     }
     run(j);

@@ -1,5 +1,6 @@
-// Decode attention on the CPU: one query position per row over a batch KV cache, as mlx-lm's
-// BatchKVCache / BatchRotatingKVCache hand it over (left-padded rows, a rotated window, GQA).
+// Decode attention on the CPU: one query position per row (or a few: speculative drafts being
+// verified) over a batch KV cache, as mlx-lm's BatchKVCache / BatchRotatingKVCache hand it over
+// (left-padded rows, a rotated window, GQA).
 // MLX's CPU SDPA runs ~8 ops for it (two batched matmuls, a where, a softmax with MLX's slow exp);
 // this is one pass over K and V per (row, kv head).
 #pragma once
@@ -13,10 +14,12 @@ namespace mlxd {
 
 namespace mx = mlx::core;
 
-// q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv] float32 (any strides; views into a cache's
-// buffer are read in place), Hq a multiple of Hk. mask: bool [B or 1, 1, 1, T], false where a key
-// is not attended (padding, outside the window); none attends every key. Returns float32
-// softmax(scale * q k^T) v as [B, Hq, 1, Dv], as mx.fast.scaled_dot_product_attention.
+// q [B, Hq, L, D], k [B, Hk, T, D], v [B, Hk, T, Dv] float32 (any strides; views into a cache's
+// buffer are read in place), Hq a multiple of Hk. mask: bool [B or 1, 1, L or 1, T], false where
+// a key is not attended (padding, outside the window, after the query position); none attends
+// every key. Returns float32 softmax(scale * q k^T) v as [B, Hq, L, Dv], as
+// mx.fast.scaled_dot_product_attention. Each query position is a pass of its own over K and V:
+// meant for a few positions, not for a prefill.
 mx::array decode_attention(
     const mx::array& q,
     const mx::array& k,

@@ -60,7 +60,11 @@ class FusedAttention(nn.Module):
             out = qkernels.decode_attention(q, k, v, self.scale, mask)
             # [B, H, 1, D] is already [B, 1, H, D] in memory: no transpose (and no copy).
             return self.o_proj(out.reshape(B, L, -1))
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if L <= qkernels.FEW_QUERIES and not hasattr(cache, "bits"):
+            # Drafts being verified: each position attends as if decoded alone (same bits).
+            out = qkernels.decode_attention(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -21,6 +21,9 @@ log = logging.getLogger("mlxd.kernels")
 GROUP_SIZE = 32
 BITS = (4, 8)
 BLAS_ROWS = 64  # from this many rows of x on, qmm dequantizes and calls the BLAS
+# decode_attention's kernel runs a pass over K and V per query position: right for a decode step
+# and its drafts (speculative_tokens <= 32), not for a prefill chunk (MLX's SDPA, one matmul).
+FEW_QUERIES = 33
 _STATUS = Path(__file__).with_name("_kernels.json")
 _ext: ModuleType | None = None
 _reason: str | None = None
@@ -167,18 +170,22 @@ def rope(
 def decode_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None
 ) -> mx.array:
-    """mx.fast.scaled_dot_product_attention for one query position (q [B, Hq, 1, D] over k, v
-    [B, Hk, T, D] from a KV cache, GQA allowed); one pass per (row, kv head) on the CPU for
-    float32 with no mask or a boolean key mask [B or 1, 1, 1, T] (a batch cache's)."""
-    if mask == "causal" and q.shape[2] == 1:
+    """mx.fast.scaled_dot_product_attention for one query position, or a few (up to
+    FEW_QUERIES: drafts being verified), q [B, Hq, L, D] over k, v [B, Hk, T, D] from a KV cache,
+    GQA allowed; one pass per (row, kv head, position) on the CPU for float32 with no mask (one
+    position) or a boolean key mask [B or 1, 1, L or 1, T] (a batch cache's)."""
+    L = q.shape[2] if q.ndim == 4 else 0
+    if mask == "causal" and L == 1:
         mask = None  # one query position: the last one sees every key
-    if _fast(q) and k.dtype == v.dtype == mx.float32 and q.ndim == 4 and q.shape[2] == 1:
-        ok_mask = mask is None or (
+    if _fast(q) and k.dtype == v.dtype == mx.float32 and 1 <= L <= FEW_QUERIES:
+        ok_mask = (mask is None and L == 1) or (
             isinstance(mask, mx.array)
             and mask.dtype == mx.bool_
             and mask.ndim == 4
             and mask.shape[0] in (1, q.shape[0])
-            and mask.shape[1:] == (1, 1, k.shape[2])
+            and mask.shape[1] == 1
+            and mask.shape[2] in (1, L)
+            and mask.shape[3] == k.shape[2]
         )
         if ok_mask and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0 and _ext is not None:
             return _ext.decode_attention(q, k, v, mask, scale)

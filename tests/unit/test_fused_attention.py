@@ -95,6 +95,65 @@ def test_rows_get_the_same_bits_alone_or_padded_in_a_batch() -> None:
         assert mx.array_equal(alone, full[i : i + 1]).item(), i
 
 
+def _causal_mask(pads: list[int], length: int, t: int) -> mx.array:
+    """A batch cache's mask for `length` new positions ending its `t` keys (mlx-lm's own)."""
+    from mlx_lm.models.base import create_causal_mask
+
+    return create_causal_mask(length, offset=t - length, left_padding=mx.array(pads))
+
+
+@pytest.mark.parametrize(
+    "b,hq,hk,length,t,d",
+    [
+        (1, 9, 3, 5, 305, 64),  # SmolLM2's heads, four drafts
+        (3, 4, 1, 2, 40, 16),  # one draft, one kv head for four
+        (2, 6, 6, 9, 140, 17),  # no GQA, odd head size, a softmax block boundary inside
+        (4, 8, 2, 33, 60, 32),  # the most positions a step verifies (32 drafts)
+        (2, 2, 1, 3, 3, 8),  # nothing cached before the new positions
+    ],
+)
+def test_a_few_query_positions_match_sdpa(b: int, hq: int, hk: int, length: int, t: int, d: int):
+    mx.random.seed(b * 1000 + length)
+    q = mx.random.normal((b, length, hq, d)).transpose(0, 2, 1, 3)  # a projection's layout
+    k = mx.random.normal((b, hk, t + 5, d))[:, :, :t]
+    v = mx.random.normal((b, hk, t + 5, d))[:, :, :t]
+    pads = [(7 * i) % max(1, t - length) for i in range(b)]
+    mask = _causal_mask(pads, length, t)
+    got = qkernels.decode_attention(q, k, v, d**-0.5, mask)
+    assert got.shape == (b, hq, length, d)
+    assert _close(got, _sdpa(q, k, v, d**-0.5, mask))
+    holes = mx.random.uniform(shape=(1, 1, length, t)) > 0.3  # any pattern, broadcast rows
+    assert _close(qkernels.decode_attention(q, k, v, 0.2, holes), _sdpa(q, k, v, 0.2, holes))
+
+
+def test_each_position_gets_the_bits_of_decoding_it_alone() -> None:
+    """Verifying drafts computes position i as a decode step over the keys up to it would:
+    greedy output with speculation is then the same token for token."""
+    b, length, t = 3, 6, 200
+    q = mx.random.normal((b, 9, length, 64))
+    k, v = mx.random.normal((b, 3, t, 64)), mx.random.normal((b, 3, t, 64))
+    pads = [0, 11, 140]
+    together = qkernels.decode_attention(q, k, v, 0.125, _causal_mask(pads, length, t))
+    for i in range(length):
+        end = t - length + i + 1  # the keys position i sees
+        alone = qkernels.decode_attention(
+            q[:, :, i : i + 1], k[:, :, :end], v[:, :, :end], 0.125, _left_pad_mask(pads, end)
+        )
+        assert mx.array_equal(alone, together[:, :, i : i + 1]).item(), i
+
+
+def test_prefill_lengths_stay_on_sdpa(monkeypatch) -> None:
+    counting = _Counting(qkernels._ext)
+    monkeypatch.setattr(qkernels, "_ext", counting)
+    n = qkernels.FEW_QUERIES + 1
+    q, k = mx.random.normal((1, 2, n, 16)), mx.random.normal((1, 1, n, 16))
+    mask = _causal_mask([0], n, n)
+    assert _close(qkernels.decode_attention(q, k, k, 0.25, mask), _sdpa(q, k, k, 0.25, mask))
+    assert counting.calls == 0
+    qkernels.decode_attention(q[:, :, :3], k[:, :, :3], k[:, :, :3], 0.25, mask[..., :3, :3])
+    assert counting.calls == 1
+
+
 def _decode_through(batch, hq: int, steps: int, window: int | None = None) -> None:
     """Decode steps through an mlx-lm batch cache (its update_and_fetch and mask): the kernel
     on the cache's own keys, values and mask matches MLX's SDPA at every step."""

@@ -81,3 +81,21 @@ def test_sliding_window_models_do_not_speculate():
     assert not Harness(tiny_gemma3()).runner.trimmable
     assert Harness(tiny_llama()).runner.trimmable
     assert not trimmable([KVCache(), RotatingKVCache(max_size=16)])  # max_context set
+
+
+def test_speculation_changes_no_token_on_the_fused_cpu_layers():
+    """Drafts verified on the fused attention kernel (a few query positions) give the tokens
+    of decoding one at a time on it."""
+    from models import qkernels
+    from models.fused_layers import fuse_for_cpu
+
+    if not qkernels.available():
+        pytest.skip(f"mlxd kernels {qkernels.unavailable_reason()}")
+    model = tiny_llama(seed=1)
+    assert fuse_for_cpu(model) > 0
+    plain = Harness(model).run(requests(), every=2)
+    h = Harness(model)
+    h.scheduler.config.speculative = "on"
+    h.scheduler.drafter.max_tokens = 5
+    assert h.run(requests(), every=2) == plain
+    assert h.scheduler.accepted > 0
