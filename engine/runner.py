@@ -27,6 +27,7 @@ from engine.sampling import RowState
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import BatchKVCache, Verified, draft_inputs, merge, trimmable, verify
+from models.fused_layers import verifies_cheaply
 
 log = logging.getLogger("mlxd.engine")
 
@@ -56,9 +57,10 @@ class ModelRunner:
         # Fresh caches are plain KV caches: new prompts prefill together, rows can verify drafts.
         self.trimmable = trimmable(make_cache())
         # Whether verifying drafts is cheap: on a GPU a decode step reads the weights once for
-        # every position; on the CPU backend (measured, 2 cores) each position costs nearly a
-        # step of its own, so `speculative = "auto"` leaves speculation off there.
-        self.cheap_positions = mx.default_device() == mx.gpu
+        # every position; on the CPU when attention runs them on mlxd's kernel (SmolLM2 Q4_1,
+        # 2 cores: 4 drafts add ~0.5 of a step; on MLX's SDPA each added nearly a whole step).
+        # `speculative = "auto"` leaves speculation off elsewhere.
+        self.cheap_positions = mx.default_device() == mx.gpu or verifies_cheaply(model)
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
         # A step's new prompts prefill together in batches whose padded transient arrays,
         # prefill_bytes(rows, width, keys), fit prefill_budget (None: all in one batch).

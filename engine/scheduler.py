@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.drafter import NgramDrafter, can_draft, speculates
+from engine.drafter import NgramDrafter, can_draft, fit_width, speculates
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
 from engine.outputs import NO_MEMORY, Failure, RunnerOutput, Sampled, StepOutput
@@ -164,6 +164,8 @@ class Scheduler:
             out.scheduled.append(sched)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        if speculating:
+            self._fit_drafts(out)
         out.finished, self._to_release = self._to_release, []
         return out
 
@@ -194,6 +196,18 @@ class Scheduler:
         if draft and not self._reserve(seq, seq.num_computed + 1 + len(draft)):
             return []
         return draft
+
+    def _fit_drafts(self, out: SchedulerOutput) -> None:
+        """Cut drafts to the width worth verifying in this step's decode batch (the rows past
+        their prefill, those ending it this step included)."""
+        rows = sum(not s.prefilling for s in self.running)
+        width = fit_width([len(s.draft) for s in out.scheduled if s.draft], rows)
+        for sched in out.scheduled:
+            if len(sched.draft) > width:
+                cut = len(sched.draft) - width
+                sched.seq.num_computed -= cut
+                sched.num_tokens -= cut
+                sched.draft = sched.draft[:width]
 
     def _settle_draft(self, sched: ScheduledSeq, accepted: int) -> None:
         """The rejected drafts' KV is gone from the runner's cache: uncount it, and give back

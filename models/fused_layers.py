@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from models import qkernels
-from models.fused_attention import fuse_attention
+from models.fused_attention import FusedAttention, fuse_attention
 
 
 class FastRMSNorm(nn.Module):
@@ -49,3 +49,11 @@ def fuse_for_cpu(model: nn.Module) -> int:
     for name, new in swaps:
         model.update_modules(tree_unflatten([(name, new)]))
     return len(swaps) + fuse_attention(model)
+
+
+def verifies_cheaply(model: nn.Module) -> bool:
+    """Whether a pass over a few positions per row (a decode step and its speculative drafts)
+    costs little more than one position on the CPU: the model's attention layers run them on
+    the fused kernel (MLX's masked SDPA made each position cost ~a whole decode step)."""
+    fused = any(isinstance(m, FusedAttention) for _, m in model.named_modules())
+    return fused and qkernels.available()

@@ -99,3 +99,15 @@ def test_speculation_changes_no_token_on_the_fused_cpu_layers():
     h.scheduler.drafter.max_tokens = 5
     assert h.run(requests(), every=2) == plain
     assert h.scheduler.accepted > 0
+
+
+def test_auto_speculates_on_the_cpu_where_attention_verifies_drafts_on_the_kernel():
+    from models import qkernels
+    from models.fused_layers import fuse_for_cpu
+
+    if mx.default_device() == mx.gpu:
+        pytest.skip("on a GPU every model verifies drafts cheaply")
+    assert not Harness(tiny_llama()).runner.cheap_positions  # MLX's SDPA: a step per draft
+    model = tiny_llama()
+    fuse_for_cpu(model)
+    assert Harness(model).runner.cheap_positions == qkernels.available()

@@ -4,7 +4,7 @@ ones give it back, accepted tokens stream as if decoded one by one."""
 import pytest
 
 from engine.core import EngineCore
-from engine.drafter import NgramDrafter, can_draft
+from engine.drafter import NgramDrafter, can_draft, fit_width
 from engine.kv_manager import KVManager
 from engine.outputs import RunnerOutput, Sampled, StepOutput
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -197,3 +197,21 @@ def test_ngram_drafts_come_from_the_most_recent_longest_match():
     assert d.propose("w", [5, 1, 2, 3, 6, 1, 2, 3], 4) == [6, 1]  # a 3-gram half of k
     d.observe("x", 2, 0)  # a total miss halves the row's trust
     assert d.propose("x", [*text, 7], 4) == [8, 5]
+
+
+def test_a_draft_is_verified_only_while_it_fills_half_the_positions_it_adds():
+    assert fit_width([4], 1) == 4 and fit_width([4], 2) == 4  # 4 or 8 positions for 4 drafts
+    assert fit_width([4], 3) == 0 and fit_width([4], 4) == 0  # every other row pads to 4
+    assert fit_width([4, 4], 4) == 4
+    assert fit_width([4, 1], 3) == 2  # 6 positions for 3 drafts
+    assert fit_width([], 1) == 0
+
+
+def test_one_greedy_row_among_sampled_ones_does_not_pad_the_batch_with_drafts():
+    core, runner, sent = make("on")
+    add(core, "greedy")
+    for i in range(3):  # sampled rows never draft; each would compute the greedy row's width
+        params = SamplingParams(max_tokens=30, temperature=0.7, seed=i)
+        core.add(Sequence(GenerateRequest(f"s{i}", "m", list(PROMPT), params)))
+    run(core)
+    assert runner.widest == 0 and streamed(sent)["greedy"] == truth(30)
