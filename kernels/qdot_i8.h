@@ -4,7 +4,8 @@
 // level, as llama.cpp's Q8 activations, flipped near-tie greedy tokens of SmolLM2: "Paris" among
 // them). A block's dot product is two u8 x s8 VNNI instructions. The bias term of an affine
 // weight uses the block's exact float sum of x. Against the fp32 path: ~3e-5 relative error,
-// 15-30% less time at one row, the same at 16 (2026-11-29, AMD EPYC, one core, weights in cache).
+// 15-30% less time at one row, the same at 16 (2026-11-29, AMD EPYC, one core, weights in cache);
+// 4-bit weights then went 8 blocks a pass (qdot_i8.cpp: ~1.5x less time a row from 5 rows on).
 #pragma once
 
 #include <vector>
@@ -27,6 +28,12 @@ struct Acts {
   std::vector<float> d; // [M, K / 32] block units (step / 256)
   std::vector<float> sum; // [M, K / 32] block sums of x
   std::vector<int32_t> corr; // [M, K / 32, 8]
+  // 4-bit weights read groups of 8 blocks with one int32 lane per block (qdot_i8.cpp): per row
+  // and group, q1 then q2 as 8 vectors of 8 lanes (lane l holds 4 bytes of block kLane[l]),
+  // the blocks' units and their total corrections in the same lane order (zeros past K).
+  std::vector<int8_t> qt; // [M, groups, 2, 8, 8, 4]
+  std::vector<float> dt; // [M, groups, 8]
+  std::vector<int32_t> ct; // [M, groups, 8]
   int M = 0, K = 0, bits = 0;
 };
 
