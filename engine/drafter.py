@@ -28,13 +28,16 @@ def speculates(mode: str, running: int) -> bool:
     return mode == "on" or (mode == "auto" and running <= AUTO_MAX_ROWS)
 
 
-def fit_width(drafts: list[int], rows: int) -> int:
+def fit_width(drafts: list[int], rows: int, positions: int = 0) -> int:
     """The widest draft a step verifies, given each drafting row's draft length and the rows
     of the decode batch. Every row computes as many positions as the widest draft (filler
     where it drafted less), so a width pays only while the drafts fill at least half of the
     positions it adds: one draft of 4 among 2 rows adds 8 positions for up to 4 tokens, among
-    4 rows 16 for 4 (on the CPU each position costs ~a tenth of a step: no longer worth it)."""
+    4 rows 16 for 4 (on the CPU each position costs ~a fifth of a step: no longer worth it).
+    `positions` (0: none) caps rows x (1 + width): the runner's bound for exact verification."""
     width = max(drafts, default=0)
+    if positions:
+        width = max(0, min(width, positions // max(1, rows) - 1))
     while width and 2 * sum(min(d, width) for d in drafts) < rows * width:
         width -= 1
     return width

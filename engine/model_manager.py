@@ -139,6 +139,7 @@ class ModelManager:
         prefix = PrefixCache(self.config.prefix_cache_bytes)
         make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
         runner = self.make_runner(loaded.model, make_cache, prefix)
+        scheduler_config.verify_positions = runner.exact_positions
         if not runner.trimmable:  # sliding-window caches can't drop one row's drafts
             scheduler_config.speculative = "off"
         elif self.config.speculative == "auto" and not runner.cheap_positions:

@@ -27,6 +27,7 @@ from engine.sampling import RowState
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import BatchKVCache, Verified, draft_inputs, merge, trimmable, verify
+from models import qkernels
 from models.fused_layers import verifies_cheaply
 
 log = logging.getLogger("mlxd.engine")
@@ -61,6 +62,10 @@ class ModelRunner:
         # 2 cores: 4 drafts add ~0.5 of a step; on MLX's SDPA each added nearly a whole step).
         # `speculative = "auto"` leaves speculation off elsewhere.
         self.cheap_positions = mx.default_device() == mx.gpu or verifies_cheaply(model)
+        # A verify pass computes each position as a decode step would only while mlxd's CPU
+        # kernels take its rows: from BLAS_ROWS rows on, matmuls go to the BLAS (other sums).
+        on_kernels = mx.default_device() == mx.cpu and qkernels.available()
+        self.exact_positions = qkernels.BLAS_ROWS - 1 if on_kernels else 0
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
         # A step's new prompts prefill together in batches whose padded transient arrays,
         # prefill_bytes(rows, width, keys), fit prefill_budget (None: all in one batch).

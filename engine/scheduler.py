@@ -68,6 +68,7 @@ class SchedulerConfig:
     kv_window: int = 0  # a rotating cache keeps at most this many tokens (0: no cap)
     speculative: str = "off"  # "off", "on" or "auto" (on while the batch is small)
     speculative_tokens: int = 4  # the most tokens a row drafts in one step
+    verify_positions: int = 0  # the most positions (rows x (1 + drafts)) a step verifies; 0: any
 
 
 Outputs = list[tuple[Sequence, StepOutput]]
@@ -201,7 +202,8 @@ class Scheduler:
         """Cut drafts to the width worth verifying in this step's decode batch (the rows past
         their prefill, those ending it this step included)."""
         rows = sum(not s.prefilling for s in self.running)
-        width = fit_width([len(s.draft) for s in out.scheduled if s.draft], rows)
+        drafts = [len(s.draft) for s in out.scheduled if s.draft]
+        width = fit_width(drafts, rows, self.config.verify_positions)
         for sched in out.scheduled:
             if len(sched.draft) > width:
                 cut = len(sched.draft) - width

@@ -205,6 +205,9 @@ def test_a_draft_is_verified_only_while_it_fills_half_the_positions_it_adds():
     assert fit_width([4, 4], 4) == 4
     assert fit_width([4, 1], 3) == 2  # 6 positions for 3 drafts
     assert fit_width([], 1) == 0
+    # The runner's bound for exact verification (its kernels' row limit): rows x (1 + width).
+    assert fit_width([8, 8, 8], 3, positions=63) == 8 and fit_width([8] * 8, 8, 63) == 6
+    assert fit_width([8] * 40, 40, 63) == 0
 
 
 def test_one_greedy_row_among_sampled_ones_does_not_pad_the_batch_with_drafts():
