@@ -15,6 +15,7 @@ from mlx.utils import tree_unflatten
 
 from models import qkernels
 from models.fused_attention import FusedAttention, fuse_attention
+from models.quant_layers import CpuQuantizedLinear
 
 
 class FastRMSNorm(nn.Module):
@@ -53,7 +54,8 @@ def fuse_for_cpu(model: nn.Module) -> int:
 
 def verifies_cheaply(model: nn.Module) -> bool:
     """Whether a pass over a few positions per row (a decode step and its speculative drafts)
-    costs little more than one position on the CPU: the model's attention layers run them on
-    the fused kernel (MLX's masked SDPA made each position cost ~a whole decode step)."""
-    fused = any(isinstance(m, FusedAttention) for _, m in model.named_modules())
-    return fused and qkernels.available()
+    costs much less on the CPU than decoding them one by one: attention runs them on the fused
+    kernel (MLX's masked SDPA made each position cost ~a whole decode step) and the projections
+    on the quantized kernels (the fp32 BLAS path's few-row GEMMs cost several GEMVs each)."""
+    kinds = {type(m) for _, m in model.named_modules()}
+    return FusedAttention in kinds and CpuQuantizedLinear in kinds and qkernels.available()

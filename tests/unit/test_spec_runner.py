@@ -107,7 +107,11 @@ def test_auto_speculates_on_the_cpu_where_attention_verifies_drafts_on_the_kerne
 
     if mx.default_device() == mx.gpu:
         pytest.skip("on a GPU every model verifies drafts cheaply")
+    from models.quant_layers import quantize_for_cpu
+
     assert not Harness(tiny_llama()).runner.cheap_positions  # MLX's SDPA: a step per draft
     model = tiny_llama()
     fuse_for_cpu(model)
+    assert not Harness(model).runner.cheap_positions  # fp32 projections: BLAS GEMMs
+    quantize_for_cpu(model, "q8")
     assert Harness(model).runner.cheap_positions == qkernels.available()
