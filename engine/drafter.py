@@ -31,14 +31,17 @@ def speculates(mode: str, running: int) -> bool:
 def fit_width(drafts: list[int], rows: int, positions: int = 0) -> int:
     """The widest draft a step verifies, given each drafting row's draft length and the rows
     of the decode batch. Every row computes as many positions as the widest draft (filler
-    where it drafted less), so a width pays only while the drafts fill at least half of the
-    positions it adds: one draft of 4 among 2 rows adds 8 positions for up to 4 tokens, among
-    4 rows 16 for 4 (on the CPU each position costs ~a fifth of a step: no longer worth it).
-    `positions` (0: none) caps rows x (1 + width): the runner's bound for exact verification."""
+    where it drafted less). A step of B rows costs base + c * positions and yields B tokens
+    plus the accepted drafts A; widening it by W pays while A > B^2 c W / (base + c B). With
+    c ~ base / 8 (the CPU kernels, SmolLM2) and half the drafts accepted (chat; copying a text
+    holds ~90%), the drafts must fill 2 B^2 / (B + 8) times the width: one row drafting alone
+    pays among 2 rows, among 4 only if 3 rows draft. `positions` (0: none) caps B (1 + W),
+    the runner's bound for exact verification."""
     width = max(drafts, default=0)
     if positions:
         width = max(0, min(width, positions // max(1, rows) - 1))
-    while width and 2 * sum(min(d, width) for d in drafts) < rows * width:
+    need = 2 * rows * rows / (rows + 8)
+    while width and sum(min(d, width) for d in drafts) < need * width:
         width -= 1
     return width
 

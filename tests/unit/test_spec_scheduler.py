@@ -199,11 +199,11 @@ def test_ngram_drafts_come_from_the_most_recent_longest_match():
     assert d.propose("x", [*text, 7], 4) == [8, 5]
 
 
-def test_a_draft_is_verified_only_while_it_fills_half_the_positions_it_adds():
+def test_a_draft_width_is_verified_only_while_the_drafts_pay_for_the_positions_it_adds():
     assert fit_width([4], 1) == 4 and fit_width([4], 2) == 4  # 4 or 8 positions for 4 drafts
     assert fit_width([4], 3) == 0 and fit_width([4], 4) == 0  # every other row pads to 4
-    assert fit_width([4, 4], 4) == 4
-    assert fit_width([4, 1], 3) == 2  # 6 positions for 3 drafts
+    assert fit_width([4, 4], 4) == 0 and fit_width([4, 4, 4], 4) == 4
+    assert fit_width([4, 1], 3) == 1 and fit_width([4, 2], 3) == 3  # two rows of three draft
     assert fit_width([], 1) == 0
     # The runner's bound for exact verification (its kernels' row limit): rows x (1 + width).
     assert fit_width([8, 8, 8], 3, positions=63) == 8 and fit_width([8] * 8, 8, 63) == 6
