@@ -4,6 +4,7 @@ identical with and without drafts (greedy rows and seeded sampled rows in one ba
 import random
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
@@ -83,16 +84,24 @@ def test_sliding_window_models_do_not_speculate():
     assert not trimmable([KVCache(), RotatingKVCache(max_size=16)])  # max_context set
 
 
-def test_speculation_changes_no_token_on_the_fused_cpu_layers():
-    """Drafts verified on the fused attention kernel (a few query positions) give the tokens
-    of decoding one at a time on it."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits):
+    """Drafts verified on the kernels as the loader sets them up (a few query positions through
+    the layers' own sequence) give the tokens of decoding one at a time (fused blocks)."""
     from models import qkernels
+    from models.fused_block import fuse_blocks
     from models.fused_layers import fuse_for_cpu
+    from models.fused_mlp import fuse_mlps
+    from models.quant_layers import quantize_for_cpu
 
     if not qkernels.available():
         pytest.skip(f"mlxd kernels {qkernels.unavailable_reason()}")
     model = tiny_llama(seed=1)
-    assert fuse_for_cpu(model) > 0
+    if bits == 4:
+        nn.quantize(model, group_size=32, bits=4)
+    quantize_for_cpu(model, "as_stored")
+    fuse_mlps(model)
+    assert fuse_for_cpu(model) > 0 and fuse_blocks(model) > 0
     plain = Harness(model).run(requests(), every=2)
     h = Harness(model)
     h.scheduler.config.speculative = "on"
