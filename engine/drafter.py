@@ -33,14 +33,15 @@ def fit_width(drafts: list[int], rows: int, positions: int = 0) -> int:
     of the decode batch. Every row computes as many positions as the widest draft (filler
     where it drafted less). A step of B rows costs base + c * positions and yields B tokens
     plus the accepted drafts A; widening it by W pays while A > B^2 c W / (base + c B). With
-    c ~ base / 8 (the CPU kernels, SmolLM2) and half the drafts accepted (chat; copying a text
-    holds ~90%), the drafts must fill 2 B^2 / (B + 8) times the width: one row drafting alone
-    pays among 2 rows, among 4 only if 3 rows draft. `positions` (0: none) caps B (1 + W),
-    the runner's bound for exact verification."""
+    c ~ base / 3 (the CPU kernels, SmolLM2: a fused one-position step against the positions of
+    a verify pass) and half the drafts accepted (chat; copying a text holds ~90%), the drafts
+    must fill 2 B^2 / (B + 3) times the width: a row drafting alone pays, among 2 rows both
+    must draft, among 3 all, among 4 never. `positions` (0: none) caps B (1 + W), the runner's
+    bound for exact verification."""
     width = max(drafts, default=0)
     if positions:
         width = max(0, min(width, positions // max(1, rows) - 1))
-    need = 2 * rows * rows / (rows + 8)
+    need = 2 * rows * rows / (rows + 3)
     while width and sum(min(d, width) for d in drafts) < need * width:
         width -= 1
     return width

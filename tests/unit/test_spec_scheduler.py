@@ -132,9 +132,9 @@ def test_drafts_stop_at_max_tokens_and_finish_at_a_stop_token():
 def test_auto_drafts_only_while_the_batch_is_small():
     core, runner, _ = make("auto")
     for i in range(5):
-        add(core, f"r{i}", max_tokens=12)
+        add(core, f"r{i}", max_tokens=30 if i == 4 else 8)
     run(core)
-    assert runner.widest > 0  # once rows finish, at most 4 remain ...
+    assert runner.widest > 0  # once rows finish, the last one drafts alone ...
     core, runner, _ = make("auto", budget=256)  # all six admitted in the first step
     for i in range(6):
         add(core, f"r{i}", max_tokens=4)  # ... here six run to the end together
@@ -200,13 +200,12 @@ def test_ngram_drafts_come_from_the_most_recent_longest_match():
 
 
 def test_a_draft_width_is_verified_only_while_the_drafts_pay_for_the_positions_it_adds():
-    assert fit_width([4], 1) == 4 and fit_width([4], 2) == 4  # 4 or 8 positions for 4 drafts
-    assert fit_width([4], 3) == 0 and fit_width([4], 4) == 0  # every other row pads to 4
-    assert fit_width([4, 4], 4) == 0 and fit_width([4, 4, 4], 4) == 4
-    assert fit_width([4, 1], 3) == 1 and fit_width([4, 2], 3) == 3  # two rows of three draft
-    assert fit_width([], 1) == 0
+    assert fit_width([4], 1) == 4 and fit_width([4], 2) == 0  # the other row pads to 4
+    assert fit_width([4, 4], 2) == 4 and fit_width([4, 1], 2) == 1
+    assert fit_width([4, 4, 4], 3) == 4 and fit_width([4, 4], 3) == 0
+    assert fit_width([4] * 4, 4) == 0 and fit_width([], 1) == 0
     # The runner's bound for exact verification (its kernels' row limit): rows x (1 + width).
-    assert fit_width([8, 8, 8], 3, positions=63) == 8 and fit_width([8] * 8, 8, 63) == 6
+    assert fit_width([8, 8], 2, positions=63) == 8 and fit_width([8, 8], 2, positions=15) == 6
     assert fit_width([8] * 40, 40, 63) == 0
 
 
