@@ -83,43 +83,22 @@ def test_qmm_add_and_mlp_residual_match_mlx() -> None:
         assert got is not None and _rel_err(got, ref) < TOL
 
 
+def _attn_in(x: mx.array, q: tuple, n_heads: int, n_kv_heads: int) -> mx.array:
+    """attn_in over the same [64, 64] weight for q, k and v (head dim 16)."""
+    w = q[:3]
+    return qkernels._ext.attn_in(
+        x, mx.ones((64,)), 1e-5, *w, *w, *w, 4, mx.array([0]), n_heads, n_kv_heads, 16,
+        False, 1e4, 1.0,
+    )  # fmt: skip
+
+
 def test_kernels_reject_bad_shapes() -> None:
     ext = qkernels._ext
     q = _weight(64, 64, 4)
     with pytest.raises(ValueError):  # heads do not divide the rows
-        ext.attn_in(
-            mx.zeros((1, 1, 64)),
-            mx.ones((64,)),
-            1e-5,
-            *q[:3],
-            *q[:3],
-            *q[:3],
-            4,
-            mx.array([0]),
-            3,
-            1,
-            16,
-            False,
-            1e4,
-            1.0,
-        )
+        _attn_in(mx.zeros((1, 1, 64)), q, 3, 1)
     with pytest.raises(ValueError):  # two positions
-        ext.attn_in(
-            mx.zeros((1, 2, 64)),
-            mx.ones((64,)),
-            1e-5,
-            *q[:3],
-            *q[:3],
-            *q[:3],
-            4,
-            mx.array([0]),
-            4,
-            4,
-            16,
-            False,
-            1e4,
-            1.0,
-        )
+        _attn_in(mx.zeros((1, 2, 64)), q, 4, 4)
     with pytest.raises(ValueError):
         ext.qmm_add(mx.zeros((1, 64)), *q[:3], 4, mx.zeros((1, 63)))
 
