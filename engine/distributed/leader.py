@@ -22,7 +22,7 @@ from engine.distributed.plan import encode_step, step_deadline
 from engine.outputs import RunnerOutput
 from engine.pending import PendingStep
 from engine.runner import ModelRunner
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.types import EngineConfig, GroupStatus, RankStatus
 from models.errors import ModelError
 from models.pipeline import PipelineSplit
@@ -213,6 +213,12 @@ class LeaderRunner(ModelRunner):
     ) -> None:
         super().__init__(model, make_cache, prefix, pipelined=False)
         self.leader = leader
+
+    def _prefill_batches(self, fresh: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+        # Every rank must batch a step's new prompts alike (each batch is a forward pass the
+        # others run in lockstep) and the other ranks' runners batch them all together: the
+        # memory-budgeted split would need its partition in the plan.
+        return [fresh]
 
     def submit(self, out: SchedulerOutput) -> PendingStep:
         # Rows whose sampling state cannot be made fail before any forward pass on rank 0

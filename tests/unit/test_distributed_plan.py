@@ -176,3 +176,23 @@ def test_ranks_on_one_host_share_its_cores(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("MKL_NUM_THREADS")
     share_cores(2)  # the user's choice stands
     assert os.environ["OMP_NUM_THREADS"] == "3" and "MKL_NUM_THREADS" not in os.environ
+
+
+def test_rank_zero_batches_new_prompts_as_the_other_ranks_do() -> None:
+    """Each prefill batch is a forward pass the other ranks run in lockstep (hidden states sent
+    on, or all_sums), so rank 0 may not split or reorder a step's new prompts on its own: with
+    the memory-budgeted batching a single process uses (shortest first), rows' hidden states
+    went to other rows on the other ranks and answers were swapped between requests."""
+    model = tiny_llama()
+    h = Harness(model, budget=64)
+    other = ModelRunner(model, h.runner.make_cache, None, pipelined=False)
+    leader = LeaderRunner(_Loopback(other), model, h.runner.make_cache, None)  # type: ignore[arg-type]
+    # As the model manager sets up every runner it makes (a budget two short prompts fill).
+    leader.prefill_bytes, leader.prefill_budget = lambda rows, width, keys: rows * width, 12
+    fresh: list[Any] = [
+        SimpleNamespace(seq=SimpleNamespace(num_prefill=n), start=0) for n in (9, 5, 7, 6)
+    ]
+    assert leader._prefill_batches(fresh) == other._prefill_batches(fresh) == [fresh]
+    plain = ModelRunner(model, h.runner.make_cache, None, pipelined=False)
+    plain.prefill_bytes, plain.prefill_budget = leader.prefill_bytes, 12
+    assert len(plain._prefill_batches(fresh)) > 1  # what a single process does
