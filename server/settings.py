@@ -100,6 +100,13 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @field_validator("kv_chunk", "mlx_cache_limit", mode="after")
+    @classmethod
+    def _not_negative(cls, value: int, info: Any) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be 0 or more")
+        return value
+
     @field_validator("speculative_tokens", mode="after")
     @classmethod
     def _draft_length(cls, value: int) -> int:

@@ -93,6 +93,11 @@ def test_bad_values_are_refused_naming_the_key(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("MLXD_MAX_NUM_BATCHED_TOKENS")
     with pytest.raises(ValueError, match="log_level"):
         load_settings(log_level="loud")
+    for name in ("kv_chunk", "mlx_cache_limit"):  # a negative one reached MLX or the KV sums
+        with pytest.raises(ValueError, match=f"{name} must be 0 or more"):
+            load_settings(**{name: -1})
+    with pytest.raises(ValueError, match="speculative_tokens must be between 1 and 32"):
+        load_settings(speculative_tokens=33)
 
 
 def test_precedence_flag_over_env_over_config_file(
