@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.fast_math import fast_exp
+from models.swap import replace_module, swap_modules
 
 
 class TransposedLinear(nn.Module):
@@ -71,16 +72,9 @@ def transpose_for_cpu(model: nn.Module) -> int:
         else:
             continue
         mx.eval(new.parameters())
-        model.update_modules(_nest(name, new))
+        replace_module(model, name, new)
         swapped += 1
     return swapped
-
-
-def _nest(name: str, module: nn.Module) -> dict:
-    """{"a": {"b": [.., module]}} for the dotted path "a.b.3"; lists stay lists for update_modules."""
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten([(name, module)])
 
 
 # --- SwiGLU with a polynomial exp (models/fast_math.py) --------------------------------------
@@ -115,7 +109,4 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
 
 def fast_activations(model: nn.Module) -> int:
     """Swap SwiGLU MLPs for FastSwiGLUMLP (same weights, same children); returns the count."""
-    swaps = [(n, FastSwiGLUMLP(m)) for n, m in model.named_modules() if is_swiglu_mlp(m)]
-    for name, module in swaps:
-        model.update_modules(_nest(name, module))
-    return len(swaps)
+    return swap_modules(model, lambda m: FastSwiGLUMLP(m) if is_swiglu_mlp(m) else None)

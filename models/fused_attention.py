@@ -16,11 +16,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from models import qkernels
+from models.swap import swap_modules
 
 # Layers whose __call__ is the sequence FusedAttention.__call__ reproduces (read in mlx-lm
 # 0.32; tests/unit/test_fused_attention.py compares each with its original).
@@ -78,7 +78,4 @@ def _heads(y: mx.array, n: int) -> mx.array:
 
 def fuse_attention(model: nn.Module) -> int:
     """Swap the model's SUPPORTED attention layers for FusedAttention; returns how many."""
-    swaps = [(n, FusedAttention(m)) for n, m in model.named_modules() if type(m) in SUPPORTED]
-    for name, new in swaps:
-        model.update_modules(tree_unflatten([(name, new)]))
-    return len(swaps)
+    return swap_modules(model, lambda m: FusedAttention(m) if type(m) in SUPPORTED else None)

@@ -22,7 +22,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 from mlx_lm.models import llama, qwen2, qwen3
 
 from models import qkernels
@@ -30,6 +29,7 @@ from models.fused_attention import FusedAttention
 from models.fused_layers import FastRMSNorm, FastRoPE
 from models.fused_mlp import FusedMLP
 from models.quant_layers import CpuQuantizedLinear
+from models.swap import swap_modules
 
 # Blocks whose __call__ is `h = x + attn(norm1(x)); return h + mlp(norm2(h))` (mlx-lm 0.32).
 SUPPORTED: tuple[type[nn.Module], ...] = (
@@ -122,7 +122,4 @@ def _fusable(m: nn.Module) -> bool:
 
 def fuse_blocks(model: nn.Module) -> int:
     """Swap decoder layers whose parts all run on the kernels for FusedBlock; returns how many."""
-    swaps = [(n, FusedBlock(m)) for n, m in model.named_modules() if _fusable(m)]
-    for name, new in swaps:
-        model.update_modules(tree_unflatten([(name, new)]))
-    return len(swaps)
+    return swap_modules(model, lambda m: FusedBlock(m) if _fusable(m) else None)

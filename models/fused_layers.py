@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from models import qkernels
 from models.fused_attention import FusedAttention, fuse_attention
 from models.quant_layers import CpuQuantizedLinear
+from models.swap import swap_modules
 
 
 class FastRMSNorm(nn.Module):
@@ -41,15 +41,15 @@ class FastRoPE(nn.Module):
 def fuse_for_cpu(model: nn.Module) -> int:
     """Swap nn.RMSNorm and nn.RoPE instances and supported attention layers for the fused
     ones; returns how many."""
-    swaps: list[tuple[str, nn.Module]] = []
-    for name, m in model.named_modules():
-        if type(m) is nn.RMSNorm:
-            swaps.append((name, FastRMSNorm(m)))
-        elif type(m) is nn.RoPE and m.base is not None:
-            swaps.append((name, FastRoPE(m)))
-    for name, new in swaps:
-        model.update_modules(tree_unflatten([(name, new)]))
-    return len(swaps) + fuse_attention(model)
+    return swap_modules(model, _fast_layer) + fuse_attention(model)
+
+
+def _fast_layer(m: nn.Module) -> nn.Module | None:
+    if type(m) is nn.RMSNorm:
+        return FastRMSNorm(m)
+    if type(m) is nn.RoPE and m.base is not None:
+        return FastRoPE(m)
+    return None
 
 
 def verifies_cheaply(model: nn.Module) -> bool:

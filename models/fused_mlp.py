@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from models import qkernels
 from models.cpu_layout import fast_swiglu, is_swiglu_mlp
 from models.quant_layers import CpuQuantizedLinear
+from models.swap import swap_modules
 
 
 class FusedMLP(nn.Module):
@@ -55,7 +55,4 @@ def _fusable_projections(g: nn.Module, u: nn.Module, d: nn.Module) -> bool:
 
 def fuse_mlps(model: nn.Module) -> int:
     """Swap kernel-backed SwiGLU MLPs for FusedMLP; returns how many."""
-    swaps = [(n, FusedMLP(m)) for n, m in model.named_modules() if _fusable(m)]
-    for name, module in swaps:
-        model.update_modules(tree_unflatten([(name, module)]))
-    return len(swaps)
+    return swap_modules(model, lambda m: FusedMLP(m) if _fusable(m) else None)

@@ -44,6 +44,7 @@ from models.memory import (
     step_activation_bytes,
 )
 from models.quant_layers import CpuQuantizedEmbedding, quantize_for_cpu
+from models.swap import replace_module
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("mlxd.loader")
@@ -147,7 +148,7 @@ def _to_fp32(model: nn.Module) -> None:
                 if has_bias:
                     new.bias = module.bias.astype(mx.float32)
             new.weight = w
-            model.update_modules(tree_unflatten([(name, new)]))
+            replace_module(model, name, new)
     params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     for key, value in params:
         if value.dtype in (mx.float16, mx.bfloat16):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from models import qkernels
+from models.swap import replace_module
 
 GROUP = qkernels.GROUP_SIZE
 _MATMUL = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -100,6 +100,6 @@ def quantize_for_cpu(model: nn.Module, fmt: str) -> int:
     for name, module in list(model.named_modules()):
         new = _cpu_layer(module, fmt)
         if new is not None:
-            model.update_modules(tree_unflatten([(name, new)]))
+            replace_module(model, name, new)
             swapped += 1
     return swapped
