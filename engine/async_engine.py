@@ -79,9 +79,13 @@ class AsyncEngine(EngineAPI):
     def alive(self) -> bool:  # type: ignore[override]
         return self._thread.alive and self._accepting
 
-    async def start(self) -> None:
+    def _limit_memory(self) -> None:
+        """MLX's memory limits and the buffer-cache governor, before any model loads."""
         self.registry.apply_mlx_limits()
         self.memory.start()
+
+    async def start(self) -> None:
+        self._limit_memory()
         report = await asyncio.to_thread(doctor, True)
         blas = report.blas_name + (f" ({report.blas_note})" if report.blas_note else "")
         log.info(

@@ -45,7 +45,7 @@ class DistributedEngine(AsyncEngine):
         if launched_rank() != 0:
             raise GroupError("DistributedEngine runs on rank 0 only")
         # AsyncEngine.start without its preloads (one model here) and its matmul measurement.
-        self.registry.apply_mlx_limits()
+        self._limit_memory()  # as AsyncEngine.start does: limits and the buffer-cache governor
         self._thread.start()
         await asyncio.to_thread(self.models.ensure_default)
         try:
