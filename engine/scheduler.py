@@ -51,10 +51,6 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.scheduled and not self.finished and not self.preempted
 
-    @property
-    def drafted(self) -> int:
-        return sum(len(s.draft) for s in self.scheduled)
-
 
 @dataclass
 class SchedulerConfig:

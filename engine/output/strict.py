@@ -11,7 +11,7 @@ from typing import Any
 
 # Keywords whose value is a schema, a list of schemas, or a map of name -> schema.
 _ONE = ("items", "additionalItems", "not", "if", "then", "else", "contains", "propertyNames")
-_MANY = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")  # (`items` in _ONE: a schema or a list)
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
