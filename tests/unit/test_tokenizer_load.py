@@ -77,5 +77,4 @@ def test_the_same_tokenizer_as_transformers_own_route(smollm2_dir: Path, tmp_pat
     (path / "generation_config.json").write_text('{"eos_token_id": 2}')
     ours = Tokenizer.load(path, "smollm2").hf
     reference = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    assert ours is not reference
     assert _facts(ours) == _facts(reference)
