@@ -44,6 +44,9 @@ inline float exp1(float x) {
 #if defined(__AVX512F__)
 inline __m512 exp16(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMin), _CMP_NGE_UQ);
+  // Read before the clamp: min_ps(NaN, kMax) is kMax, which would lose the NaN.
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512 xin = x;
   x = _mm512_min_ps(x, _mm512_set1_ps(kMax));
   const __m512 n = _mm512_roundscale_ps(
       _mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -55,10 +58,9 @@ inline __m512 exp16(__m512 x) {
   }
   __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   y = _mm512_scalef_ps(y, n);
-  // NaN lanes keep their NaN (x + 0), the rest below kMin give 0.
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  // NaN lanes keep their NaN, the rest below kMin give 0.
   y = _mm512_mask_mov_ps(y, tiny, _mm512_setzero_ps());
-  return _mm512_mask_mov_ps(y, nan, x);
+  return _mm512_mask_mov_ps(y, nan, xin);
 }
 #endif
 

@@ -280,3 +280,15 @@ def test_batched_equals_single_with_fused_layers(kind: str) -> None:
         alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
     batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
     assert batched == alone
+
+
+def test_a_nan_key_gives_nan_as_sdpa_does() -> None:
+    """A NaN score stays NaN through the kernel's exp (the AVX-512 path clamped it away and
+    gave that key weight 0, silently hiding bad values), for the heads that read that key."""
+    mx.random.seed(0)
+    q = mx.random.normal((1, 4, 1, 64))
+    k, v = mx.random.normal((1, 2, 37, 64)), mx.random.normal((1, 2, 37, 64))
+    k[0, 0, 5, 3] = float("nan")
+    got = mx.isnan(qkernels.decode_attention(q, k, v, 0.125, None)).any(axis=-1)
+    ref = mx.isnan(_sdpa(q, k, v, 0.125, None)).any(axis=-1)
+    assert got.flatten().tolist() == ref.flatten().tolist() == [True, True, False, False]
