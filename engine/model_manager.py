@@ -121,10 +121,7 @@ class ModelManager:
         core = self.cores.get(loaded.name)
         if core is not None and self.runners[loaded.name].model is loaded.model:
             return core
-        # max_context caps the KV kept, not the conversation: past it a rotating cache keeps
-        # the most recent tokens and generation goes on.
-        window = self.config.max_context
-        window = window if 0 < window < loaded.context_length else 0
+        window, make_cache = kv_caches(loaded, self.config.max_context)
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -137,7 +134,6 @@ class ModelManager:
             speculative_tokens=self.config.speculative_tokens,
         )
         prefix = PrefixCache(self.config.prefix_cache_bytes)
-        make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
         runner = self.make_runner(loaded.model, make_cache, prefix)
         scheduler_config.verify_positions = runner.exact_positions
         if not runner.trimmable:  # sliding-window caches can't drop one row's drafts
@@ -235,6 +231,14 @@ class ModelManager:
         await self._thread.call(lambda: self.registry.unload(canonical))
         self._entries.pop(canonical, None)
         await asyncio.to_thread(self.registry.delete, canonical)
+
+
+def kv_caches(loaded: Any, max_context: int) -> tuple[int, Callable[[], list]]:
+    """The KV window (0: the whole context) and the factory of a sequence's caches; every rank
+    of a group makes them alike. max_context caps the KV kept, not the conversation: past it a
+    rotating cache keeps the most recent tokens and generation goes on."""
+    window = max_context if 0 < max_context < loaded.context_length else 0
+    return window, (lambda: loaded.make_cache(window)) if window else loaded.make_cache
 
 
 def counters(core: EngineCore) -> dict[str, int]:

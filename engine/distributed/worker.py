@@ -23,6 +23,7 @@ from engine.distributed.leader import (
     warm_up,
 )
 from engine.distributed.plan import decode_step, step_deadline
+from engine.model_manager import kv_caches
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
 from engine.types import EngineConfig
@@ -111,9 +112,7 @@ class Worker:
         """The runner rank 0 will make at its first request, made alike (same cache, same
         prefix budget counted in rank 0's bytes per token), and its first forward pass."""
         loaded, load = self.loaded, self._load_msg
-        window = int(load["c"])
-        window = window if 0 < window < loaded.context_length else 0
-        make_cache = (lambda: loaded.make_cache(window)) if window else loaded.make_cache
+        _, make_cache = kv_caches(loaded, int(load["c"]))
         prefix = PrefixCache(int(load["p"]), token_bytes=int(msg["t"]))
         self.runner = ModelRunner(loaded.model, make_cache, prefix, pipelined=False)
         warm_up(loaded)
