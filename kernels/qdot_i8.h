@@ -45,13 +45,4 @@ void quantize_acts(const float* x, int M, int K, int bits, Acts& a);
 void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1);
 #endif
 
-// Whether quantize_acts quantizes (the build has VNNI).
-constexpr bool int8_activations() {
-#ifdef MLXD_VNNI
-  return true;
-#else
-  return false;
-#endif
-}
-
 } // namespace mlxd
