@@ -8,6 +8,7 @@
 #include "attention.h"
 #include "packed.h"
 #include "pool.h"
+#include "simd.h"
 #include "vexp.h"
 
 #include <algorithm>
@@ -26,67 +27,11 @@ namespace {
 
 constexpr int kBlock = 128; // attended keys per online-softmax block
 
-// ---- vector helpers (AVX-512, AVX2 or scalar) ------------------------------------------------
-#if defined(__AVX512F__)
-#define MLXD_ATTN_SIMD 1
-using vec = __m512;
-constexpr int kLanes = 16;
-inline vec vzero() {
-  return _mm512_setzero_ps();
-}
-inline vec vload(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-inline void vstore(float* p, vec v) {
-  _mm512_storeu_ps(p, v);
-}
-inline vec vset(float v) {
-  return _mm512_set1_ps(v);
-}
-inline vec vmul(vec a, vec b) {
-  return _mm512_mul_ps(a, b);
-}
-inline vec vfma(vec a, vec b, vec c) {
-  return _mm512_fmadd_ps(a, b, c);
-}
-inline float vsum(vec v) {
-  return _mm512_reduce_add_ps(v);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define MLXD_ATTN_SIMD 1
-using vec = __m256;
-constexpr int kLanes = 8;
-inline vec vzero() {
-  return _mm256_setzero_ps();
-}
-inline vec vload(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-inline void vstore(float* p, vec v) {
-  _mm256_storeu_ps(p, v);
-}
-inline vec vset(float v) {
-  return _mm256_set1_ps(v);
-}
-inline vec vmul(vec a, vec b) {
-  return _mm256_mul_ps(a, b);
-}
-inline vec vfma(vec a, vec b, vec c) {
-  return _mm256_fmadd_ps(a, b, c);
-}
-inline float vsum(vec v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-#else
-constexpr int kLanes = 0;
-#endif
 
 inline float dot(const float* a, const float* b, int n) {
   int i = 0;
   float s = 0.f;
-#if defined(MLXD_ATTN_SIMD)
+#if defined(MLXD_X86)
   vec acc = vzero();
   for (; i + kLanes <= n; i += kLanes) {
     acc = vfma(vload(a + i), vload(b + i), acc);
@@ -102,7 +47,7 @@ inline float dot(const float* a, const float* b, int n) {
 // y = y * a + p * x (a == 1: the plain accumulation).
 inline void scale_axpy(float* y, float a, float p, const float* x, int n) {
   int i = 0;
-#if defined(MLXD_ATTN_SIMD)
+#if defined(MLXD_X86)
   const vec va = vset(a), vp = vset(p);
   for (; i + kLanes <= n; i += kLanes) {
     vec yv = vload(y + i);
@@ -144,7 +89,7 @@ void block_scores(const Job& j, int b, int g, const int* keys, int nb, const flo
       s[jj] = dot(q, j.k.at(b, g, keys[jj]), j.D);
     }
   } else {
-#if defined(MLXD_ATTN_SIMD)
+#if defined(MLXD_X86)
     vec qv[ND];
     for (int i = 0; i < ND; ++i) {
       qv[i] = vload(q + i * kLanes);
@@ -170,7 +115,7 @@ void block_accumulate(
       scale_axpy(acc, jj == 0 ? alpha : 1.f, p[jj], j.v.at(b, g, keys[jj]), j.Dv);
     }
   } else {
-#if defined(MLXD_ATTN_SIMD)
+#if defined(MLXD_X86)
     vec a[ND];
     for (int i = 0; i < ND; ++i) {
       a[i] = vload(acc + i * kLanes);
@@ -255,7 +200,7 @@ using AttendFn = void (*)(const Job&, int, int, int);
 
 // Head sizes of 1, 2, 4, 8 (and 16 with AVX-512) vectors keep a head row in registers.
 AttendFn pick(int D, int Dv) {
-#if defined(MLXD_ATTN_SIMD)
+#if defined(MLXD_X86)
   if (D == Dv && D % kLanes == 0) {
     switch (D / kLanes) {
       case 1:

@@ -8,10 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#define MLXD_X86 1
-#endif
+#include "simd.h"
 
 #include "mlx/types/half_types.h"
 
@@ -49,16 +46,9 @@ void to_float(const void* src, SType t, float* dst, int n) {
 #endif
 }
 
-// ---- SIMD: one set of helpers over AVX-512 (16 lanes) or AVX2 (8 lanes) ----------------------
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define MLXD_AVX512 1
-#define V(op) _mm512_##op
-using vec = __m512;
-constexpr int kLanes = 16;
+// ---- SIMD (simd.h), and what only these kernels use ---------------------------------------
+#if defined(MLXD_AVX512)
 constexpr int kTile = 8; // rows of x per tile: 2 * 8 accumulators + 4 weight vectors fit 32 zmm
-inline float vsum(vec v) {
-  return _mm512_reduce_add_ps(v);
-}
 inline vec vround(vec v) {
   return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -69,16 +59,7 @@ inline vec bytes_to_vec(__m128i b) { // 16 unsigned bytes -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 #elif defined(MLXD_X86)
-#define V(op) _mm256_##op
-using vec = __m256;
-constexpr int kLanes = 8;
 constexpr int kTile = 4;
-inline float vsum(vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 inline vec vround(vec v) {
   return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -94,22 +75,6 @@ constexpr int kTile = 4;
 #endif
 
 #ifdef MLXD_X86
-inline vec vzero() {
-  return V(setzero_ps)();
-}
-inline vec vload(const float* p) {
-  return V(loadu_ps)(p);
-}
-inline void vstore(float* p, vec v) {
-  V(storeu_ps)(p, v);
-}
-inline vec vset(float v) {
-  return V(set1_ps)(v);
-}
-inline vec vfma(vec a, vec b, vec c) {
-  return V(fmadd_ps)(a, b, c);
-}
-
 // exp(x) for x <= 0 .. 88 (Cephes' degree-5 polynomial on [-ln2/2, ln2/2], ~2 ulp).
 inline vec vexp(vec x) {
   x = V(max_ps)(V(min_ps)(x, vset(88.0f)), vset(-87.0f));
