@@ -98,18 +98,15 @@ constexpr int kTile = 8;
 // sums of a block finish in its lane, and one convert and FMA scale 8 blocks (one thread,
 // 2026-11-30: 1536x576 at 9 rows 447 -> 304 us, at 1 row 90 -> 88). Lane l holds block
 // kLane[l]: the order the dword transpose of two packed blocks per vector leaves them in.
+// The scales and biases are read as stored (8 a pass, converted in registers) and the blocks
+// past the last full pass (K = 576: 2 of 18) go one by one: a pass costs the same for 2 live
+// blocks as for 8.
 constexpr int kLane[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
 // w[t], t < 8: dword t of blocks g0 .. g0 + 7 of a packed 4-bit row (nibbles unpacked as
-// weights<4> does), lane l holding block g0 + kLane[l]; blocks past nb read as zeros.
-inline void weights_t(const uint8_t* row, int g0, int nb, __m256i* w) {
+// weights<4> does), lane l holding block g0 + kLane[l].
+inline void weights_t(const uint8_t* row, int g0, __m256i* w) {
   const uint8_t* p = row + static_cast<size_t>(g0) * 16;
-  alignas(32) uint8_t pad[128];
-  if (g0 + 8 > nb) {
-    std::memset(pad, 0, sizeof pad);
-    std::memcpy(pad, p, static_cast<size_t>(nb - g0) * 16);
-    p = pad;
-  }
   const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
   const __m256i l2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
@@ -128,12 +125,48 @@ inline void weights_t(const uint8_t* row, int g0, int nb, __m256i* w) {
   }
 }
 
-template <int MT, int NR>
-void tile4(
-    const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
-    int m, float* y, int ldy) {
-  const int nb = a.K / kGroup, ng = (nb + 7) / 8;
+// A stored row's scales (or biases): 8 from block g0 as float in kLane order, or one.
+inline __m256 load8(const void* p, SType t, int g0) {
   const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  __m256 v;
+  if (t == SType::F32) {
+    v = _mm256_loadu_ps(static_cast<const float*>(p) + g0);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + g0));
+    v = t == SType::F16
+        ? _mm256_cvtph_ps(h)
+        : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_permutevar8x32_ps(v, lanes);
+}
+
+inline float load1(const void* p, SType t, int g) {
+  if (t == SType::F32) {
+    return static_cast<const float*>(p)[g];
+  }
+  const uint16_t h = static_cast<const uint16_t*>(p)[g];
+  if (t == SType::F16) {
+    return _cvtsh_ss(h);
+  }
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// NR packed 4-bit weight rows with their stored scales and biases.
+struct Rows4 {
+  const uint8_t* w[2];
+  const void* s[2];
+  const void* b[2];
+  SType t;
+};
+
+// MT rows of x (from row m) against NR weight rows: y = sum over blocks of s * d * (q_w - 8) .
+// (256 * q1 + q2) + (b + 8 * s) * sum(x), in one order for a row whatever MT is.
+template <int MT, int NR>
+void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
+  const int nb = a.K / kGroup, ng = nb / 8;
   __m256 acc[NR][MT];
   for (int i = 0; i < NR; ++i) {
     for (int r = 0; r < MT; ++r) {
@@ -142,61 +175,135 @@ void tile4(
   }
   for (int G = 0; G < ng; ++G) {
     const int g0 = G * 8;
-    const auto live = static_cast<__mmask8>((1u << std::min(8, nb - g0)) - 1);
     __m256i w[NR][8];
-    __m256 s[NR];
+    __m256 s[NR], bc[NR];
     for (int i = 0; i < NR; ++i) {
-      weights_t(wrows[i], g0, nb, w[i]);
-      s[i] = _mm256_permutevar8x32_ps(_mm256_maskz_loadu_ps(live, sf[i] + g0), lanes);
+      weights_t(R.w[i], g0, w[i]);
+      s[i] = load8(R.s[i], R.t, g0);
+      bc[i] = _mm256_fmadd_ps(s[i], _mm256_set1_ps(8.0f), load8(R.b[i], R.t, g0)); // exact 8s
     }
     for (int r = 0; r < MT; ++r) {
       const size_t rg = static_cast<size_t>(m + r) * ng + G;
       const int8_t* xg = a.qt.data() + rg * 512;
       const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.ct.data() + rg * 8));
-      __m256i a1[NR], a2[NR];
+      // Two accumulators per level and row (even and odd t): int32 sums are exact in any order,
+      // and one row's single row pass then has 8 independent VNNI chains, not 4.
+      __m256i a1[NR][2], a2[NR][2];
       for (int i = 0; i < NR; ++i) {
-        a1[i] = _mm256_setzero_si256();
-        a2[i] = c;
+        a1[i][0] = a1[i][1] = a2[i][1] = _mm256_setzero_si256();
+        a2[i][0] = c;
       }
       for (int t = 0; t < 8; ++t) {
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + t * 32));
         const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 256 + t * 32));
         for (int i = 0; i < NR; ++i) {
-          a1[i] = _mm256_dpbusd_epi32(a1[i], w[i][t], x1);
-          a2[i] = _mm256_dpbusd_epi32(a2[i], w[i][t], x2);
+          a1[i][t & 1] = _mm256_dpbusd_epi32(a1[i][t & 1], w[i][t], x1);
+          a2[i][t & 1] = _mm256_dpbusd_epi32(a2[i][t & 1], w[i][t], x2);
         }
       }
       const __m256 d = _mm256_loadu_ps(a.dt.data() + rg * 8);
+      const __m256 xs = _mm256_loadu_ps(a.st.data() + rg * 8);
       for (int i = 0; i < NR; ++i) {
-        // sum((q_w - center) * (256 * q1 + q2)) of each block, then its scale
-        const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(a1[i], 8), a2[i]);
+        // sum((q_w - center) * (256 * q1 + q2)) of each block, then its scale, then the bias
+        const __m256i p1 = _mm256_add_epi32(a1[i][0], a1[i][1]);
+        const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(p1, 8), _mm256_add_epi32(a2[i][0], a2[i][1]));
         acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s[i], d), acc[i][r]);
+        acc[i][r] = _mm256_fmadd_ps(bc[i], xs, acc[i][r]);
+      }
+    }
+  }
+  float part[NR][MT];
+  for (int i = 0; i < NR; ++i) {
+    for (int r = 0; r < MT; ++r) {
+      part[i][r] = hsum(acc[i][r]);
+      acc[i][r] = _mm256_setzero_ps();
+    }
+  }
+  // The blocks past the last full pass, one by one (8 partial sums a block and row).
+  float bias[NR][MT] = {};
+  for (int g = ng * 8; g < nb; ++g) {
+    __m256i w[NR];
+    float sg[NR], bg[NR];
+    for (int i = 0; i < NR; ++i) {
+      w[i] = weights<4>(R.w[i], g);
+      sg[i] = load1(R.s[i], R.t, g);
+      bg[i] = load1(R.b[i], R.t, g) + 8.0f * sg[i];
+    }
+    for (int r = 0; r < MT; ++r) {
+      const size_t row = static_cast<size_t>(m + r);
+      const int8_t* xb = a.q.data() + (row * a.K + g * kGroup) * 2;
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+      const float d = a.d[row * nb + g], xs = a.sum[row * nb + g];
+      const __m256i corr = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(a.corr.data() + (row * nb + g) * 8));
+      for (int i = 0; i < NR; ++i) {
+        const __m256i p1 = _mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w[i], x1), 8);
+        const __m256i p = _mm256_add_epi32(_mm256_dpbusd_epi32(corr, w[i], x2), p1);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sg[i] * d), acc[i][r]);
+        bias[i][r] += bg[i] * xs;
       }
     }
   }
   for (int i = 0; i < NR; ++i) {
     for (int r = 0; r < MT; ++r) {
-      const float bias = dot(bf[i], a.sum.data() + static_cast<size_t>(m + r) * nb, nb);
-      y[static_cast<size_t>(r) * ldy + i] = hsum(acc[i][r]) + bias;
+      y[static_cast<size_t>(r) * ldy + i] = part[i][r] + (hsum(acc[i][r]) + bias[i][r]);
     }
   }
 }
 
-// Acts' per-group layout for tile4 (after the blocks are quantized).
+template <int MT, int NR>
+inline void rest4(const Rows4& R, const Acts& a, int m, float* y, int ldy, int left) {
+  if constexpr (MT > 0) {
+    if (left == MT) {
+      tile4<MT, NR>(R, a, m, y, ldy);
+    } else {
+      rest4<MT - 1, NR>(R, a, m, y, ldy, left);
+    }
+  }
+}
+
+// Rows [n0, n1) of a 4-bit W in pairs (then one), the pairs kAhead further on prefetched.
+void qdot4(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
+  const size_t nb = W.K / kGroup, sbytes = (W.stype == SType::F32 ? 4 : 2) * nb;
+  auto rows = [&]<int NR>(int n) {
+    Rows4 R{{}, {}, {}, W.stype};
+    for (int i = 0; i < NR; ++i) {
+      R.w[i] = W.w + static_cast<size_t>(n + i) * W.K / 2;
+      R.s[i] = static_cast<const char*>(W.scales) + (n + i) * sbytes;
+      R.b[i] = static_cast<const char*>(W.biases) + (n + i) * sbytes;
+    }
+    if (n + (kAhead + 1) * NR <= W.N) {
+      prefetch_rows(W, n + kAhead * NR, NR);
+    }
+    float* yn = y + (n - n0);
+    int m = 0;
+    for (; m + kTile <= a.M; m += kTile) {
+      tile4<kTile, NR>(R, a, m, yn + m * ldy, ldy);
+    }
+    rest4<kTile - 1, NR>(R, a, m, yn + m * ldy, ldy, a.M - m);
+  };
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    rows.template operator()<2>(n);
+  }
+  for (; n < n1; ++n) {
+    rows.template operator()<1>(n);
+  }
+}
+
+// Acts' per-pass layout for tile4 (after the blocks are quantized), full passes only.
 void transpose_acts(Acts& a) {
-  const int nb = a.K / kGroup, ng = (nb + 7) / 8;
-  a.qt.assign(static_cast<size_t>(a.M) * ng * 512, 0);
-  a.dt.assign(static_cast<size_t>(a.M) * ng * 8, 0.f);
-  a.ct.assign(static_cast<size_t>(a.M) * ng * 8, 0);
+  const int nb = a.K / kGroup, ng = nb / 8;
+  a.qt.resize(static_cast<size_t>(a.M) * ng * 512);
+  a.dt.resize(static_cast<size_t>(a.M) * ng * 8);
+  a.ct.resize(static_cast<size_t>(a.M) * ng * 8);
+  a.st.resize(static_cast<size_t>(a.M) * ng * 8);
   for (int m = 0; m < a.M; ++m) {
     for (int G = 0; G < ng; ++G) {
       const size_t rg = static_cast<size_t>(m) * ng + G;
       for (int l = 0; l < 8; ++l) {
-        const int b = G * 8 + kLane[l];
-        if (b >= nb) {
-          continue;
-        }
-        const size_t mb = static_cast<size_t>(m) * nb + b;
+        const size_t mb = static_cast<size_t>(m) * nb + G * 8 + kLane[l];
         const int8_t* src = a.q.data() + mb * 64;
         for (int h = 0; h < 2; ++h) {
           for (int t = 0; t < 8; ++t) {
@@ -204,6 +311,7 @@ void transpose_acts(Acts& a) {
           }
         }
         a.dt[rg * 8 + l] = a.d[mb];
+        a.st[rg * 8 + l] = a.sum[mb];
         int32_t total = 0;
         for (int j = 0; j < 8; ++j) {
           total += a.corr[mb * 8 + j];
@@ -219,10 +327,6 @@ template <int BITS, int MT, int NR>
 void tile(
     const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
     int m, float* y, int ldy) {
-  if constexpr (BITS == 4) {
-    tile4<MT, NR>(wrows, sf, bf, a, m, y, ldy);
-    return;
-  }
   const int nb = a.K / kGroup;
   __m256 acc[NR][MT];
   for (int i = 0; i < NR; ++i) {
@@ -313,7 +417,7 @@ void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
 
 void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
   if (W.bits == 4) {
-    qdot<4>(W, a, y, ldy, n0, n1);
+    qdot4(W, a, y, ldy, n0, n1);
   } else {
     qdot<8>(W, a, y, ldy, n0, n1);
   }

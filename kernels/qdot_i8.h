@@ -28,12 +28,14 @@ struct Acts {
   std::vector<float> d; // [M, K / 32] block units (step / 256)
   std::vector<float> sum; // [M, K / 32] block sums of x
   std::vector<int32_t> corr; // [M, K / 32, 8]
-  // 4-bit weights read groups of 8 blocks with one int32 lane per block (qdot_i8.cpp): per row
-  // and group, q1 then q2 as 8 vectors of 8 lanes (lane l holds 4 bytes of block kLane[l]),
-  // the blocks' units and their total corrections in the same lane order (zeros past K).
-  std::vector<int8_t> qt; // [M, groups, 2, 8, 8, 4]
-  std::vector<float> dt; // [M, groups, 8]
-  std::vector<int32_t> ct; // [M, groups, 8]
+  // 4-bit weights read full groups of 8 blocks with one int32 lane per block (qdot_i8.cpp): per
+  // row and group, q1 then q2 as 8 vectors of 8 lanes (lane l holds 4 bytes of block kLane[l]),
+  // the blocks' units, total corrections and sums of x in the same lane order. The blocks past
+  // the last full group (K / 32 % 8 of them) are read from q, d, corr and sum.
+  std::vector<int8_t> qt; // [M, K / 256, 2, 8, 8, 4]
+  std::vector<float> dt; // [M, K / 256, 8]
+  std::vector<int32_t> ct; // [M, K / 256, 8]
+  std::vector<float> st; // [M, K / 256, 8]
   int M = 0, K = 0, bits = 0;
 };
 

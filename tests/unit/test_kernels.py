@@ -50,7 +50,9 @@ def _int_acts_reference(x: mx.array, w: mx.array, s: mx.array, b: mx.array, bits
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sdtype", [mx.float16, mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (33, 576), (577, 1536), (1536, 576)])
+@pytest.mark.parametrize(
+    "n,k", [(1, 32), (7, 96), (5, 480), (33, 576), (9, 800), (577, 1536), (1536, 576)]
+)
 def test_qmm_matches_dequantized_matmul(bits: int, sdtype, n: int, k: int) -> None:
     mx.random.seed(n * 7 + k + bits)
     w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.1, group_size=32, bits=bits)
@@ -81,6 +83,22 @@ def test_rows_are_independent_of_the_batch() -> None:
     for i in (0, 5, 32):
         assert mx.array_equal(qkernels.qmm(x[i : i + 1], w, s, b, 4), full[i : i + 1]).item()
     assert mx.array_equal(qkernels.qmm(x[4:9], w, s, b, 4), full[4:9]).item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sdtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("n,k", [(1, 256), (3, 480), (33, 800), (130, 576)])
+def test_rows_are_independent_of_the_batch_on_odd_shapes(bits: int, sdtype, n: int, k: int) -> None:
+    """Full 8-block passes, a tail of 1-7 blocks and every tile height (1-8 rows, then the
+    rest): a row gives the same bits alone as in any batch."""
+    mx.random.seed(n + k + bits)
+    w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.1, group_size=32, bits=bits)
+    s, b = s.astype(sdtype), b.astype(sdtype)
+    x = mx.random.normal((19, k))
+    full = qkernels.qmm(x, w, s, b, bits)
+    assert _rel_err(full, _reference(x, w, s, b, bits)) < TOL
+    for i0, i1 in ((0, 1), (18, 19), (3, 10), (1, 18), (2, 5)):
+        assert mx.array_equal(qkernels.qmm(x[i0:i1], w, s, b, bits), full[i0:i1]).item(), (i0, i1)
 
 
 def test_dequantize_matches_mlx() -> None:
