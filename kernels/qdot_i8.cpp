@@ -77,51 +77,58 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sum(a[i] * b[i]) for i < n, in a fixed order.
-inline float dot(const float* a, const float* b, int n) {
-  __m512 acc = _mm512_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  }
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-  acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
 constexpr int kTile = 8;
 
-// ---- 4-bit weights: 8 blocks a pass, one int32 lane per block ---------------------------------
+// ---- 8 blocks a pass, one int32 lane per block -------------------------------------------------
 // Summing a block's 8 VNNI lanes and scaling it block by block cost ~8 instructions a block and
 // row, where the two VNNI instructions are the work; so the lanes of a pass hold 8 different
 // blocks (weights transposed in registers, activations laid out so by quantize_acts), the int32
 // sums of a block finish in its lane, and one convert and FMA scale 8 blocks (one thread,
-// 2026-11-30: 1536x576 at 9 rows 447 -> 304 us, at 1 row 90 -> 88). Lane l holds block
-// kLane[l]: the order the dword transpose of two packed blocks per vector leaves them in.
+// 2026-11-30: 4-bit 1536x576 at 9 rows 447 -> 304 us, at 1 row 90 -> 88). Lane l holds block
+// kLane[l]: the order the dword transpose of two blocks per vector (4-bit: whole packed blocks;
+// 8-bit: their first or second 16 bytes) leaves them in.
 // The scales and biases are read as stored (8 a pass, converted in registers) and the blocks
 // past the last full pass (K = 576: 2 of 18) go one by one: a pass costs the same for 2 live
 // blocks as for 8.
 constexpr int kLane[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-// w[t], t < 8: dword t of blocks g0 .. g0 + 7 of a packed 4-bit row (nibbles unpacked as
-// weights<4> does), lane l holding block g0 + kLane[l].
+// u[t], t < 4: dword t of each 128-bit half of l[0..3]; when l[j] holds blocks 2j and 2j + 1 (a
+// half each), lane l of u[t] comes from block kLane[l].
+inline void transpose4(const __m256i* l, __m256i* u) {
+  const __m256i t0 = _mm256_unpacklo_epi32(l[0], l[1]), t1 = _mm256_unpackhi_epi32(l[0], l[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(l[2], l[3]), t3 = _mm256_unpackhi_epi32(l[2], l[3]);
+  u[0] = _mm256_unpacklo_epi64(t0, t2);
+  u[1] = _mm256_unpackhi_epi64(t0, t2);
+  u[2] = _mm256_unpacklo_epi64(t1, t3);
+  u[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// w[t], t < 8: dword t of blocks g0 .. g0 + 7 of a row (as weights<BITS> orders a block's
+// values), lane l holding block g0 + kLane[l].
+template <int BITS>
 inline void weights_t(const uint8_t* row, int g0, __m256i* w) {
-  const uint8_t* p = row + static_cast<size_t>(g0) * 16;
-  const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-  const __m256i l2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
-  const __m256i l3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 96));
-  const __m256i t0 = _mm256_unpacklo_epi32(l0, l1), t1 = _mm256_unpackhi_epi32(l0, l1);
-  const __m256i t2 = _mm256_unpacklo_epi32(l2, l3), t3 = _mm256_unpackhi_epi32(l2, l3);
-  const __m256i u[4] = {
-      _mm256_unpacklo_epi64(t0, t2),
-      _mm256_unpackhi_epi64(t0, t2),
-      _mm256_unpacklo_epi64(t1, t3),
-      _mm256_unpackhi_epi64(t1, t3)};
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  for (int t = 0; t < 4; ++t) {
-    w[t] = _mm256_and_si256(u[t], m4); // low nibbles: the block's even values
-    w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(u[t], 4), m4); // high: the odd ones
+  const uint8_t* p = row + static_cast<size_t>(g0) * BITS * 4;
+  __m256i l[4];
+  if constexpr (BITS == 4) { // l[j]: packed blocks 2j and 2j + 1
+    for (int j = 0; j < 4; ++j) {
+      l[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+    }
+    __m256i u[4];
+    transpose4(l, u);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < 4; ++t) {
+      w[t] = _mm256_and_si256(u[t], m4); // low nibbles: the block's even values
+      w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(u[t], 4), m4); // high: the odd ones
+    }
+  } else { // l[j]: the first (then second) 16 bytes of blocks 2j and 2j + 1
+    for (int h = 0; h < 2; ++h) {
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* b = p + 64 * j + 16 * h;
+        l[j] = _mm256_loadu2_m128i(
+            reinterpret_cast<const __m128i*>(b + 32), reinterpret_cast<const __m128i*>(b));
+      }
+      transpose4(l, w + 4 * h);
+    }
   }
 }
 
@@ -132,7 +139,8 @@ inline __m256 load8(const void* p, SType t, int g0) {
   if (t == SType::F32) {
     v = _mm256_loadu_ps(static_cast<const float*>(p) + g0);
   } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + g0));
+    const auto* h16 = static_cast<const uint16_t*>(p) + g0;
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h16));
     v = t == SType::F16
         ? _mm256_cvtph_ps(h)
         : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -154,18 +162,19 @@ inline float load1(const void* p, SType t, int g) {
   return f;
 }
 
-// NR packed 4-bit weight rows with their stored scales and biases.
-struct Rows4 {
+// NR packed weight rows with their stored scales and biases.
+struct Rows {
   const uint8_t* w[2];
   const void* s[2];
   const void* b[2];
   SType t;
 };
 
-// MT rows of x (from row m) against NR weight rows: y = sum over blocks of s * d * (q_w - 8) .
-// (256 * q1 + q2) + (b + 8 * s) * sum(x), in one order for a row whatever MT is.
-template <int MT, int NR>
-void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
+// MT rows of x (from row m) against NR weight rows: y = sum over blocks of s * d * (q_w - c) .
+// (256 * q1 + q2) + (b + c * s) * sum(x) (c = center(BITS)), in one order for a row whatever MT
+// is.
+template <int BITS, int MT, int NR>
+void tile(const Rows& R, const Acts& a, int m, float* y, int ldy) {
   const int nb = a.K / kGroup, ng = nb / 8;
   __m256 acc[NR][MT];
   for (int i = 0; i < NR; ++i) {
@@ -178,9 +187,10 @@ void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
     __m256i w[NR][8];
     __m256 s[NR], bc[NR];
     for (int i = 0; i < NR; ++i) {
-      weights_t(R.w[i], g0, w[i]);
+      weights_t<BITS>(R.w[i], g0, w[i]);
       s[i] = load8(R.s[i], R.t, g0);
-      bc[i] = _mm256_fmadd_ps(s[i], _mm256_set1_ps(8.0f), load8(R.b[i], R.t, g0)); // exact 8s
+      const __m256 cf = _mm256_set1_ps(center(BITS)); // c * s is exact
+      bc[i] = _mm256_fmadd_ps(s[i], cf, load8(R.b[i], R.t, g0));
     }
     for (int r = 0; r < MT; ++r) {
       const size_t rg = static_cast<size_t>(m + r) * ng + G;
@@ -206,7 +216,8 @@ void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
       for (int i = 0; i < NR; ++i) {
         // sum((q_w - center) * (256 * q1 + q2)) of each block, then its scale, then the bias
         const __m256i p1 = _mm256_add_epi32(a1[i][0], a1[i][1]);
-        const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(p1, 8), _mm256_add_epi32(a2[i][0], a2[i][1]));
+        const __m256i p2 = _mm256_add_epi32(a2[i][0], a2[i][1]);
+        const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(p1, 8), p2);
         acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s[i], d), acc[i][r]);
         acc[i][r] = _mm256_fmadd_ps(bc[i], xs, acc[i][r]);
       }
@@ -225,9 +236,9 @@ void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
     __m256i w[NR];
     float sg[NR], bg[NR];
     for (int i = 0; i < NR; ++i) {
-      w[i] = weights<4>(R.w[i], g);
+      w[i] = weights<BITS>(R.w[i], g);
       sg[i] = load1(R.s[i], R.t, g);
-      bg[i] = load1(R.b[i], R.t, g) + 8.0f * sg[i];
+      bg[i] = load1(R.b[i], R.t, g) + center(BITS) * sg[i];
     }
     for (int r = 0; r < MT; ++r) {
       const size_t row = static_cast<size_t>(m + r);
@@ -252,24 +263,26 @@ void tile4(const Rows4& R, const Acts& a, int m, float* y, int ldy) {
   }
 }
 
-template <int MT, int NR>
-inline void rest4(const Rows4& R, const Acts& a, int m, float* y, int ldy, int left) {
+// Rows m .. m + MT of x; the last `left` (< kTile) rows pick MT == left.
+template <int BITS, int MT, int NR>
+inline void rest(const Rows& R, const Acts& a, int m, float* y, int ldy, int left) {
   if constexpr (MT > 0) {
     if (left == MT) {
-      tile4<MT, NR>(R, a, m, y, ldy);
+      tile<BITS, MT, NR>(R, a, m, y, ldy);
     } else {
-      rest4<MT - 1, NR>(R, a, m, y, ldy, left);
+      rest<BITS, MT - 1, NR>(R, a, m, y, ldy, left);
     }
   }
 }
 
-// Rows [n0, n1) of a 4-bit W in pairs (then one), the pairs kAhead further on prefetched.
-void qdot4(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
+// Rows [n0, n1) of W in pairs (then one), the pairs kAhead further on prefetched.
+template <int BITS>
+void qdot(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
   const size_t nb = W.K / kGroup, sbytes = (W.stype == SType::F32 ? 4 : 2) * nb;
   auto rows = [&]<int NR>(int n) {
-    Rows4 R{{}, {}, {}, W.stype};
+    Rows R{{}, {}, {}, W.stype};
     for (int i = 0; i < NR; ++i) {
-      R.w[i] = W.w + static_cast<size_t>(n + i) * W.K / 2;
+      R.w[i] = W.w + static_cast<size_t>(n + i) * W.K * BITS / 8;
       R.s[i] = static_cast<const char*>(W.scales) + (n + i) * sbytes;
       R.b[i] = static_cast<const char*>(W.biases) + (n + i) * sbytes;
     }
@@ -279,9 +292,9 @@ void qdot4(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
     float* yn = y + (n - n0);
     int m = 0;
     for (; m + kTile <= a.M; m += kTile) {
-      tile4<kTile, NR>(R, a, m, yn + m * ldy, ldy);
+      tile<BITS, kTile, NR>(R, a, m, yn + m * ldy, ldy);
     }
-    rest4<kTile - 1, NR>(R, a, m, yn + m * ldy, ldy, a.M - m);
+    rest<BITS, kTile - 1, NR>(R, a, m, yn + m * ldy, ldy, a.M - m);
   };
   int n = n0;
   for (; n + 2 <= n1; n += 2) {
@@ -292,7 +305,7 @@ void qdot4(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
   }
 }
 
-// Acts' per-pass layout for tile4 (after the blocks are quantized), full passes only.
+// Acts' per-pass layout for tile (after the blocks are quantized), full passes only.
 void transpose_acts(Acts& a) {
   const int nb = a.K / kGroup, ng = nb / 8;
   a.qt.resize(static_cast<size_t>(a.M) * ng * 512);
@@ -307,7 +320,8 @@ void transpose_acts(Acts& a) {
         const int8_t* src = a.q.data() + mb * 64;
         for (int h = 0; h < 2; ++h) {
           for (int t = 0; t < 8; ++t) {
-            std::memcpy(a.qt.data() + rg * 512 + ((h * 8 + t) * 8 + l) * 4, src + h * 32 + t * 4, 4);
+            int8_t* dst = a.qt.data() + rg * 512 + ((h * 8 + t) * 8 + l) * 4;
+            std::memcpy(dst, src + h * 32 + t * 4, 4);
           }
         }
         a.dt[rg * 8 + l] = a.d[mb];
@@ -320,78 +334,6 @@ void transpose_acts(Acts& a) {
       }
     }
   }
-}
-
-// MT rows of x (from row m) against NR weight rows (scales sf, biases bf as float).
-template <int BITS, int MT, int NR>
-void tile(
-    const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
-    int m, float* y, int ldy) {
-  const int nb = a.K / kGroup;
-  __m256 acc[NR][MT];
-  for (int i = 0; i < NR; ++i) {
-    for (int r = 0; r < MT; ++r) {
-      acc[i][r] = _mm256_setzero_ps();
-    }
-  }
-  for (int g = 0; g < nb; ++g) {
-    __m256i w[NR];
-    for (int i = 0; i < NR; ++i) {
-      w[i] = weights<BITS>(wrows[i], g);
-    }
-    for (int r = 0; r < MT; ++r) {
-      const size_t row = static_cast<size_t>(m + r);
-      const int8_t* xb = a.q.data() + (row * a.K + g * kGroup) * 2;
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
-      const float d = a.d[row * nb + g];
-      const __m256i corr = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(a.corr.data() + (row * nb + g) * 8));
-      for (int i = 0; i < NR; ++i) {
-        // sum((q_w - center) * (256 * q1 + q2))
-        const __m256i p1 = _mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w[i], x1), 8);
-        const __m256i p = _mm256_add_epi32(_mm256_dpbusd_epi32(corr, w[i], x2), p1);
-        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sf[i][g] * d), acc[i][r]);
-      }
-    }
-  }
-  for (int i = 0; i < NR; ++i) {
-    for (int r = 0; r < MT; ++r) {
-      const float bias = dot(bf[i], a.sum.data() + static_cast<size_t>(m + r) * nb, nb);
-      y[static_cast<size_t>(r) * ldy + i] = hsum(acc[i][r]) + bias;
-    }
-  }
-}
-
-template <int BITS, int MT, int NR>
-inline void rest(
-    const uint8_t* const* wrows, const float* const* sf, const float* const* bf, const Acts& a,
-    int m, float* y, int ldy, int left) {
-  if constexpr (MT > 0) {
-    if (left == MT) {
-      tile<BITS, MT, NR>(wrows, sf, bf, a, m, y, ldy);
-    } else {
-      rest<BITS, MT - 1, NR>(wrows, sf, bf, a, m, y, ldy, left);
-    }
-  }
-}
-
-template <int BITS>
-void qdot(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
-  const int nb = W.K / kGroup;
-  for_row_groups(W, n0, n1, [&]<int NR>(const RowGroup& g) {
-    for (int i = 0; i < NR; ++i) {
-      for (int b = 0; b < nb; ++b) {
-        g.b[i][b] += center(BITS) * g.s[i][b]; // the centered weights' offset
-      }
-    }
-    float* yg = y + (g.n - n0);
-    int m = 0;
-    for (; m + kTile <= a.M; m += kTile) {
-      tile<BITS, kTile, NR>(g.w, g.s, g.b, a, m, yg + m * ldy, ldy);
-    }
-    rest<BITS, kTile - 1, NR>(g.w, g.s, g.b, a, m, yg + m * ldy, ldy, a.M - m);
-  });
 }
 
 } // namespace
@@ -410,14 +352,12 @@ void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
     quantize_block(
         x + b * kGroup, bits, a.q.data() + b * kGroup * 2, &a.d[b], &a.sum[b], &a.corr[b * 8]);
   }
-  if (bits == 4) {
-    transpose_acts(a);
-  }
+  transpose_acts(a);
 }
 
 void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
   if (W.bits == 4) {
-    qdot4(W, a, y, ldy, n0, n1);
+    qdot<4>(W, a, y, ldy, n0, n1);
   } else {
     qdot<8>(W, a, y, ldy, n0, n1);
   }
