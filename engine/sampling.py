@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from engine.types import SamplingParams
+from models import qkernels
 from models.fast_math import fast_exp_fused
 
 
@@ -108,7 +109,25 @@ def sample(logits: mx.array, rows: list[RowState], bitmask: mx.array | None = No
 
 
 def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
-    """Temperature, top_k, min_p, top_p, then a draw with each row's own key."""
+    """Temperature, top_k, min_p, top_p, then a draw with each row's own key: one kernel op
+    on the CPU, MLX ops elsewhere."""
+    u = _uniforms(rows)
+    params = [[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in rows]
+    tokens = qkernels.sample_tokens(logits, params, u)
+    return tokens if tokens is not None else _draw_mlx(logits, rows, u)
+
+
+def _uniforms(rows: list[RowState]) -> mx.array:
+    """[B]: one uniform per row from the row's own key (which advances)."""
+    uniforms = []
+    for r in rows:
+        r.key, sub = mx.random.split(r.key)
+        uniforms.append(mx.random.uniform(shape=(1,), key=sub))
+    return uniforms[0] if len(uniforms) == 1 else mx.concatenate(uniforms)
+
+
+def _draw_mlx(logits: mx.array, rows: list[RowState], u: mx.array) -> mx.array:
+    """`_draw` in MLX ops: exp and sort over the vocabulary are kept to a few passes."""
     V = logits.shape[-1]
     x = logits / mx.array([[r.params.temperature] for r in rows], dtype=mx.float32)
     ks = [r.params.top_k if 0 < r.params.top_k < V else 0 for r in rows]
@@ -133,15 +152,11 @@ def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
     top_ps = [r.params.top_p for r in rows]
     if any(p < 1.0 for p in top_ps):
         x = _top_p(x, mx.array([[p] for p in top_ps], dtype=mx.float32), ids is not None)
-    # Inverse-CDF draw: one uniform per row from the row's own key, against the cumulative of
-    # exp(x - max). The polynomial exp keeps this cheap where MLX's exp is slow (CPU).
-    uniforms = []
-    for r in rows:
-        r.key, sub = mx.random.split(r.key)
-        uniforms.append(mx.random.uniform(shape=(1,), key=sub))
+    # Inverse-CDF draw against the cumulative of exp(x - max). The polynomial exp keeps this
+    # cheap where MLX's exp is slow.
     probs = fast_exp_fused(x - x.max(axis=-1, keepdims=True))
     cdf = mx.cumsum(probs, axis=-1)
-    target = mx.concatenate(uniforms)[:, None] * cdf[:, -1:]
+    target = u[:, None] * cdf[:, -1:]
     choice = mx.minimum((cdf <= target).sum(axis=-1), x.shape[-1] - 1)
     if ids is not None:
         choice = mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]

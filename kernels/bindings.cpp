@@ -8,6 +8,7 @@
 #include "layer.h"
 #include "mlp.h"
 #include "qmm.h"
+#include "sample.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -128,6 +129,14 @@ NB_MODULE(_kernels, m) {
       "scale"_a,
       "softmax(scale * q k^T) v for one query position (float32 q [B, Hq, 1, D], k/v [B, Hk, T, D],"
       " mask bool [B or 1, 1, 1, T] or None), on the CPU.");
+  m.def(
+      "sample_tokens",
+      &mlxd::sample_tokens,
+      "logits"_a,
+      "params"_a,
+      "u"_a,
+      "One token per row of float32 logits [B, V]: params [B, 4] (temperature, top_k, top_p,"
+      " min_p) filter, then an inverse-CDF draw at the row's uniform u [B] (CPU).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

@@ -142,6 +142,15 @@ def attn_in(
     return _ext.attn_in(x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope)
 
 
+def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> mx.array | None:
+    """One int32 token per row of float32 logits [B, V] in one op on the CPU: each row's
+    (temperature, top_k, top_p, min_p) filter, then the token where the running sum of its
+    probabilities (by id) passes u [B] of their sum. None where the extension cannot run it."""
+    if not (_fast(logits) and logits.ndim == 2 and _ext is not None):
+        return None
+    return _ext.sample_tokens(logits, mx.array(params, dtype=mx.float32), u)
+
+
 def _fast(x: mx.array) -> bool:
     if _ext is None and _reason is None:
         _load()
