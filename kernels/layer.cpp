@@ -80,7 +80,9 @@ std::vector<mx::array> attn_in(
     throw std::invalid_argument("attn_in: even RoPE dims <= D, offset [B] or [1]");
   }
   auto s = mx::default_stream(mx::Device::cpu);
-  auto off = mx::astype(mx::reshape(offset, {-1}, s), mx::int32, s);
+  // A batch cache's offset is int32 [B] already: no reshape node for it (one a layer a step).
+  auto off = offset.ndim() == 1 ? offset : mx::reshape(offset, {-1}, s);
+  off = mx::astype(off, mx::int32, s);
   return mx::array::make_arrays(
       {{B, n_heads, 1, D}, {B, n_kv_heads, 1, D}, {B, n_kv_heads, 1, Dv}},
       {mx::float32, mx::float32, mx::float32},
