@@ -18,14 +18,19 @@ Emit = Callable[[Sequence, StepOutput], None]
 
 
 class Pending(Protocol):
+    def start(self) -> None:
+        """Start computing the step if `submit` only built it (else nothing)."""
+        ...
+
     def result(self) -> RunnerOutput:
-        """Block until the step's outcome exists."""
+        """Block until the step's outcome exists (starting it if need be)."""
         ...
 
 
 class Runner(Protocol):
     def submit(self, out: SchedulerOutput) -> Pending:
-        """Queue the step; a failure of its shared pass raises."""
+        """Queue the step (or only build it: see Pending.start); a failure of its shared pass
+        raises."""
         ...
 
     def reset(self) -> None:
@@ -39,8 +44,9 @@ class Runner(Protocol):
 
 
 class EngineCore:
-    """Steps one model. With `overlap`, step n's outcome is read after step n+1 is queued (on a
-    GPU that hides the host's work); otherwise each step is read as soon as it is queued."""
+    """Steps one model. With `overlap`, step n+1 is submitted before step n's outcome is read
+    and started after it (building a step's graph overlaps the last of the step before; a GPU
+    runner queues it at once); otherwise each step is read as soon as it is queued."""
 
     def __init__(self, scheduler: Scheduler, runner: Runner, emit: Emit, overlap: bool = False):
         self.scheduler = scheduler
@@ -95,10 +101,11 @@ class EngineCore:
 
     def _step_overlapped(self) -> None:
         out = self.scheduler.schedule()
-        pending = self.runner.submit(out)  # step n+1 queued ...
+        pending = self.runner.submit(out)  # step n+1 queued (or only built) ...
         previous, self._in_flight = self._in_flight, (out, pending)
         if previous is not None:
             self._update(*previous)  # ... while step n's outcome is read
+        pending.start()
         if self._in_flight is not None and (not self.scheduler.running or self.runner.constrained):
             # Nothing follows it, or a grammar needs its token before the next mask: read it now.
             self._update(*self._in_flight)

@@ -99,6 +99,13 @@ class PendingStep:
     samples: list[RowSample] = field(default_factory=list)
     prompt_scores: list[PromptScores] = field(default_factory=list)
     failed: dict[str, Failure] = field(default_factory=dict)
+    queued: list[mx.array] = field(default_factory=list)  # built, not yet started (`start`)
+
+    def start(self) -> None:
+        """Start computing the step (`mx.async_eval`) if its submit left that to the caller."""
+        if self.queued:
+            queued, self.queued = self.queued, []
+            mx.async_eval(queued)
 
     def arrays(self) -> list[mx.array]:
         return [a for s in self.samples for a in s.arrays()] + [
@@ -107,6 +114,7 @@ class PendingStep:
 
     def result(self) -> RunnerOutput:
         """Block until the step's tokens exist and return them (the step's only sync point)."""
+        self.start()
         out = RunnerOutput(failed=dict(self.failed))
         for scores in self.prompt_scores:
             out.prompt_scores.setdefault(scores.seq_id, []).extend(scores.read())

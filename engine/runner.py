@@ -43,11 +43,13 @@ class ModelRunner:
     ):
         self.model = model
         self.make_cache = make_cache
-        # Read step n's tokens after queuing step n+1 only where that overlaps anything: on a
-        # GPU. On the CPU backend async_eval of a whole step returns only once most of it has
-        # run (measured: a 100-op graph blocks ~all its compute), so reading a step late would
-        # only delay every token by a step.
-        self.pipelined = pipelined if pipelined is not None else mx.default_device() == mx.gpu
+        # Pipelined: step n+1 is built before step n's tokens are read. On a GPU it is queued
+        # at once. On the CPU it is only built (its graph building overlaps step n's last ops)
+        # and started after step n is read (`PendingStep.start`): MLX's CPU async_eval returns
+        # only once all but the last ~10 tasks of a step are queued, so queuing step n+1 first
+        # would hold step n's tokens back by most of a step.
+        self.pipelined = pipelined if pipelined is not None else True
+        self.deferred = self.pipelined and mx.default_device() == mx.cpu
         self.prefix_cache = prefix_cache
         self.rows: list[str] = []  # sequence ids of the decode batch, in row order
         self.batch: list | None = None  # per-layer batch caches
@@ -103,10 +105,10 @@ class ModelRunner:
         # finished prefill is decoded with the batch, which samples its first token this step.
         if self.batch is not None and any(s.samples for s in scheduled):
             self._decode(scheduled, step)
-        pending = step.arrays()
-        pending += [self.states[s.seq.id].key for s in scheduled if s.seq.id in self.states]
-        if pending:
-            mx.async_eval(pending)
+        step.queued = step.arrays()
+        step.queued += [self.states[s.seq.id].key for s in scheduled if s.seq.id in self.states]
+        if not self.deferred:
+            step.start()
         return step
 
     def _decode(self, scheduled: list[ScheduledSeq], step: PendingStep) -> None:

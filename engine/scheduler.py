@@ -119,8 +119,11 @@ class Scheduler:
 
     @property
     def speculating(self) -> bool:
-        """This step's decodes may carry drafts (each then needs its last token read first)."""
-        return speculates(self.config.speculative, len(self.running))
+        """This step's decodes may carry drafts (each then needs its last token read first):
+        speculation is on for this many rows and some row may draft (sampled rows never do)."""
+        return speculates(self.config.speculative, len(self.running)) and any(
+            can_draft(s.params) for s in self.running
+        )
 
     # --- the step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

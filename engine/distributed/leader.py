@@ -235,7 +235,9 @@ class LeaderRunner(ModelRunner):
         step: PendingStep = self.leader.call(
             "a step", lambda: ModelRunner.submit(self, out), deadline
         )
-        return _Guarded(step.samples, step.prompt_scores, step.failed, self.leader, deadline)
+        return _Guarded(
+            step.samples, step.prompt_scores, step.failed, leader=self.leader, deadline=deadline
+        )
 
     def _feeds(self) -> dict[str, int]:
         """The token each decode row feeds next (read: the step before was read already)."""

@@ -46,6 +46,9 @@ class FakePending:
     def __init__(self, res: RunnerOutput):
         self.res = res
 
+    def start(self) -> None:
+        pass
+
     def result(self) -> RunnerOutput:
         return self.res
 

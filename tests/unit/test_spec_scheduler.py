@@ -57,6 +57,9 @@ class Done:
     def __init__(self, res: RunnerOutput):
         self.res = res
 
+    def start(self) -> None:
+        pass
+
     def result(self) -> RunnerOutput:
         return self.res
 
@@ -158,6 +161,19 @@ def test_sampled_and_special_rows_never_draft():
     core.add(seq)
     run(core)
     assert runner.widest == 0
+
+
+def test_only_rows_that_may_draft_keep_the_engine_from_overlapping_steps():
+    """A step is read before the next is scheduled only while some row may draft."""
+    core, _, _ = make("auto", overlap=True)
+    sampled = Sequence(GenerateRequest("s", "m", list(PROMPT), SamplingParams(temperature=0.7)))
+    core.add(sampled)
+    core.step()
+    assert not core.scheduler.speculating  # a sampled row alone: steps overlap
+    add(core, "g")
+    core.step()
+    assert core.scheduler.speculating  # a greedy row joined: its drafts need its last token
+    run(core)
 
 
 def test_drafts_never_preempt_and_give_back_their_kv():
