@@ -68,9 +68,10 @@ def sample(logits: mx.array, rows: list[RowState], bitmask: mx.array | None = No
     """Pick one token per row of `logits` [B, V]; advances each row's key and history.
     `bitmask` (packed, one row per row, all ones for free rows) constrains grammar rows.
 
-    Vectorized across rows, and frugal with whole-vocabulary work: exp and sort over 49k+ columns
-    are slow on some backends (MLX's CPU exp runs ~20 ns an element), so top-k rows draw from
-    their k candidates only and min_p is a threshold in logit space."""
+    Vectorized across rows. On the CPU a draw is one kernel op (kernels/sample.cpp); elsewhere
+    it is frugal with whole-vocabulary work (exp and sort over 49k+ columns are slow on some
+    backends), so top-k rows draw from their k candidates only and min_p is a threshold in
+    logit space."""
     logits = logits.astype(mx.float32)
     if any(needs_history(r.params) or r.params.logit_bias for r in rows):
         logits = mx.stack([_apply_processors(logits[i], r) for i, r in enumerate(rows)])
