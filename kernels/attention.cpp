@@ -1,10 +1,10 @@
-// Decode attention: per (row, kv head, query position), the keys the mask lets through are
-// gathered in cache order, scored for the head's R query heads at once (each key row is loaded
-// once for the GQA group), and folded into an online softmax block by block (running max,
-// rescaled sums), with the vectorized exp of vexp.h. Blocks count attended keys only, so a row's
-// sums run in the same order whatever padding the batch gives it: a row gets the same bits alone
-// or in a batch, and a position verified among a few (speculative drafts, each with its causal
-// mask row) the same bits as when it is decoded alone.
+// Attention: per (row, kv head, query position), the keys the mask (and for a causal prefill
+// chunk, the position) lets through are gathered in cache order, scored for the head's R query
+// heads at once (each key row is loaded once for the GQA group), and folded into an online
+// softmax block by block (running max, rescaled sums), with the vectorized exp of vexp.h. Blocks
+// count attended keys only, so a row's sums run in the same order whatever padding the batch
+// gives it: a row gets the same bits alone or in a batch, and a position verified among a few
+// (speculative drafts, each with its causal mask row) the same bits as when it is decoded alone.
 #include "attention.h"
 #include "packed.h"
 #include "pool.h"
@@ -78,6 +78,7 @@ struct Job {
   float* out; // [B, Hq, L, Dv] contiguous
   int B, Hq, Hk, L, T, D, Dv;
   float scale;
+  bool causal; // position l sees keys t <= T - L + l only
 };
 
 // Scores of one query head (q, scaled) against a block of keys. ND: vectors per head row, the
@@ -145,7 +146,8 @@ void attend(const Job& j, int b, int g, int pos) {
   thread_local std::vector<float> qs, sc, acc;
   keys.clear();
   const bool* mrow = j.mask == nullptr ? nullptr : j.mask + b * j.msb + pos * j.msl;
-  for (int t = 0; t < j.T; ++t) {
+  const int last = j.causal ? std::min(j.T, j.T - j.L + pos + 1) : j.T;
+  for (int t = 0; t < last; ++t) {
     if (mrow == nullptr || mrow[t * j.mst]) {
       keys.push_back(t);
     }
@@ -225,9 +227,16 @@ void run(const Job& j) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
   const double work = static_cast<double>(j.B) * j.Hq * j.L * j.T * (j.D + j.Dv);
   const AttendFn f = pick(j.D, j.Dv);
-  const int per_row = j.Hk * j.L;
+  // A chunk is a run of query positions of one (row, kv head): one position each up to 4096
+  // units, more for a long prefill (the pool takes at most 65535 chunks a call).
+  const int64_t units = static_cast<int64_t>(j.B) * j.Hk * j.L;
+  const int span = static_cast<int>(std::max<int64_t>(1, (units + 4095) / 4096));
+  const int per_head = (j.L + span - 1) / span, per_row = j.Hk * per_head;
   pool().run(j.B * per_row, work >= 65536.0, [&](int c) {
-    f(j, c / per_row, (c % per_row) / j.L, c % j.L);
+    const int b = c / per_row, g = (c % per_row) / per_head, p0 = (c % per_head) * span;
+    for (int pos = p0; pos < std::min(j.L, p0 + span); ++pos) {
+      f(j, b, g, pos);
+    }
   });
 }
 
@@ -247,7 +256,8 @@ mx::array decode_attention(
     const mx::array& k,
     const mx::array& v,
     const std::optional<mx::array>& mask,
-    float scale) {
+    float scale,
+    bool causal) {
   for (const auto* a : {&q, &k, &v}) {
     if (a->dtype() != mx::float32 || a->ndim() != 4) {
       throw std::invalid_argument("decode_attention: float32 q, k, v of 4 dims");
@@ -258,6 +268,9 @@ mx::array decode_attention(
       v.shape(2) != T || k.shape(3) != q.shape(3) || Hk < 1 || Hq % Hk || Hq / Hk > 64) {
     throw std::invalid_argument(
         "decode_attention: q [B, Hq, L, D], k [B, Hk, T, D], v [B, Hk, T, Dv], Hq = R * Hk");
+  }
+  if (causal && T < L) {
+    throw std::invalid_argument("decode_attention: a causal mask needs T >= L keys");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs{q, k, v};
@@ -272,7 +285,7 @@ mx::array decode_attention(
   return mx::array(
       {B, Hq, L, v.shape(3)},
       mx::float32,
-      std::make_shared<DecodeAttention>(s, scale),
+      std::make_shared<DecodeAttention>(s, scale, causal),
       std::move(inputs));
 }
 
@@ -288,12 +301,13 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     arrs.push_back(mx::array::unsafe_weak_copy(a));
   }
   const float scale = scale_;
-  enc.dispatch([arrs = std::move(arrs), o = out.data<float>(), scale]() {
+  const bool causal = causal_;
+  enc.dispatch([arrs = std::move(arrs), o = out.data<float>(), scale, causal]() {
     const auto &q = arrs[0], &k = arrs[1], &v = arrs[2];
     std::vector<char> tq, tk, tv;
     Job j{view_of(q, tq), view_of(k, tk), view_of(v, tv), nullptr, 0, 0, 0, o,
           q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), k.shape(3), v.shape(3),
-          scale};
+          scale, causal};
     if (arrs.size() == 4) {
       const auto& m = arrs[3];
       j.mask = m.data<bool>();

@@ -15,7 +15,7 @@ using namespace nb::literals;
 
 NB_MODULE(_kernels, m) {
   m.doc() =
-      "mlxd CPU kernels for MLX (block-quantized matmul and MLP, RMSNorm, RoPE, decode attention)";
+      "mlxd CPU kernels for MLX (block-quantized matmul and MLP, RMSNorm, RoPE, attention)";
   m.def(
       "qmm",
       &mlxd::qmm,
@@ -127,8 +127,10 @@ NB_MODULE(_kernels, m) {
       "v"_a,
       "mask"_a.none(),
       "scale"_a,
-      "softmax(scale * q k^T) v for one query position (float32 q [B, Hq, 1, D], k/v [B, Hk, T, D],"
-      " mask bool [B or 1, 1, 1, T] or None), on the CPU.");
+      "causal"_a = false,
+      "softmax(scale * q k^T) v (float32 q [B, Hq, L, D], k/v [B, Hk, T, D], mask bool"
+      " [B or 1, 1, L or 1, T] or None; causal: position l also sees keys t <= T - L + l only),"
+      " on the CPU.");
   m.def(
       "sample_tokens",
       &mlxd::sample_tokens,

@@ -5,9 +5,9 @@ a softmax on MLX's slow exp), the class of a step's time that grows fastest with
 `FusedAttention` takes over an mlx-lm attention layer of the llama / qwen2 / qwen3 / gemma3
 shape (same children, same attributes, same parameters) and computes exactly what it does:
 projections, optional q/k norms, RoPE at the cache's offsets, the cache's own
-`update_and_fetch`, then attention, where one query position (decode) goes to
-`qkernels.decode_attention` and longer inputs (prefill) to mlx-lm's SDPA. The swap uses
-nn.Module's public `update_modules`, as fused_layers.py does.
+`update_and_fetch`, then attention on `qkernels.decode_attention` (one query position, drafts
+being verified, a prefill chunk; quantized caches keep mlx-lm's SDPA). The swap uses nn.Module's
+public `update_modules`, as fused_layers.py does.
 """
 
 from __future__ import annotations
@@ -56,15 +56,14 @@ class FusedAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         else:
             q, k = self.rope(q), self.rope(k)
-        if L == 1 and not hasattr(cache, "bits"):  # quantized caches keep mlx-lm's path
-            out = qkernels.decode_attention(q, k, v, self.scale, mask)
-            # [B, H, 1, D] is already [B, 1, H, D] in memory: no transpose (and no copy).
-            return self.o_proj(out.reshape(B, L, -1))
-        if L <= qkernels.FEW_QUERIES and not hasattr(cache, "bits"):
-            # Drafts being verified: each position attends as if decoded alone (same bits).
-            out = qkernels.decode_attention(q, k, v, self.scale, mask)
-        else:
+        if hasattr(cache, "bits"):  # quantized caches keep mlx-lm's path
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        else:
+            # Drafts being verified attend as if decoded alone (same bits); so do prefill chunks.
+            out = qkernels.decode_attention(q, k, v, self.scale, mask)
+            if L == 1:
+                # [B, H, 1, D] is already [B, 1, H, D] in memory: no transpose (and no copy).
+                return self.o_proj(out.reshape(B, L, -1))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

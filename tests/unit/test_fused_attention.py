@@ -142,16 +142,49 @@ def test_each_position_gets_the_bits_of_decoding_it_alone() -> None:
         assert mx.array_equal(alone, together[:, :, i : i + 1]).item(), i
 
 
-def test_prefill_lengths_stay_on_sdpa(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "b,hq,hk,n,prefix,d",
+    [
+        (1, 9, 3, 82, 0, 64),  # SmolLM2's heads, a short chat prompt
+        (2, 4, 2, 33, 50, 16),  # a chunk after a cached prefix
+        (3, 6, 6, 7, 0, 17),  # no GQA, odd head size
+        (1, 2, 1, 300, 5, 24),  # several softmax blocks
+        (2, 4, 2, 1100, 0, 16),  # more positions than one chunk each (4400 units)
+    ],
+)
+def test_prefill_chunks_match_sdpa(b: int, hq: int, hk: int, n: int, prefix: int, d: int) -> None:
+    """A prefill chunk (MLX's "causal" mask, aligned to the last key) and the same chunk under a
+    boolean mask: SDPA's values, and the causal flag gives the bits of the explicit mask."""
+    mx.random.seed(n + prefix)
+    t = prefix + n
+    q = mx.random.normal((b, n, hq, d)).transpose(0, 2, 1, 3)
+    k = mx.random.normal((b, hk, t + 3, d))[:, :, :t]
+    v = mx.random.normal((b, hk, t, d))
+    got = qkernels.decode_attention(q, k, v, d**-0.5, "causal")
+    assert _close(got, _sdpa(q, k, v, d**-0.5, "causal"))
+    mask = _causal_mask([1] * b, n, t)
+    padded = qkernels.decode_attention(q, k, v, d**-0.5, mask)
+    assert _close(padded, _sdpa(q, k, v, d**-0.5, mask))
+    explicit = qkernels.decode_attention(q, k, v, d**-0.5, _causal_mask([0], n, t))
+    assert mx.array_equal(got, explicit).item()
+
+
+def test_prefill_on_the_kernel_and_its_edges(monkeypatch) -> None:
     counting = _Counting(qkernels._ext)
     monkeypatch.setattr(qkernels, "_ext", counting)
-    n = qkernels.FEW_QUERIES + 1
-    q, k = mx.random.normal((1, 2, n, 16)), mx.random.normal((1, 1, n, 16))
-    mask = _causal_mask([0], n, n)
-    assert _close(qkernels.decode_attention(q, k, k, 0.25, mask), _sdpa(q, k, k, 0.25, mask))
-    assert counting.calls == 0
-    qkernels.decode_attention(q[:, :, :3], k[:, :, :3], k[:, :, :3], 0.25, mask[..., :3, :3])
+    q, k = mx.random.normal((1, 2, 40, 16)), mx.random.normal((1, 1, 40, 16))
+    assert _close(qkernels.decode_attention(q, k, k, 0.25, None), _sdpa(q, k, k, 0.25, None))
     assert counting.calls == 1
+    # Fewer keys than positions under "causal", an additive mask: MLX's SDPA.
+    few = k[:, :, :30]
+    assert _close(
+        qkernels.decode_attention(q, few, few, 0.25, "causal"), _sdpa(q, few, few, 0.25, "causal")
+    )
+    add = mx.zeros((1, 1, 40, 40))
+    assert _close(qkernels.decode_attention(q, k, k, 0.25, add), _sdpa(q, k, k, 0.25, add))
+    assert counting.calls == 1
+    with pytest.raises(ValueError, match="causal"):
+        qkernels._ext.decode_attention(q, few, few, None, 0.25, True)
 
 
 def _decode_through(batch, hq: int, steps: int, window: int | None = None) -> None:
@@ -263,8 +296,8 @@ def test_swapped_layers_give_the_models_logits(kind: str, monkeypatch) -> None:
         tokens[name] = out
     for a, b in zip(tokens["ref"], tokens["fused"]):
         assert _close(b, a, 1e-4)
-    # Every decode step of every layer, and the one-token prompt's prefill.
-    assert counting.calls == (12 + 1) * len(fused.layers)
+    # Every decode step and every prompt's prefill, in every layer.
+    assert counting.calls == (12 + len(prompts)) * len(fused.layers)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
