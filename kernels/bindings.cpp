@@ -103,6 +103,13 @@ NB_MODULE(_kernels, m) {
       "[q, k, v] of a decode step: RMSNorm, the three projections and RoPE on q and k in one op"
       " (float32 x [B, 1, K]; q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hk, 1, Dv]; CPU).");
   m.def(
+      "swiglu",
+      static_cast<mlxd::mx::array (*)(const mlxd::mx::array&, const mlxd::mx::array&)>(
+          &mlxd::swiglu),
+      "g"_a,
+      "u"_a,
+      "silu(g) * u with the vectorized exp (float32, one shape, CPU).");
+  m.def(
       "rms_norm",
       &mlxd::rms_norm,
       "x"_a,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from models import qkernels
 from models.fast_math import fast_exp
 from models.swap import replace_module, swap_modules
 
@@ -77,11 +78,18 @@ def transpose_for_cpu(model: nn.Module) -> int:
     return swapped
 
 
-# --- SwiGLU with a polynomial exp (models/fast_math.py) --------------------------------------
+# --- SwiGLU without MLX's slow CPU exp ------------------------------------------------------
 @mx.compile
-def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """silu(gate) * x, as mlx-lm's swiglu, with the polynomial exp."""
+def _poly_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return gate / (1.0 + fast_exp(-gate)) * x
+
+
+def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x, as mlx-lm's swiglu: mlxd's kernel on the CPU (one pass, vectorized exp:
+    0.03 ms for a 84 x 1536 prefill against 0.5 for the compiled polynomial), else with the
+    polynomial exp (models/fast_math.py)."""
+    y = qkernels.swiglu(gate, x)
+    return y if y is not None else _poly_swiglu(gate, x)
 
 
 class FastSwiGLUMLP(nn.Module):

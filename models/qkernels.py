@@ -154,6 +154,14 @@ def _fast(x: mx.array) -> bool:
     return _ext is not None and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
+def swiglu(gate: mx.array, x: mx.array) -> mx.array | None:
+    """silu(gate) * x in one pass with the vectorized exp on the CPU for float32 inputs of one
+    shape; None where the extension cannot run it (the caller runs its own ops)."""
+    if _fast(gate) and x.dtype == mx.float32 and gate.shape == x.shape and _ext is not None:
+        return _ext.swiglu(gate, x)
+    return None
+
+
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """mx.fast.rms_norm; one pass on the CPU for float32."""
     if _fast(x) and weight.dtype == mx.float32 and _ext is not None:

@@ -298,6 +298,28 @@ def test_rms_norm_matches_mlx() -> None:
     assert mx.allclose(ours(half), ref(half), atol=1e-2).item()
 
 
+def test_swiglu_matches_mlx() -> None:
+    """The prefill SwiGLU kernel (any size: vector body and scalar tail, several pool chunks,
+    strided views) against mlx-lm's swiglu; extreme gates stay finite as MLX's do."""
+    from models.cpu_layout import fast_swiglu
+
+    mx.random.seed(7)
+    shapes = [(1, 1, 7), (1, 83, 1536), (2, 37, 1000), (40000,)]
+    for shape in shapes:
+        g, u = 4 * mx.random.normal(shape), mx.random.normal(shape)
+        got = qkernels.swiglu(g, u)
+        assert got is not None and got.shape == g.shape
+        assert mx.allclose(got, swiglu(g, u), rtol=1e-5, atol=1e-6).item(), shape
+    g = mx.random.normal((96, 5)).T  # a transposed view
+    assert mx.allclose(fast_swiglu(g, g), swiglu(g, g), rtol=1e-5, atol=1e-6).item()
+    edge = mx.array([-200.0, -88.0, -20.0, 0.0, 20.0, 88.0, 200.0] * 3)
+    ref = swiglu(edge, mx.ones_like(edge))
+    assert mx.allclose(qkernels.swiglu(edge, mx.ones_like(edge)), ref, atol=1e-6).item()
+    assert qkernels.swiglu(g.astype(mx.float16), g.astype(mx.float16)) is None  # MLX's ops
+    with pytest.raises(ValueError, match="one shape"):
+        qkernels._ext.swiglu(mx.zeros((2, 3)), mx.zeros((3, 2)))
+
+
 def _decode_perplexity(lm, text: str) -> float:
     """Perplexity fed 8 tokens at a time through a KV cache: decode-sized matmuls, the kernels'
     path (test_models_gguf's perplexity is one prefill, which goes through the BLAS)."""
