@@ -20,7 +20,10 @@ log = logging.getLogger("mlxd.kernels")
 
 GROUP_SIZE = 32
 BITS = (4, 8)
-BLAS_ROWS = 64  # from this many rows of x on, qmm dequantizes and calls the BLAS
+# From this many rows of x on, qmm dequantizes and calls the BLAS. A short prompt's prefill runs
+# on the kernels: SmolLM2 Q4_1, 84-token prompt, in-process A/B, loaded machine: 0.82x the time
+# of the BLAS path (no fp32 weights made per call, the fused MLP); at 208 tokens 1.18x.
+BLAS_ROWS = 96
 _STATUS = Path(__file__).with_name("_kernels.json")
 _ext: ModuleType | None = None
 _reason: str | None = None
@@ -85,7 +88,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, bit
         _load()
     if _ext is not None and mx.default_device() == mx.cpu:
         if x.size >= BLAS_ROWS * x.shape[-1]:
-            # Prefill-sized batches: the BLAS on dequantized weights is ~1.7x faster there.
+            # Longer prefills: the BLAS on dequantized weights is faster there.
             return x.astype(mx.float32) @ _ext.dequantize(w, scales, biases, bits).T
         return _ext.qmm(x, w, scales, biases, bits)
     y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=GROUP_SIZE, bits=bits)

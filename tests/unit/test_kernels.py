@@ -57,7 +57,7 @@ def test_qmm_matches_dequantized_matmul(bits: int, sdtype, n: int, k: int) -> No
     mx.random.seed(n * 7 + k + bits)
     w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.1, group_size=32, bits=bits)
     s, b = s.astype(sdtype), b.astype(sdtype)
-    for m in (1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 70):  # 70: dequantize + BLAS
+    for m in (1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 70, 100):  # 100: dequantize + BLAS
         x = mx.random.normal((m, k))
         got = qkernels.qmm(x, w, s, b, bits)
         assert got.shape == (m, n) and got.dtype == mx.float32
