@@ -31,7 +31,7 @@ from models.errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
-from models.gguf import import_gguf as _import_gguf
+from models.gguf_process import import_gguf_isolated
 from models.loader import LoadedModel, cpu_weight_format, load_model
 from models.memory import backend, default_memory_limit
 from models.names import model_dir, normalize_name
@@ -310,9 +310,10 @@ class ModelRegistry:
         return dest
 
     def import_gguf(self, path: str | Path, name: str, progress=None) -> ModelEntry:
-        """Import a GGUF file as `name` (ImportFailedError, InvalidModelNameError)."""
+        """Import a GGUF file as `name` (ImportFailedError, InvalidModelNameError), in a child
+        process: an import holds no GIL of the server's, so streams keep their pace."""
         dest = self._new_dir(name)
-        _import_gguf(path, dest, progress=progress)
+        import_gguf_isolated(path, dest, progress=progress)
         return self.resolve(name)
 
     def import_folder(self, path: str | Path, name: str) -> ModelEntry:
