@@ -27,6 +27,7 @@ class Sample:
     mlx_cache: int = 0
     mlx_active: int = 0
     running: int = 0
+    steps: int = 0  # engine steps so far (the KV and prefix gauges change once a step)
     releases: int = -1  # idle releases so far; -1: the server does not report them
 
     @property
@@ -56,6 +57,7 @@ def parse_metrics(text: str, t: float = 0.0, rss: int | None = None) -> Sample:
         mlx_cache=int(g.get("mlxd_mlx_cache_bytes", 0)),
         mlx_active=int(g.get("mlxd_mlx_active_bytes", 0)),
         running=int(g.get("mlxd_running_sequences", 0)),
+        steps=int(g.get("mlxd_engine_steps_total", g.get("mlxd_engine_steps", 0))),
         releases=-1 if releases is None else int(releases),
     )
 

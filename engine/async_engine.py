@@ -382,9 +382,7 @@ class AsyncEngine(EngineAPI):
         return EngineStats(
             running=sum(len(c.scheduler.running) for c in cores),
             waiting=sum(len(c.scheduler.waiting) for c in cores),
-            kv_bytes=sum(r.kv_bytes() for r in runners),
             kv_budget_bytes=self.kv.budget_bytes,
-            prefix_cache_bytes=sum(p.nbytes for p in prefix),
             prefix_cache_hits=sum(p.hits for p in prefix),
             prefix_cache_queries=sum(p.queries for p in prefix),
             steps=dropped.get("steps", 0) + sum(c.steps for c in cores),
@@ -397,8 +395,11 @@ class AsyncEngine(EngineAPI):
 
     def stats(self) -> EngineStats:
         snap = self._snapshot
+        kv, prefix = self.models.memory_in_use()  # live: a long step's KV shows as it grows
         return dataclasses.replace(
             snap,
+            kv_bytes=kv,
+            prefix_cache_bytes=prefix,
             failed_requests=snap.failed_requests + self._failed_streams,
             loaded=self.running_models(),
             **dataclasses.asdict(self.memory.report()),

@@ -159,6 +159,13 @@ class ModelManager:
         self.memory.set_step_bytes(sum(self._step_bytes.values()))
         return core
 
+    def memory_in_use(self) -> tuple[int, int]:
+        """(KV bytes, prefix-cache bytes) as of now: ints the runners keep current mid-step,
+        read from any thread."""
+        runners = list(self.runners.values())
+        kv = sum(r.kv_in_use for r in runners)
+        return kv, sum(r.prefix_cache.nbytes for r in runners if r.prefix_cache is not None)
+
     def drop_core(self, name: str) -> None:
         core = self.cores.pop(name, None)
         runner = self.runners.pop(name, None)

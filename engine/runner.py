@@ -73,6 +73,9 @@ class ModelRunner:
         # prefill_bytes(rows, width, keys), fit prefill_budget (None: all in one batch).
         self.prefill_bytes: Callable[[int, int, int], int] | None = None
         self.prefill_budget = 0
+        # kv_bytes() as of the caches' last change, for /metrics on its own thread: kept
+        # current within a step too, as a long step's prefills add KV one batch at a time.
+        self.kv_in_use = 0
 
     # --- the step ---------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -91,6 +94,7 @@ class ModelRunner:
             if self._is_new(sched.seq.id):
                 self._start(sched, step)
         scheduled = [s for s in scheduled if s.seq.id not in step.failed]
+        self._count_kv()
         if self.prefix_cache is not None:
             for tokens, caches in kept:
                 self.prefix_cache.insert(tokens, caches)
@@ -98,13 +102,16 @@ class ModelRunner:
         for batch in self._prefill_batches(fresh):
             if len(batch) > 1:
                 self._prefill_together(batch)
+                self._count_kv()
         for sched in scheduled:
             if sched.seq.id not in self.next_input:
                 self._prefill(sched, step)
+                self._count_kv()
         # Every row decodes, those that joined just now included: the last prompt token of a
         # finished prefill is decoded with the batch, which samples its first token this step.
         if self.batch is not None and any(s.samples for s in scheduled):
             self._decode(scheduled, step)
+            self._count_kv()
         step.queued = step.arrays()
         step.queued += [self.states[s.seq.id].key for s in scheduled if s.seq.id in self.states]
         if not self.deferred:
@@ -285,7 +292,9 @@ class ModelRunner:
                 self.model(mx.array(tokens, dtype=mx.int32), cache=batch)  # KV only
                 for c in batch:
                     c.finalize()
-                # Computed now, so batches of one step never hold their transients at once.
+                # Computed now, so batches of one step never hold their transients at once
+                # (on the CPU this returns once they are: count their KV before).
+                self.kv_in_use = self.kv_bytes() + sum(c.nbytes for c in batch)
                 mx.async_eval([a for c in batch for a in (c.keys, c.values)])
         except Exception:  # new sequences only, the decode batch is untouched
             log.warning("batched prefill failed; prefilling one by one", exc_info=True)
@@ -337,6 +346,7 @@ class ModelRunner:
         """Drop every row and cache (after a failed shared pass left them in an unknown state)."""
         self.rows, self.batch, self._verified = [], None, None
         self.prefilling, self.states, self.next_input = {}, {}, {}
+        self.kv_in_use = 0
 
     def _forget(self, sid: str) -> None:
         self.prefilling.pop(sid, None)
@@ -380,7 +390,12 @@ class ModelRunner:
         return len(self.rows) + len(self.prefilling)
 
     def kv_bytes(self) -> int:
+        """Bytes of the KV arrays held: the batch's whole capacity (padding, room to grow) and
+        the prefilling sequences' caches. Sizes are known before the arrays are computed."""
         total = sum(c.nbytes for c in self.batch) if self.batch else 0
         for caches in self.prefilling.values():
             total += sum(c.nbytes for c in caches)
         return total
+
+    def _count_kv(self) -> None:
+        self.kv_in_use = self.kv_bytes()

@@ -50,3 +50,4 @@ async def test_reads_the_servers_metrics() -> None:
     assert (older.rss, older.kv, older.running, older.releases) == (7, 5, 2, -1)
     weights = 'mlxd_model_weight_bytes{model="a"} 3.0\nmlxd_model_weight_bytes{model="b"} 4.0\n'
     assert parse_metrics(weights).weights == 7
+    assert parse_metrics("mlxd_engine_steps_total 12.0\n").steps == 12
