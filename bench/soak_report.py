@@ -23,6 +23,7 @@ class Sample:
     rss: int = 0
     weights: int = 0
     kv: int = 0
+    kv_reserved: int = 0  # what admission counts: the sequences' own tokens plus a chunk
     prefix: int = 0
     mlx_cache: int = 0
     mlx_active: int = 0
@@ -53,6 +54,7 @@ def parse_metrics(text: str, t: float = 0.0, rss: int | None = None) -> Sample:
         rss=int(g.get("mlxd_process_resident_bytes", rss or 0)),
         weights=int(g.get("mlxd_model_weight_bytes", 0)),
         kv=int(g.get("mlxd_kv_cache_bytes", 0)),
+        kv_reserved=int(g.get("mlxd_kv_reserved_bytes", 0)),
         prefix=int(g.get("mlxd_prefix_cache_bytes", 0)),
         mlx_cache=int(g.get("mlxd_mlx_cache_bytes", 0)),
         mlx_active=int(g.get("mlxd_mlx_active_bytes", 0)),
@@ -173,6 +175,7 @@ def format_soak(result: SoakResult) -> str:
         row("RSS", mb("rss")),
         row("weights", mb("weights")),
         row("KV in use", mb("kv")),
+        row("  of it reserved by admission", mb("kv_reserved")),
         row("prefix cache", mb("prefix")),
         row("MLX buffer cache", mb("mlx_cache")),
         row("MLX active", mb("mlx_active")),

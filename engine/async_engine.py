@@ -399,6 +399,7 @@ class AsyncEngine(EngineAPI):
         return dataclasses.replace(
             snap,
             kv_bytes=kv,
+            kv_reserved_bytes=self.kv.used_bytes,
             prefix_cache_bytes=prefix,
             failed_requests=snap.failed_requests + self._failed_streams,
             loaded=self.running_models(),

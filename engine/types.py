@@ -208,6 +208,7 @@ class EngineStats:
     waiting: int = 0
     kv_bytes: int = 0
     kv_budget_bytes: int = 0
+    kv_reserved_bytes: int = 0  # admission's count: the sequences' own tokens plus a chunk each
     prefix_cache_bytes: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0

@@ -232,6 +232,11 @@ class EngineCollector(Collector):
             "mlxd_waiting_sequences": ("Sequences queued for admission", s.waiting),
             "mlxd_kv_cache_bytes": ("KV cache bytes in use by running sequences", s.kv_bytes),
             "mlxd_kv_cache_budget_bytes": ("KV cache byte budget", s.kv_budget_bytes),
+            "mlxd_kv_reserved_bytes": (
+                "KV bytes admission reserved (each sequence's tokens plus a chunk; the batch "
+                "arrays, mlxd_kv_cache_bytes, also hold rows' padding and room to grow)",
+                s.kv_reserved_bytes,
+            ),
             "mlxd_prefix_cache_bytes": ("Bytes held by the prefix cache", s.prefix_cache_bytes),
             "mlxd_process_resident_bytes": ("Resident memory of the server process", s.rss_bytes),
             "mlxd_mlx_active_bytes": ("MLX active memory", s.mlx_active_bytes),

@@ -59,6 +59,7 @@ async def test_every_family_is_exposed(client: httpx.AsyncClient) -> None:
         "mlxd_waiting_sequences",
         "mlxd_kv_cache_bytes",
         "mlxd_kv_cache_budget_bytes",
+        "mlxd_kv_reserved_bytes",
         "mlxd_prefix_cache_hit_rate",
         "mlxd_prefix_cache_bytes",
         "mlxd_model_weight_bytes",
