@@ -24,7 +24,13 @@ FILLER = 0  # any id: filler positions are computed, never read, and cut from th
 
 
 class BatchKVCache(mlx_cache.BatchKVCache):
-    """mlx-lm's left-padded batch cache, plus a per-row trim."""
+    """mlx-lm's left-padded batch cache, plus a per-row trim, grown in smaller steps.
+
+    Every row holds the batch's room to grow: mlx-lm's 256 positions left 128 unused a row on
+    average (188 MB over 32 rows of SmolLM2's float32 KV). 64 keep 32; growing copies the
+    cache 4 times as often, as each row joining or leaving the batch does anyway."""
+
+    step = 64
 
     @classmethod
     def merge(cls, caches: list) -> BatchKVCache:

@@ -1,5 +1,10 @@
 """The KV the runner reports: its arrays' real sizes, kept current within a step."""
 
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache
+
+from engine.speculative import BatchKVCache
 from engine.types import GenerateRequest, SamplingParams
 from tests.unit.engine_harness import Harness, tiny_llama
 
@@ -34,3 +39,19 @@ def test_kv_in_use_follows_the_caches_within_a_step():
     assert seen[1][0] > 0 and seen[2][0] > seen[1][0]
     assert all(live == real for live, real in at_step_end)
     assert at_step_end[-1] == (0, 0)  # every row gone
+
+
+def test_the_batch_cache_grows_in_small_steps_and_reports_its_capacity():
+    def filled(n: int) -> KVCache:
+        c = KVCache()
+        c.update_and_fetch(mx.ones((1, 2, n, 4)), mx.ones((1, 2, n, 4)))
+        return c
+
+    batch = BatchKVCache.merge([filled(5), filled(9)])
+    assert BatchKVCache.step < mlx_cache.BatchKVCache.step
+    for _ in range(150):
+        new = mx.zeros((2, 2, 1, 4))
+        batch.update_and_fetch(new, new)
+        room = batch.keys.shape[2] - batch.size()
+        assert 0 <= room < BatchKVCache.step
+        assert batch.nbytes == 2 * batch.keys.size * 4  # keys and values, float32
