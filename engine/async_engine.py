@@ -128,6 +128,7 @@ class AsyncEngine(EngineAPI):
     # --- the engine thread's loop body ----------------------------------------------------------
     def _step_all(self) -> bool:
         busy = False
+        self.memory.prefilling(self.models.prefilling())
         for name, core in list(self.models.cores.items()):
             if not core.has_work:
                 continue

@@ -5,9 +5,11 @@ MLX keeps freed buffers for reuse up to its cache limit, but reuses one only for
 nearly its size. Under continuous batching the KV arrays grow and rows come and go, so most
 freed sizes never recur and the cache fills to its limit with buffers nobody takes: a 7-minute
 soak held 2.37 GB of them (the limit was the memory limit / 8) for 538 MB of weights. Bounded
-by the transient arrays of one step of each loaded model (the buffers that do recur), the cache
-keeps its use; after `idle_release` seconds without work it is dropped, and so are the free
-pages of the C heap (glibc keeps freed memory mapped until it is trimmed).
+by the transient arrays of one step of each loaded model (the buffers that do recur, layer
+after layer), the cache keeps its use: a prompt chunk's while prompts are prefilling, a decode
+step's (a quarter of it for SmolLM2 at 32 rows) otherwise. After `idle_release` seconds
+without work it is dropped, and so are the free pages of the C heap (glibc keeps freed memory
+mapped until it is trimmed).
 
 Calls MLX: used on the engine thread only (stats() reads counters from any thread).
 """
@@ -27,7 +29,7 @@ import psutil
 
 log = logging.getLogger("mlxd.engine")
 
-MIN_CACHE_LIMIT = 64 << 20  # the smallest cache limit a computed one gets
+MIN_CACHE_LIMIT = 16 << 20  # the smallest cache limit a computed one gets
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
@@ -81,6 +83,8 @@ class MemoryGovernor:
         self.idle_release = idle_release
         self.ceiling = max(ceiling, MIN_CACHE_LIMIT)
         self.cache_limit = 0
+        self._limits = (0, 0)  # (decoding, prefilling)
+        self._prefilling = True
         self.releases = 0
         self._busy_at = time.monotonic()
         self._released = True
@@ -92,13 +96,26 @@ class MemoryGovernor:
         map_large_allocations()
         self.set_step_bytes(0)
 
-    def set_step_bytes(self, step_bytes: int) -> None:
-        """The loaded models' steps allocate and free this much: bound the cache by it."""
-        limit = self.fixed or min(max(step_bytes, MIN_CACHE_LIMIT), self.ceiling)
-        if limit != self.cache_limit:
+    def set_step_bytes(self, step_bytes: int, decode_bytes: int = 0) -> None:
+        """The loaded models' steps allocate and free up to `step_bytes` (a full prompt chunk),
+        their decode steps `decode_bytes` (0: as much): bound the cache by it."""
+
+        def limit(n: int) -> int:
+            return self.fixed or min(max(n, MIN_CACHE_LIMIT), self.ceiling)
+
+        self._limits = (limit(decode_bytes or step_bytes), limit(step_bytes))
+        self._set_limit(self._limits[self._prefilling])
+
+    def _set_limit(self, limit: int) -> None:
+        if limit != self.cache_limit:  # lowering it frees cached buffers over it at once
             mx.set_cache_limit(limit)
             log.debug("MLX buffer cache limit %.0f MB", limit / 1e6)
             self.cache_limit = limit
+
+    def prefilling(self, prefilling: bool) -> None:
+        """Before steps: whether they prefill prompts (the cache holds a chunk's buffers)."""
+        self._prefilling = prefilling
+        self._set_limit(self._limits[prefilling])
 
     def busy(self) -> None:
         """A step ran."""

@@ -47,7 +47,8 @@ class ModelManager:
         self.cores: dict[str, EngineCore] = {}
         self.runners: dict[str, ModelRunner] = {}  # the MLX side under each core
         self._entries: dict[str, Any] = {}  # a loaded model's registry entry, read at its load
-        self._step_bytes: dict[str, int] = {}  # what a step of each model allocates and frees
+        # What a step of each model allocates and frees: (a full prompt chunk's, a decode's).
+        self._step_bytes: dict[str, tuple[int, int]] = {}
         self.dropped: dict[str, int] = {}  # counters of cores since dropped (never go down)
         # A distributed group serves one model, whose runner sends each step to the other ranks.
         self.make_runner: Callable[..., ModelRunner] = ModelRunner
@@ -155,8 +156,11 @@ class ModelManager:
         )
         # New prompts batched together stay within what a step is budgeted (and MLX caches).
         runner.prefill_bytes, runner.prefill_budget = loaded.prefill_activation_bytes, step_bytes
-        self._step_bytes[loaded.name] = step_bytes
-        self.memory.set_step_bytes(sum(self._step_bytes.values()))
+        decode_bytes = loaded.step_activation_bytes(
+            self.config.max_num_seqs, self.config.max_num_seqs
+        )
+        self._step_bytes[loaded.name] = step_bytes, decode_bytes
+        self._limit_cache()
         return core
 
     def memory_in_use(self) -> tuple[int, int]:
@@ -175,7 +179,18 @@ class ModelManager:
         if runner is not None and runner.prefix_cache is not None:
             runner.prefix_cache.clear()
         self._step_bytes.pop(name, None)
-        self.memory.set_step_bytes(sum(self._step_bytes.values()))
+        self._limit_cache()
+
+    def _limit_cache(self) -> None:
+        steps = self._step_bytes.values()
+        self.memory.set_step_bytes(sum(s for s, _ in steps), sum(d for _, d in steps))
+
+    def prefilling(self) -> bool:
+        """Some model has prompts left to prefill (waiting, or running in chunks)."""
+        return any(
+            c.scheduler.waiting or any(s.prefilling for s in c.scheduler.running)
+            for c in self.cores.values()
+        )
 
     def housekeeping(self) -> None:
         """Unload models whose keep_alive ran out; drop idle cores of unloaded models."""

@@ -78,6 +78,23 @@ def test_the_cache_limit_follows_the_models_within_floor_and_ceiling() -> None:
     assert fixed.cache_limit == 123 << 20
 
 
+def test_the_cache_limit_is_a_prompt_chunks_while_prefilling_else_a_decode_steps() -> None:
+    g = MemoryGovernor(cache_limit=0, idle_release=1.0, ceiling=1 << 30)
+    g.set_step_bytes(300 << 20, 40 << 20)
+    assert g.cache_limit == 300 << 20  # before the first step: prompts come first
+    a = mx.ones((25 << 20,))  # 100 MB freed into the cache
+    mx.eval(a)
+    del a
+    assert mx.get_cache_memory() >= 100 << 20
+    g.prefilling(False)
+    assert g.cache_limit == 40 << 20 and mx.get_cache_memory() <= 40 << 20
+    g.prefilling(True)
+    assert g.cache_limit == 300 << 20
+    g.set_step_bytes(300 << 20)  # no decode figure: one limit
+    g.prefilling(False)
+    assert g.cache_limit == 300 << 20
+
+
 def test_idle_release_empties_the_cache_once_per_idle_spell() -> None:
     g = MemoryGovernor(cache_limit=256 << 20, idle_release=0.0, ceiling=1 << 30)
     g.set_step_bytes(0)
