@@ -119,7 +119,7 @@ def op_class(name: str, module: nn.Module) -> str | None:
         return PROJ
     if kind == "FusedMLP":
         return PROJ  # gate/up/down and SwiGLU in one kernel op: mostly its matmuls
-    if kind == "FusedBlock":
+    if kind in ("FusedBlock", "FusedGemmaBlock"):
         return LAYER  # a decode step's layer in four kernel ops (models/fused_block.py)
     if "Norm" in kind:
         return NORM
@@ -135,7 +135,11 @@ def instrument(model: nn.Module, clock: Clock) -> Timed:
     whose own time is the lm_head of tied-embedding models."""
     named = [(n, m) for n, m in model.named_modules() if n]
     # A fused MLP or layer is one kernel op (a few) over its parts: timed whole, parts unwrapped.
-    fused = tuple(f"{n}." for n, m in named if type(m).__name__ in ("FusedMLP", "FusedBlock"))
+    fused = tuple(
+        f"{n}."
+        for n, m in named
+        if type(m).__name__ in ("FusedMLP", "FusedBlock", "FusedGemmaBlock")
+    )
     for name, module in sorted(named, key=lambda nm: -nm[0].count(".")):
         if fused and name.startswith(fused):
             continue

@@ -34,7 +34,10 @@ NB_MODULE(_kernels, m) {
       "biases"_a,
       "bits"_a,
       "residual"_a,
-      "residual + qmm(x, w, scales, biases, bits) in one op (float32, CPU).");
+      "norm_w"_a = nb::none(),
+      "eps"_a = 0.f,
+      "residual + qmm(x, w, scales, biases, bits) in one op (float32, CPU); with norm_w, the"
+      " product RMS-normed before the add.");
   m.def(
       "dequantize",
       &mlxd::dequantize,
@@ -58,7 +61,9 @@ NB_MODULE(_kernels, m) {
       "down_s"_a,
       "down_b"_a,
       "down_bits"_a,
-      "down(silu(gate(x)) * up(x)) on group-32 quantized weights in one op (float32, CPU).");
+      "gelu"_a = false,
+      "down(silu(gate(x)) * up(x)) on group-32 quantized weights in one op (float32, CPU); gelu:"
+      " gelu_tanh in place of silu.");
   m.def(
       "mlp_residual",
       &mlxd::mlp_residual,
@@ -76,7 +81,10 @@ NB_MODULE(_kernels, m) {
       "down_s"_a,
       "down_b"_a,
       "down_bits"_a,
-      "h + mlp(rms_norm(h, norm_w, eps)) in one op (float32, CPU).");
+      "gelu"_a = false,
+      "post_norm_w"_a = nb::none(),
+      "h + mlp(rms_norm(h, norm_w, eps)) in one op (float32, CPU); with post_norm_w, the MLP's"
+      " output RMS-normed (same eps) before the add.");
   m.def(
       "attn_in",
       &mlxd::attn_in,
@@ -100,8 +108,11 @@ NB_MODULE(_kernels, m) {
       "traditional"_a,
       "base"_a,
       "scale"_a,
-      "[q, k, v] of a decode step: RMSNorm, the three projections and RoPE on q and k in one op"
-      " (float32 x [B, 1, K]; q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hk, 1, Dv]; CPU).");
+      "q_norm_w"_a = nb::none(),
+      "k_norm_w"_a = nb::none(),
+      "[q, k, v] of a decode step: RMSNorm, the three projections, optional per-head q/k RMSNorms"
+      " and RoPE on q and k in one op (float32 x [B, 1, K]; q [B, Hq, 1, D], k [B, Hk, 1, D],"
+      " v [B, Hk, 1, Dv]; CPU).");
   m.def(
       "swiglu",
       static_cast<mlxd::mx::array (*)(const mlxd::mx::array&, const mlxd::mx::array&)>(

@@ -60,7 +60,9 @@ std::vector<mx::array> attn_in(
     int dims,
     bool traditional,
     float base,
-    float scale) {
+    float scale,
+    const std::optional<mx::array>& q_norm_w,
+    const std::optional<mx::array>& k_norm_w) {
   const int K = check_weight("attn_in (q)", q_w, q_s, q_b, bits);
   if (check_weight("attn_in (k)", k_w, k_s, k_b, bits) != K ||
       check_weight("attn_in (v)", v_w, v_s, v_b, bits) != K) {
@@ -83,11 +85,23 @@ std::vector<mx::array> attn_in(
   // A batch cache's offset is int32 [B] already: no reshape node for it (one a layer a step).
   auto off = offset.ndim() == 1 ? offset : mx::reshape(offset, {-1}, s);
   off = mx::astype(off, mx::int32, s);
+  std::vector<mx::array> inputs = {x, norm_w, q_w, q_s, q_b, k_w, k_s, k_b, v_w, v_s, v_b, off};
+  if (q_norm_w.has_value() != k_norm_w.has_value()) {
+    throw std::invalid_argument("attn_in: q and k norm weights both or neither");
+  }
+  if (q_norm_w) {
+    for (const auto* w : {&*q_norm_w, &*k_norm_w}) {
+      if (w->dtype() != mx::float32 || w->ndim() != 1 || w->shape(0) != D) {
+        throw std::invalid_argument("attn_in: float32 q and k norm weights [D]");
+      }
+      inputs.push_back(*w);
+    }
+  }
   return mx::array::make_arrays(
       {{B, n_heads, 1, D}, {B, n_kv_heads, 1, D}, {B, n_kv_heads, 1, Dv}},
       {mx::float32, mx::float32, mx::float32},
       std::make_shared<AttnIn>(s, bits, eps, dims, traditional, base, scale),
-      {x, norm_w, q_w, q_s, q_b, k_w, k_s, k_b, v_w, v_s, v_b, off});
+      std::move(inputs));
 }
 
 void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -122,6 +136,8 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     const float* nw = static_cast<const float*>(p[1]);
     const int32_t* off = static_cast<const int32_t*>(p[11]);
     const bool per_row = arrs[11].size() > 1;
+    const float* qn = arrs.size() == 14 ? static_cast<const float*>(p[12]) : nullptr;
+    const float* kn = arrs.size() == 14 ? static_cast<const float*>(p[13]) : nullptr;
     std::vector<float> xn(static_cast<size_t>(B) * K);
     for (int b = 0; b < B; ++b) {
       rms_norm_row(x + static_cast<size_t>(b) * K, nw, xn.data() + static_cast<size_t>(b) * K, K, eps);
@@ -135,10 +151,16 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
       rope_angles(static_cast<float>(off[per_row ? b : 0]) * scale, inv, cs.data(), sn.data());
       for (int h = 0; h < Hq; ++h) {
         float* r = ys[0] + (static_cast<size_t>(b) * Hq + h) * D;
+        if (qn) {
+          rms_norm_row(r, qn, r, D, eps);
+        }
         rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
       }
       for (int h = 0; h < Hk; ++h) {
         float* r = ys[1] + (static_cast<size_t>(b) * Hk + h) * D;
+        if (kn) {
+          rms_norm_row(r, kn, r, D, eps);
+        }
         rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
       }
     }

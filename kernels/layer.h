@@ -3,6 +3,8 @@
 // and k. Unfused these are six ops and three reshapes per layer, each paying MLX's dispatch.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -13,6 +15,8 @@ namespace mx = mlx::core;
 // x [B, 1, K] float32, norm_w [K] float32; q/k/v weights [Hq * D, K], [Hk * D, K], [Hk * Dv, K]
 // group-32 with `bits`; offset int [B] or [1] (each row's position). Returns q [B, Hq, 1, D] and
 // k [B, Hk, 1, D] rotated as mx.fast.rope(dims, traditional, base, scale) does, v [B, Hk, 1, Dv].
+// With q_norm_w and k_norm_w ([D] float32; qwen3's and gemma3's per-head norms), each q and k
+// head is RMS-normed (eps as the input norm's) before RoPE.
 std::vector<mx::array> attn_in(
     const mx::array& x,
     const mx::array& norm_w,
@@ -33,7 +37,9 @@ std::vector<mx::array> attn_in(
     int dims,
     bool traditional,
     float base,
-    float scale);
+    float scale,
+    const std::optional<mx::array>& q_norm_w = std::nullopt,
+    const std::optional<mx::array>& k_norm_w = std::nullopt);
 
 class AttnIn : public mx::Primitive {
  public:

@@ -26,19 +26,22 @@ void matmul_chunks(const QWeight& W, const Acts& a, F&& chunk_fn) {
   });
 }
 
-void run(const QWeight& G, const QWeight& U, const QWeight& Dn, const float* x, int M, float* y) {
+void run(
+    const QWeight& G, const QWeight& U, const QWeight& Dn, bool gelu, const float* x, int M,
+    float* y) {
   const int F = G.N;
   std::vector<float> h(static_cast<size_t>(M) * F);
   Acts ax;
   quantize_acts(x, M, G.K, G.bits, ax);
-  // gate and up rows [n0, n1) together, so SwiGLU runs on them while they are in cache.
+  // gate and up rows [n0, n1) together, so the activation runs on them while they are in cache.
   matmul_chunks(G, ax, [&](int n0, int n1) {
     const int width = n1 - n0;
     std::vector<float> g(static_cast<size_t>(M) * width), u(g.size());
     qdot_rows(G, ax, g.data(), width, n0, n1);
     qdot_rows(U, ax, u.data(), width, n0, n1);
     for (int m = 0; m < M; ++m) {
-      swiglu(g.data() + m * width, u.data() + m * width, h.data() + m * F + n0, width);
+      (gelu ? gelu_tanh_mul : swiglu)(
+          g.data() + m * width, u.data() + m * width, h.data() + m * F + n0, width);
     }
   });
   Acts ah;
@@ -60,7 +63,8 @@ mx::array mlp(
     const mx::array& down_w,
     const mx::array& down_s,
     const mx::array& down_b,
-    int down_bits) {
+    int down_bits,
+    bool gelu) {
   const int K = check_weight("mlp (gate)", gate_w, gate_s, gate_b, gu_bits);
   check_weight("mlp (up)", up_w, up_s, up_b, gu_bits);
   const int F = check_weight("mlp (down)", down_w, down_s, down_b, down_bits);
@@ -76,7 +80,7 @@ mx::array mlp(
   return mx::array(
       shape,
       mx::float32,
-      std::make_shared<Mlp>(s, gu_bits, down_bits),
+      std::make_shared<Mlp>(s, gu_bits, down_bits, gelu),
       {xf, gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b});
 }
 
@@ -94,9 +98,11 @@ mx::array mlp_residual(
     const mx::array& down_w,
     const mx::array& down_s,
     const mx::array& down_b,
-    int down_bits) {
+    int down_bits,
+    bool gelu,
+    const std::optional<mx::array>& post_norm_w) {
   auto y = mlp(h, gate_w, gate_s, gate_b, up_w, up_s, up_b, gu_bits, down_w, down_s, down_b,
-               down_bits);
+               down_bits, gelu);
   const int K = h.shape(-1);
   if (h.dtype() != mx::float32 || y.shape() != h.shape() || norm_w.dtype() != mx::float32 ||
       norm_w.ndim() != 1 || norm_w.shape(0) != K) {
@@ -104,9 +110,18 @@ mx::array mlp_residual(
   }
   auto inputs = y.inputs();
   inputs.push_back(norm_w);
+  if (post_norm_w) {
+    if (post_norm_w->dtype() != mx::float32 || post_norm_w->shape() != norm_w.shape()) {
+      throw std::invalid_argument("mlp_residual: float32 post norm weight [D]");
+    }
+    inputs.push_back(*post_norm_w);
+  }
   auto s = mx::default_stream(mx::Device::cpu);
   return mx::array(
-      h.shape(), mx::float32, std::make_shared<Mlp>(s, gu_bits, down_bits, eps), std::move(inputs));
+      h.shape(),
+      mx::float32,
+      std::make_shared<Mlp>(s, gu_bits, down_bits, gelu, eps),
+      std::move(inputs));
 }
 
 void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -120,7 +135,8 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   QWeight U = weight_of(inputs[4], inputs[5], gu_bits_);
   QWeight Dn = weight_of(inputs[7], inputs[8], down_bits_);
   const int M = static_cast<int>(inputs[0].size() / inputs[0].shape(-1));
-  const bool residual = inputs.size() == 11;
+  const bool residual = inputs.size() >= 11, post_norm = inputs.size() == 12;
+  const bool gelu = gelu_;
   const float eps = eps_;
   enc.dispatch([=, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
     std::vector<std::vector<char>> tmp;
@@ -133,7 +149,7 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     }
     const float* x = static_cast<const float*>(p[0]);
     if (!residual) {
-      run(G, U, Dn, x, M, y);
+      run(G, U, Dn, gelu, x, M, y);
       return;
     }
     const int K = G.K;
@@ -142,7 +158,13 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       rms_norm_row(x + static_cast<size_t>(m) * K, static_cast<const float*>(p[10]),
                    xn.data() + static_cast<size_t>(m) * K, K, eps);
     }
-    run(G, U, Dn, xn.data(), M, y);
+    run(G, U, Dn, gelu, xn.data(), M, y);
+    if (post_norm) {
+      for (int m = 0; m < M; ++m) {
+        float* r = y + static_cast<size_t>(m) * K;
+        rms_norm_row(r, static_cast<const float*>(p[11]), r, K, eps);
+      }
+    }
     for (size_t i = 0; i < xn.size(); ++i) {
       y[i] = x[i] + y[i];
     }

@@ -321,7 +321,13 @@ int row_chunk(int N, int threads) {
   return std::max(16, (N / (8 * threads) + 15) / 16 * 16);
 }
 
-void swiglu(const float* g, const float* u, float* out, int n) {
+namespace {
+
+// out = g * sigmoid(-a) * u with a = arg(g): silu's a is -g; GELU-tanh's is -2 z with
+// z = sqrt(2 / pi) * (g + 0.044715 g^3), as 0.5 * (1 + tanh(z)) = sigmoid(2 z).
+template <bool Gelu>
+void act_mul(const float* g, const float* u, float* out, int n) {
+  constexpr float kC = 0.7978845608028654f, kC3 = 0.044715f * 0.7978845608028654f;
 #ifdef MLXD_X86
   // The tail goes through a padded vector: every value gets the same arithmetic wherever it sits.
   for (int i = 0; i < n; i += kLanes) {
@@ -330,15 +336,30 @@ void swiglu(const float* g, const float* u, float* out, int n) {
     std::memcpy(gt, g + i, left * sizeof(float));
     std::memcpy(ut, u + i, left * sizeof(float));
     const vec gv = vload(gt);
-    const vec e = vexp(V(sub_ps)(vzero(), gv));
+    vec a = gv;
+    if constexpr (Gelu) {
+      a = vmul(vset(2.0f), vmul(gv, vfma(vmul(gv, gv), vset(kC3), vset(kC))));
+    }
+    const vec e = vexp(V(sub_ps)(vzero(), a));
     vstore(ot, V(mul_ps)(V(div_ps)(gv, V(add_ps)(vset(1.0f), e)), vload(ut)));
     std::memcpy(out + i, ot, left * sizeof(float));
   }
 #else
   for (int i = 0; i < n; ++i) {
-    out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    const float a = Gelu ? 2.0f * (g[i] * (g[i] * g[i] * kC3 + kC)) : g[i];
+    out[i] = g[i] / (1.0f + std::exp(-a)) * u[i];
   }
 #endif
+}
+
+} // namespace
+
+void swiglu(const float* g, const float* u, float* out, int n) {
+  act_mul<false>(g, u, out, n);
+}
+
+void gelu_tanh_mul(const float* g, const float* u, float* out, int n) {
+  act_mul<true>(g, u, out, n);
 }
 
 } // namespace mlxd

@@ -85,4 +85,7 @@ const char* simd_path();
 // x[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, for n values (vectorized exp).
 void swiglu(const float* g, const float* u, float* out, int n);
 
+// x[i] = gelu_tanh(g[i]) * u[i] (nn.gelu_approx: gemma's MLP), for n values (vectorized exp).
+void gelu_tanh_mul(const float* g, const float* u, float* out, int n);
+
 } // namespace mlxd

@@ -4,6 +4,7 @@
 #include "pool.h"
 #include "qdot.h"
 #include "qdot_i8.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <stdexcept>
@@ -111,7 +112,9 @@ mx::array qmm_add(
     const mx::array& scales,
     const mx::array& biases,
     int bits,
-    const mx::array& residual) {
+    const mx::array& residual,
+    const std::optional<mx::array>& norm_w,
+    float eps) {
   const int K = check_weight("qmm_add", w, scales, biases, bits);
   auto shape = x.shape();
   if (x.ndim() < 1 || x.shape(-1) != K) {
@@ -123,8 +126,15 @@ mx::array qmm_add(
   }
   auto s = mx::default_stream(mx::Device::cpu);
   auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
+  std::vector<mx::array> inputs = {xf, w, scales, biases, residual};
+  if (norm_w) {
+    if (norm_w->dtype() != mx::float32 || norm_w->ndim() != 1 || norm_w->shape(0) != w.shape(0)) {
+      throw std::invalid_argument("qmm_add: float32 norm weight [N]");
+    }
+    inputs.push_back(*norm_w);
+  }
   return mx::array(
-      shape, mx::float32, std::make_shared<QMatmul>(s, bits), {xf, w, scales, biases, residual});
+      shape, mx::float32, std::make_shared<QMatmul>(s, bits, eps), std::move(inputs));
 }
 
 mx::array dequantize(
@@ -146,13 +156,14 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   }
   out.set_data(mx::allocator::malloc(out.nbytes()));
   enc.set_output_array(out);
-  // dequantize(w, scales, biases): no x; qmm_add: the residual last.
+  // dequantize(w, scales, biases): no x; qmm_add: the residual (then the norm weight) last.
   const bool dequant = inputs.size() == 3;
-  const bool add = inputs.size() == 5;
+  const bool add = inputs.size() >= 5, norm = inputs.size() == 6;
+  const float eps = eps_;
   const int o = dequant ? 0 : 1; // where w sits
   QWeight W = weight_of(inputs[o], inputs[o + 1], bits_);
   const int M = dequant ? 0 : static_cast<int>(inputs[0].size() / inputs[0].shape(-1));
-  enc.dispatch([W, M, o, add, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
+  enc.dispatch([W, M, o, add, norm, eps, y = out.data<float>(), arrs = weak_copies(inputs)]() mutable {
     std::vector<std::vector<char>> tmp;
     const auto ptrs = row_major(arrs, tmp);
     W.w = static_cast<const uint8_t*>(ptrs[o]);
@@ -162,6 +173,12 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       run_dequant(W, y);
     } else {
       run(W, static_cast<const float*>(ptrs[0]), M, y);
+    }
+    if (norm) {
+      for (int m = 0; m < M; ++m) {
+        float* r = y + static_cast<size_t>(m) * W.N;
+        rms_norm_row(r, static_cast<const float*>(ptrs[5]), r, W.N, eps);
+      }
     }
     if (add) {
       const float* r = static_cast<const float*>(ptrs[4]);

@@ -2,6 +2,8 @@
 // arrays (4 or 8 bits), the layout mlxd keeps GGUF's Q4_0 / Q4_1 / Q8_0 tensors in.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "qdot.h"
@@ -20,14 +22,17 @@ mx::array qmm(
     int bits);
 
 // residual + qmm(x, w, scales, biases, bits), residual of the result's shape: a projection and the
-// residual add after it as one op.
+// residual add after it as one op. With `norm_w` [N] float32, residual + rms_norm(qmm(...), norm_w,
+// eps) (gemma's post-attention norm).
 mx::array qmm_add(
     const mx::array& x,
     const mx::array& w,
     const mx::array& scales,
     const mx::array& biases,
     int bits,
-    const mx::array& residual);
+    const mx::array& residual,
+    const std::optional<mx::array>& norm_w = std::nullopt,
+    float eps = 0.f);
 
 // dequantize(w, scales, biases) in float32 [N, K] (same layouts as qmm).
 mx::array dequantize(
@@ -53,7 +58,8 @@ void set_num_threads(int n);
 
 class QMatmul : public mx::UnaryPrimitive {
  public:
-  QMatmul(mx::Stream stream, int bits) : mx::UnaryPrimitive(stream), bits_(bits) {}
+  QMatmul(mx::Stream stream, int bits, float eps = 0.f)
+      : mx::UnaryPrimitive(stream), bits_(bits), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -61,11 +67,13 @@ class QMatmul : public mx::UnaryPrimitive {
     return "MlxdQMatmul";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return bits_ == static_cast<const QMatmul&>(other).bits_;
+    auto& o = static_cast<const QMatmul&>(other);
+    return bits_ == o.bits_ && eps_ == o.eps_;
   }
 
  private:
   int bits_;
+  float eps_;
 };
 
 } // namespace mlxd

@@ -35,6 +35,7 @@ from models.files import (
     weight_files,
 )
 from models.fused_block import fuse_blocks
+from models.fused_gemma import fuse_gemma_blocks
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
 from models.memory import (
@@ -223,6 +224,7 @@ def load_model(
         if (dequant or on_kernels) and qkernels.available():
             fuse_for_cpu(model)  # one-pass RMSNorm / RoPE, decode attention: fused_layers.py
             fuse_blocks(model)  # a decode step's layer as four kernel ops: fused_block.py
+            fuse_gemma_blocks(model)  # gemma3's layers likewise: fused_gemma.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval
         raise ModelLoadError(name, f"its weights cannot be read ({type(e).__name__})") from None

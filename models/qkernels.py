@@ -106,19 +106,38 @@ def mlp(x: mx.array, gate: Packed, up: Packed, down: Packed) -> mx.array | None:
     return _ext.mlp(x, *gate[:3], *up[:3], gate[3], *down)
 
 
-def mlp_residual(h: mx.array, norm: tuple[mx.array, float], gate: Packed, up: Packed, down: Packed):
-    """h + down(silu(gate(n)) * up(n)) with n = mx.fast.rms_norm(h, *norm), in one op on the CPU
+def mlp_residual(
+    h: mx.array,
+    norm: tuple[mx.array, float],
+    gate: Packed,
+    up: Packed,
+    down: Packed,
+    gelu: bool = False,
+    post_norm: mx.array | None = None,
+):
+    """h + down(act(gate(n)) * up(n)) with n = mx.fast.rms_norm(h, *norm) and act silu, or
+    GELU-tanh (`gelu`: gemma's MLP); with `post_norm` the MLP's output goes through
+    rms_norm(., post_norm, eps) before the add (gemma's post-feedforward norm). One op on the CPU
     for float32 h; None where the extension cannot run it."""
     if not (_fast(h) and _ext is not None and gate[3] == up[3] and norm[0].dtype == mx.float32):
         return None
-    return _ext.mlp_residual(h, *norm, *gate[:3], *up[:3], gate[3], *down)
+    if post_norm is not None and post_norm.dtype != mx.float32:
+        return None
+    return _ext.mlp_residual(h, *norm, *gate[:3], *up[:3], gate[3], *down, gelu, post_norm)
 
 
-def qmm_add(x: mx.array, w: Packed, residual: mx.array) -> mx.array:
-    """residual + qmm(x, *w): one op on the CPU for float32 inputs, two elsewhere."""
+def qmm_add(
+    x: mx.array, w: Packed, residual: mx.array, norm: tuple[mx.array, float] | None = None
+) -> mx.array:
+    """residual + qmm(x, *w), or with `norm` (weight, eps) residual + rms_norm(qmm(x, *w)): one
+    op on the CPU for float32 inputs, two or three elsewhere."""
     if _fast(x) and _ext is not None and residual.dtype == mx.float32:
-        return _ext.qmm_add(x, *w[:3], w[3], residual)
-    return residual + qmm(x, *w)
+        if norm is None:
+            return _ext.qmm_add(x, *w[:3], w[3], residual)
+        if norm[0].dtype == mx.float32:
+            return _ext.qmm_add(x, *w[:3], w[3], residual, *norm)
+    y = qmm(x, *w)
+    return residual + (y if norm is None else mx.fast.rms_norm(y, *norm))
 
 
 def attn_in(
@@ -130,16 +149,21 @@ def attn_in(
     offset: int | mx.array,
     heads: tuple[int, int],
     rope: tuple[int, bool, float, float],
+    qk_norm: tuple[mx.array, mx.array] | None = None,
 ) -> list[mx.array] | None:
     """A decode step's [q, k, v] ([B, H, 1, D] each) from x [B, 1, K]: RMSNorm (weight, eps),
-    the three projections and RoPE (dims, traditional, base, scale) at each row's offset on q
-    and k, in one op on the CPU; None where the extension cannot run it."""
+    the three projections, with `qk_norm` (q and k weights [D]) per-head RMSNorms of q and k at
+    the same eps, and RoPE (dims, traditional, base, scale) at each row's offset on q and k, in
+    one op on the CPU; None where the extension cannot run it."""
     if not (_fast(x) and _ext is not None and q[3] == k[3] == v[3] and x.ndim == 3):
         return None
     off = offset if isinstance(offset, mx.array) else mx.array([offset], dtype=mx.int32)
     if x.shape[1] != 1 or off.size not in (1, x.shape[0]) or norm[0].dtype != mx.float32:
         return None
-    return _ext.attn_in(x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope)
+    if qk_norm is not None and not qk_norm[0].dtype == qk_norm[1].dtype == mx.float32:
+        return None
+    qn, kn = qk_norm if qk_norm is not None else (None, None)
+    return _ext.attn_in(x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope, qn, kn)
 
 
 def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> mx.array | None:
