@@ -7,7 +7,8 @@ at one row that overhead outweighed the matmuls. `FusedBlock` takes over an mlx-
 of the llama / qwen2 / qwen3 shape (same children, same parameters; public `update_modules`)
 and runs one query position per row as
 
-    q, k, v = attn_in(x)                 RMSNorm, q/k/v projections, RoPE (kernels/layer.cpp)
+    q, k, v = attn_in(x)                 RMSNorm, q/k/v projections, qwen3's per-head q/k
+                                         RMSNorms, RoPE (kernels/layer.cpp)
     k, v = cache.update_and_fetch(k, v)  the cache's own update, as mlx-lm's layers call it
     h = x + o_proj(attention(q, k, v))   decode attention, then the projection with the add
     out = h + mlp(rms_norm(h))           the MLP with its norm and residual add
@@ -78,6 +79,7 @@ class FusedBlock(nn.Module):
             cache.offset,
             (attn.n_heads, attn.n_kv_heads),
             (rope.dims, rope.traditional, rope.base, rope.scale),
+            (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if "q_norm" in attn else None,
         )
         if qkv is None:
             return None
@@ -111,12 +113,26 @@ def _fusable(m: nn.Module) -> bool:
     attn = m.children().get("self_attn")
     return (
         type(attn) is FusedAttention
-        and "q_norm" not in attn  # qwen3's per-head norms keep the attention layer's path
+        and _qk_norms_fusable(attn, m.children().get("input_layernorm"))
         and type(attn.get("rope")) is FastRoPE
         and type(m.children().get("mlp")) is FusedMLP
         and type(m.children().get("input_layernorm")) is FastRMSNorm
         and type(m.children().get("post_attention_layernorm")) is FastRMSNorm
         and _projections(attn, m.children()["mlp"]) is not None
+    )
+
+
+def _qk_norms_fusable(attn: nn.Module, norm: Any) -> bool:
+    """No per-head q/k norms, or qwen3's: FastRMSNorms at the input norm's eps (attn_in takes
+    one eps per layer and runs them as FastRMSNorm's kernel does)."""
+    if "q_norm" not in attn:
+        return True
+    qn, kn = attn["q_norm"], attn["k_norm"]
+    return (
+        type(qn) is FastRMSNorm
+        and type(kn) is FastRMSNorm
+        and type(norm) is FastRMSNorm
+        and qn.eps == kn.eps == norm.eps
     )
 
 

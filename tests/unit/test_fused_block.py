@@ -103,10 +103,15 @@ def test_kernels_reject_bad_shapes() -> None:
         ext.qmm_add(mx.zeros((1, 64)), *q[:3], 4, mx.zeros((1, 63)))
 
 
-def _tiny(bits: int | None):
+def _tiny(bits: int | None, kind: str = "llama"):
     from tests.unit.engine_harness import tiny_llama
+    from tests.unit.test_fused_attention import _build
 
-    model = tiny_llama()
+    model = tiny_llama() if kind == "llama" else _build(kind)
+    for layer in model.layers if kind == "qwen3" else []:
+        attn = layer.self_attn  # random q/k norm weights, not ones: a dropped norm would show
+        attn.q_norm.weight = 1 + 0.5 * mx.random.normal(attn.q_norm.weight.shape)
+        attn.k_norm.weight = 1 + 0.5 * mx.random.normal(attn.k_norm.weight.shape)
     if bits is not None:
         nn.quantize(model, group_size=32, bits=bits)
     return model
@@ -120,13 +125,20 @@ def _on_kernels(model, fmt: str):
 
 
 @pytest.mark.parametrize(
-    "bits,fmt,window",
-    [(4, "as_stored", None), (8, "as_stored", None), (None, "q8", None), (4, "as_stored", 8)],
+    "kind,bits,fmt,window",
+    [
+        ("llama", 4, "as_stored", None),
+        ("llama", 8, "as_stored", None),
+        ("llama", None, "q8", None),
+        ("llama", 4, "as_stored", 8),
+        ("qwen3", 4, "as_stored", None),  # per-head q/k RMSNorms in attn_in
+        ("qwen3", None, "q8", 8),
+    ],
 )
-def test_fused_layers_give_the_unfused_bits(bits, fmt: str, window, monkeypatch) -> None:
+def test_fused_layers_give_the_unfused_bits(kind, bits, fmt: str, window, monkeypatch) -> None:
     """Left-padded prompts merged into batch caches (rotating ones past their window too), then
-    decode steps: the fused layers' logits are the unfused kernels' bit for bit (same
-    arithmetic, fewer ops)."""
+    16 greedy decode steps: the fused layers' logits are the unfused kernels' bit for bit (same
+    arithmetic, fewer ops), so the tokens are too."""
     from mlx_lm.models.cache import make_prompt_cache
 
     calls = []
@@ -143,8 +155,8 @@ def test_fused_layers_give_the_unfused_bits(bits, fmt: str, window, monkeypatch)
     monkeypatch.setattr(qkernels, "_ext", Counting())
 
     mx.random.seed(0)
-    ref = _on_kernels(_tiny(bits), fmt)
-    fused = _on_kernels(_tiny(bits), fmt)
+    ref = _on_kernels(_tiny(bits, kind), fmt)
+    fused = _on_kernels(_tiny(bits, kind), fmt)
     fused.update(ref.parameters())
     assert fuse_blocks(fused) == len(fused.layers)
     assert all(isinstance(layer, FusedBlock) for layer in fused.layers)
@@ -158,7 +170,7 @@ def test_fused_layers_give_the_unfused_bits(bits, fmt: str, window, monkeypatch)
             per_row.append(cache)
         batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
         x, out = mx.array([[1], [2], [3]]), []
-        for _ in range(6):
+        for _ in range(16):
             step = model(x, cache=batch)[:, -1]
             out.append(step)
             x = mx.argmax(step, axis=-1)[:, None]
@@ -166,26 +178,37 @@ def test_fused_layers_give_the_unfused_bits(bits, fmt: str, window, monkeypatch)
     for a, b in zip(logits["ref"], logits["fused"], strict=True):
         assert mx.array_equal(a, b).item()
     # Every decode step of every layer, and the one-token prompt's prefill.
-    assert len(calls) == (6 + 1) * len(fused.layers)
+    assert len(calls) == (16 + 1) * len(fused.layers)
 
 
 def test_layers_the_kernels_cannot_take_are_left_alone() -> None:
     from tests.unit.test_fused_attention import _build
 
-    for kind in ("qwen2", "qwen3", "gemma3"):  # q/k/v biases, q/k norms, gemma's own block
+    for kind in ("qwen2", "gemma3"):  # q/k/v biases, gemma's own block
         model = _on_kernels(_build(kind), "q8")
         assert fuse_blocks(model) == 0, kind
+    model = _on_kernels(_build("qwen3"), "q8")
+    model.layers[0].self_attn.k_norm.eps = 1e-6  # attn_in takes one eps per layer
+    assert fuse_blocks(model) == 1
     model = _tiny(None)  # float weights: no kernel-backed projections
     fuse_for_cpu(model)
     assert fuse_blocks(model) == 0
 
 
-@pytest.mark.parametrize("bits,fmt", [(4, "as_stored"), (8, "as_stored"), (None, "q8")])
-def test_batched_equals_single_with_fused_blocks(bits: int | None, fmt: str) -> None:
+@pytest.mark.parametrize(
+    "kind,bits,fmt",
+    [
+        ("llama", 4, "as_stored"),
+        ("llama", 8, "as_stored"),
+        ("llama", None, "q8"),
+        ("qwen3", 4, "as_stored"),
+    ],
+)
+def test_batched_equals_single_with_fused_blocks(kind, bits: int | None, fmt: str) -> None:
     from tests.unit.engine_harness import Harness
     from tests.unit.test_engine_batching import greedy, prompts
 
-    model = _on_kernels(_tiny(bits), fmt)
+    model = _on_kernels(_tiny(bits, kind), fmt)
     assert fuse_blocks(model) == 2
     ps = prompts(5, seed=4)
     alone = {}
