@@ -113,7 +113,12 @@ def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
     """Temperature, top_k, min_p, top_p, then a draw with each row's own key: one kernel op
     on the CPU, MLX ops elsewhere."""
     u = _uniforms(rows)
-    params = [[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in rows]
+    V = logits.shape[-1]
+    # top_k past the vocabulary means no top_k (and stays within the kernel's int range)
+    params = [
+        [p.temperature, p.top_k if 0 < p.top_k < V else 0, p.top_p, p.min_p]
+        for p in (r.params for r in rows)
+    ]
     tokens = qkernels.sample_tokens(logits, params, u)
     return tokens if tokens is not None else _draw_mlx(logits, rows, u)
 

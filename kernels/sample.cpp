@@ -93,6 +93,9 @@ float nucleus_cut(const float* x, const float* w, int V, float top, float need) 
       vals.push_back(x[i]);
     }
   }
+  if (vals.empty()) {
+    return kNegInf; // NaN weights: no bin holds the cut
+  }
   std::sort(vals.begin(), vals.end(), std::greater<float>());
   const float cut = walk(vals, kNegInf, top, need, cum);
   return cut > kNegInf ? cut : vals.back();
@@ -158,6 +161,11 @@ int sample_row(float* x, float* w, int V, const float* p, float u) {
   }
   if (!(top > kNegInf)) {
     return 0; // nothing finite to draw from (a NaN row, or every token masked)
+  }
+  if (top == -kNegInf) {
+    // An infinite logit (or one a tiny temperature scaled past float's range) takes all the
+    // mass; the weights exp(x - top) below would be NaN.
+    return static_cast<int>(std::find(x, x + V, top) - x);
   }
   float floor = kNegInf; // tokens below it are out
   std::vector<float> best; // top_k's candidates, descending

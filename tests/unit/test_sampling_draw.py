@@ -129,3 +129,34 @@ def test_seeded_rows_repeat_their_draws_whatever_shares_the_batch():
     alone = run([])
     assert alone == run([SamplingParams(temperature=1.3, top_k=3, seed=7)])
     assert alone == run([SamplingParams(temperature=0.5, seed=8), SamplingParams(min_p=0.3)])
+
+
+@pytest.mark.skipif(not qkernels.available(), reason="kernels not built")
+@pytest.mark.parametrize(
+    "row",
+    [
+        [math.inf] + [0.0] * (V - 1),  # an infinite logit: exp(x - top) is NaN everywhere
+        [math.nan] * V,
+        [math.nan] + [0.0] * (V - 1),
+        [-math.inf] * V,  # every token masked
+        [3e38] * V,
+    ],
+    ids=["+inf", "all-nan", "one-nan", "all-masked", "huge"],
+)
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_p=0.5, min_p=1.0),
+        SamplingParams(temperature=1e-8, top_p=0.5),
+        SamplingParams(temperature=0.7, top_k=10**12, top_p=1e-9),
+        SamplingParams(temperature=100.0, top_k=1, top_p=0.0),
+    ],
+)
+def test_kernel_draws_a_token_id_from_degenerate_logits(row: list[float], params: SamplingParams):
+    """Logits a broken model or a tiny temperature can produce never crash the draw (an empty
+    top_p bin once read past a vector's end) and always give an id in the vocabulary."""
+    rows = [RowState.create(SamplingParams(**{**vars(params), "seed": s}), []) for s in range(3)]
+    tokens = sampling._draw(mx.broadcast_to(mx.array([row], dtype=mx.float32), (3, V)), rows)
+    assert all(0 <= t < V for t in tokens.tolist())
+    if row[0] == math.inf:
+        assert tokens.tolist() == [0, 0, 0]
