@@ -132,3 +132,29 @@ def make_tiny_model(
     gen = {"eos_token_id": [IM_END, ENDOFTEXT]}
     (out / "generation_config.json").write_text(json.dumps(gen))
     return out
+
+
+# Prompts of mixed lengths: merged into batch caches they are left-padded differently.
+BATCH_PROMPTS = ([5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77])
+
+
+def batched_greedy_logits(
+    model: nn.Module, steps: int, window: int | None = None, prompts=BATCH_PROMPTS
+) -> list[mx.array]:
+    """Each prompt prefilled alone, the caches merged into batch caches (left padding, as the
+    engine merges them), then `steps` greedy decode steps from tokens 1, 2, 3...: each step's
+    last-position logits [B, V]. `window` makes the caches rotating ones."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    per_row = []
+    for p in prompts:
+        cache = make_prompt_cache(model, window)
+        model(mx.array([p]), cache=cache)
+        per_row.append(cache)
+    batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    x, out = mx.arange(1, len(prompts) + 1)[:, None], []
+    for _ in range(steps):
+        step = model(x, cache=batch)[:, -1]
+        out.append(step)
+        x = mx.argmax(step, axis=-1)[:, None]
+    return out

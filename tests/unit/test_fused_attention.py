@@ -12,13 +12,13 @@ from mlx_lm.models.cache import (
     BatchRotatingKVCache,
     KVCache,
     RotatingKVCache,
-    make_prompt_cache,
 )
 
 import models  # noqa: F401  (BLAS before mlx)
 from models import qkernels
 from models.fused_attention import FusedAttention, fuse_attention
 from models.fused_layers import fuse_for_cpu
+from tests.tiny import BATCH_PROMPTS, batched_greedy_logits
 
 pytestmark = pytest.mark.skipif(
     not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
@@ -279,25 +279,11 @@ def test_swapped_layers_give_the_models_logits(kind: str, monkeypatch) -> None:
     assert fuse_attention(fused) == len(fused.layers)
     assert all(isinstance(layer.self_attn, FusedAttention) for layer in fused.layers)
     assert fused.layers[0].self_attn.n_heads == ref.layers[0].self_attn.n_heads
-    prompts = [[5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77]]
-    tokens = {}
-    for name, model in (("ref", ref), ("fused", fused)):
-        per_row = []
-        for p in prompts:
-            cache = make_prompt_cache(model)
-            model(mx.array([p]), cache=cache)
-            per_row.append(cache)
-        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
-        x, out = mx.array([[1], [2], [3]]), []
-        for _ in range(12):
-            logits = model(x, cache=batch)[:, -1]
-            out.append(logits)
-            x = mx.argmax(logits, axis=-1)[:, None]
-        tokens[name] = out
-    for a, b in zip(tokens["ref"], tokens["fused"]):
+    tokens = {name: batched_greedy_logits(m, 12) for name, m in (("ref", ref), ("fused", fused))}
+    for a, b in zip(tokens["ref"], tokens["fused"], strict=True):
         assert _close(b, a, 1e-4)
     # Every decode step and every prompt's prefill, in every layer.
-    assert counting.calls == (12 + len(prompts)) * len(fused.layers)
+    assert counting.calls == (12 + len(BATCH_PROMPTS)) * len(fused.layers)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])

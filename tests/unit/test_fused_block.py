@@ -14,6 +14,7 @@ from models.fused_block import FusedBlock, fuse_blocks
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
 from models.quant_layers import quantize_for_cpu
+from tests.tiny import batched_greedy_logits
 
 pytestmark = pytest.mark.skipif(
     not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
@@ -139,7 +140,6 @@ def test_fused_layers_give_the_unfused_bits(kind, bits, fmt: str, window, monkey
     """Left-padded prompts merged into batch caches (rotating ones past their window too), then
     16 greedy decode steps: the fused layers' logits are the unfused kernels' bit for bit (same
     arithmetic, fewer ops), so the tokens are too."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     calls = []
     ext = qkernels._ext
@@ -160,21 +160,9 @@ def test_fused_layers_give_the_unfused_bits(kind, bits, fmt: str, window, monkey
     fused.update(ref.parameters())
     assert fuse_blocks(fused) == len(fused.layers)
     assert all(isinstance(layer, FusedBlock) for layer in fused.layers)
-    prompts = [[5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77]]
-    logits = {}
-    for name, model in (("ref", ref), ("fused", fused)):
-        per_row = []
-        for p in prompts:
-            cache = make_prompt_cache(model, window)
-            model(mx.array([p]), cache=cache)
-            per_row.append(cache)
-        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
-        x, out = mx.array([[1], [2], [3]]), []
-        for _ in range(16):
-            step = model(x, cache=batch)[:, -1]
-            out.append(step)
-            x = mx.argmax(step, axis=-1)[:, None]
-        logits[name] = out
+    logits = {
+        name: batched_greedy_logits(m, 16, window) for name, m in (("ref", ref), ("fused", fused))
+    }
     for a, b in zip(logits["ref"], logits["fused"], strict=True):
         assert mx.array_equal(a, b).item()
     # Every decode step of every layer, and the one-token prompt's prefill.

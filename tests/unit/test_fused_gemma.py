@@ -11,7 +11,6 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import gemma3_text
-from mlx_lm.models.cache import make_prompt_cache
 
 import models  # noqa: F401  (BLAS before mlx)
 from models import qkernels
@@ -20,6 +19,7 @@ from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
 from models.quant_layers import quantize_for_cpu
 from models.swap import swap_modules
+from tests.tiny import batched_greedy_logits
 from tests.unit.test_fused_block import TOL, _dense, _rel_err, _weight
 
 pytestmark = pytest.mark.skipif(
@@ -114,21 +114,7 @@ def test_fused_gemma_layers_match_mlx_lm_layers() -> None:
     assert fuse_gemma_blocks(fused) == len(fused.layers) == 3
     assert fuse_gemma_blocks(ref) == 3
     swap_modules(ref, lambda m: _Unfused(m) if isinstance(m, FusedGemmaBlock) else None)
-    prompts = [[5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77]]
-    logits = {}
-    for name, model in (("ref", ref), ("fused", fused)):
-        per_row = []
-        for p in prompts:
-            cache = make_prompt_cache(model)
-            model(mx.array([p]), cache=cache)
-            per_row.append(cache)
-        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row)]
-        x, out = mx.array([[1], [2], [3]]), []
-        for _ in range(12):
-            step = model(x, cache=batch)[:, -1]
-            out.append(step)
-            x = mx.argmax(step, axis=-1)[:, None]
-        logits[name] = out
+    logits = {name: batched_greedy_logits(m, 12) for name, m in (("ref", ref), ("fused", fused))}
     for a, b in zip(logits["ref"], logits["fused"], strict=True):
         assert _rel_err(b, a) < TOL
         assert mx.array_equal(mx.argmax(a, -1), mx.argmax(b, -1)).item()
