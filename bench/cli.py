@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-model", default="", help="model name on URL2 (default: --model)")
     p.add_argument("--label", action="append", default=[], help="names of A and B (repeat)")
     p.add_argument("--concurrency", type=_levels, default=[1, 4, 16], help="e.g. 1,4,16")
-    p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 4)")
+    p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 8)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="approximate user prompt length")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per request")
     p.add_argument("--shared-prefix", action="store_true", help="a long shared system prompt")

@@ -67,7 +67,7 @@ class LoadConfig:
     base_url: str
     model: str = ""  # empty: the first model the server lists
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
-    requests: int = 0  # per level; 0: max(2 * concurrency, 4)
+    requests: int = 0  # per level; 0: max(2 * concurrency, 8) (a median of 4 swung ±25%)
     prompt_tokens: int = 64  # approximate length of the user message
     max_tokens: int = 64
     shared_prefix: bool = False
@@ -86,7 +86,7 @@ class LoadConfig:
         return int(index * self.constrained) != int((index - 1) * self.constrained)
 
     def requests_for(self, concurrency: int) -> int:
-        return self.requests or max(2 * concurrency, 4)
+        return self.requests or max(2 * concurrency, 8)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: _list(int, s), default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 4)")
+    p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 8)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first")
     p.add_argument(
         "--no-structured",
