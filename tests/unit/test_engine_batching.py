@@ -22,6 +22,16 @@ def greedy(i: int, p: list[int], **kw) -> GenerateRequest:
     return GenerateRequest(f"r{i}", "m", p, SamplingParams(max_tokens=10 + i, temperature=0, **kw))
 
 
+def alone_and_batched(model, ps: list[list[int]]) -> tuple[dict, dict]:
+    """Greedy outputs of each prompt run alone, and of all of them in one batch (two joining a
+    step, so rows are left-padded differently): equal when batching changes no token."""
+    alone = {}
+    for i, p in enumerate(ps):
+        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
+    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    return alone, batched
+
+
 def seeded(i: int, p: list[int]) -> GenerateRequest:
     params = SamplingParams(
         max_tokens=10,
@@ -116,11 +126,7 @@ def test_rotating_cache_matches_full_within_window_and_runs_past_it():
     rotating = Harness(model, prefix_bytes=0, max_kv_size=16).run([req])["g"]
     assert rotating[: 16 - len(p)] == full[: 16 - len(p)]
     assert len(rotating) == 30
-    ps = prompts(4, seed=6)
-    alone = {}
-    for i, q in enumerate(ps):
-        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, q)]))
-    batched = Harness(model, prefix_bytes=0).run([greedy(i, q) for i, q in enumerate(ps)], every=2)
+    alone, batched = alone_and_batched(model, prompts(4, seed=6))
     assert batched == alone
 
 

@@ -288,16 +288,11 @@ def test_swapped_layers_give_the_models_logits(kind: str, monkeypatch) -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_batched_equals_single_with_fused_layers(kind: str) -> None:
-    from tests.unit.engine_harness import Harness
-    from tests.unit.test_engine_batching import greedy, prompts
+    from tests.unit.test_engine_batching import alone_and_batched, prompts
 
     model = _build(kind)
     assert fuse_for_cpu(model) > 0
-    ps = prompts(5, seed=3)
-    alone = {}
-    for i, p in enumerate(ps):
-        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
-    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    alone, batched = alone_and_batched(model, prompts(5, seed=3))
     assert batched == alone
 
 

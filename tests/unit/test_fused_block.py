@@ -193,14 +193,9 @@ def test_layers_the_kernels_cannot_take_are_left_alone() -> None:
     ],
 )
 def test_batched_equals_single_with_fused_blocks(kind, bits: int | None, fmt: str) -> None:
-    from tests.unit.engine_harness import Harness
-    from tests.unit.test_engine_batching import greedy, prompts
+    from tests.unit.test_engine_batching import alone_and_batched, prompts
 
     model = _on_kernels(_tiny(bits, kind), fmt)
     assert fuse_blocks(model) == 2
-    ps = prompts(5, seed=4)
-    alone = {}
-    for i, p in enumerate(ps):
-        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
-    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    alone, batched = alone_and_batched(model, prompts(5, seed=4))
     assert batched == alone

@@ -121,16 +121,11 @@ def test_fused_gemma_layers_match_mlx_lm_layers() -> None:
 
 
 def test_batched_equals_single_with_fused_gemma_blocks() -> None:
-    from tests.unit.engine_harness import Harness
-    from tests.unit.test_engine_batching import greedy, prompts
+    from tests.unit.test_engine_batching import alone_and_batched, prompts
 
     model = _tiny(seed=2)
     assert fuse_gemma_blocks(model) == 3
-    ps = prompts(5, seed=4)
-    alone = {}
-    for i, p in enumerate(ps):
-        alone.update(Harness(model, prefix_bytes=0).run([greedy(i, p)]))
-    batched = Harness(model, prefix_bytes=0).run([greedy(i, p) for i, p in enumerate(ps)], every=2)
+    alone, batched = alone_and_batched(model, prompts(5, seed=4))
     assert batched == alone
 
 
