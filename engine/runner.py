@@ -43,14 +43,10 @@ class ModelRunner:
     ):
         self.model = model
         self.make_cache = make_cache
-        # Pipelined: step n+1 is built before step n's tokens are read. On a GPU it is queued
-        # at once. On the CPU it is only built (its graph building overlaps step n's last ops)
-        # and started after step n is read (`PendingStep.start`): MLX's CPU async_eval returns
-        # only once all but the last ~10 tasks of a step are queued, so queuing step n+1 first
-        # would hold step n's tokens back by most of a step.
-        # The default is a GPU only: on the 2-core CPU the building thread competes with the
-        # two kernel threads, and read-now steps came out 1.06-1.2x faster for sampled streams
-        # (two bench A/Bs with the servers' order swapped, 2026-11-30).
+        # Pipelined (the GPU's default): step n+1 is built before step n is read. On the CPU
+        # it would be started only after step n is read (MLX's CPU async_eval blocks until all
+        # but ~10 tasks are queued), and building it beside the two kernel threads on 2 cores
+        # made sampled streams 1.06-1.2x slower than read-now steps (bench A/Bs, 2026-11-30).
         self.pipelined = pipelined if pipelined is not None else mx.default_device() == mx.gpu
         self.deferred = self.pipelined and mx.default_device() == mx.cpu
         self.prefix_cache = prefix_cache
