@@ -7,11 +7,10 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.api import EngineAPI, ModelHandle
-from engine.core import EngineCore
 from engine.detokenizer import Detokenizer
 from engine.doctor import doctor
 from engine.embeddings import embed_tokens
@@ -29,6 +28,7 @@ from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
 from engine.outputs import ROW_FAILED, StepOutput
 from engine.sequence import Sequence
+from engine.streams import Sink, Streams
 from engine.structured import prepare_output
 from engine.types import (
     EngineConfig,
@@ -62,12 +62,13 @@ class AsyncEngine(EngineAPI):
         self.kv = KVManager(int(limit * config.kv_fraction))
         self.registry.kv_bytes_fn = lambda: self.kv.used_bytes
         self.memory = MemoryGovernor(config.mlx_cache_limit, config.idle_release, limit // 8)
-        self._thread = EngineThread(self._step_all, self._housekeeping, settle_mlx)
-        self.models = ModelManager(
-            config, self.registry, self.kv, self.memory, self._thread, self._emit
+        self.streams = Streams(self.registry.release)
+        self._thread = EngineThread(
+            self._step_all, self._housekeeping, settle_mlx, self.streams.flush
         )
-        self._owner: dict[str, tuple[str, EngineCore]] = {}  # request id -> (model, core)
-        self._sinks: dict[str, Callable[[StepOutput], None]] = {}
+        self.models = ModelManager(
+            config, self.registry, self.kv, self.memory, self._thread, self.streams.emit
+        )
         self._accepting = True
         self._shutdown: asyncio.Future[None] | None = None
         self._snapshot = EngineStats(kv_budget_bytes=self.kv.budget_bytes)
@@ -115,7 +116,7 @@ class AsyncEngine(EngineAPI):
     async def _drain(self, drain_timeout: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + drain_timeout
-        while self._owner and time.monotonic() < deadline:
+        while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._thread.alive:
             await self._thread.call(self._abort_everything)
@@ -137,6 +138,7 @@ class AsyncEngine(EngineAPI):
                 core.step()  # handles a request's failure itself
             except Exception:  # our bug in the recovery: log it, keep every model's queue
                 log.exception("step failed for model %s", name)
+            self.streams.flush()  # this model's tokens go now, not after the other models' steps
         if busy:
             self.memory.busy()
             self._snapshot = self._take_snapshot()
@@ -189,9 +191,7 @@ class AsyncEngine(EngineAPI):
         if self._thread.failed is not None:  # the engine thread died: nothing would answer
             raise EngineUnavailableError()
 
-    def _submit(
-        self, req: GenerateRequest, loaded: Any, sink: Callable[[StepOutput], None]
-    ) -> None:
+    def _submit(self, req: GenerateRequest, loaded: Any, sink: Sink) -> None:
         """Queue a request on its model's core (engine thread); `loaded` holds a reference,
         released here on failure and when the request ends."""
         try:
@@ -205,35 +205,17 @@ class AsyncEngine(EngineAPI):
                 raise ContextLengthError(n_prompt, req.params.max_tokens, ctx)
             seq = Sequence(req)
             seq.metrics.prompt_tokens = n_prompt
-            self._sinks[req.request_id] = sink
+            self.streams.open(req.request_id, sink)
             core.add(seq)
         except BaseException:
-            self._sinks.pop(req.request_id, None)
+            self.streams.close(req.request_id)
             self.registry.release(loaded.name, req.keep_alive)
             raise
-        self._owner[req.request_id] = (loaded.name, core)
-
-    def _emit(self, seq: Sequence, out: StepOutput) -> None:
-        sink = self._sinks.get(seq.id)
-        if out.finish_reason is not None:
-            self._sinks.pop(seq.id, None)
-            owner = self._owner.pop(seq.id, None)
-            if owner is not None:
-                self.registry.release(owner[0], seq.request.keep_alive)
-        if sink is not None:
-            try:
-                sink(out)
-            except Exception:  # this request's consumer is gone or broken: no one else's concern
-                log.exception("could not deliver output of request %s", seq.id)
+        self.streams.own(req.request_id, loaded.name, core)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:  # type: ignore[override]
         self._check_accepting()
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[StepOutput] = asyncio.Queue()
-
-        def sink(out: StepOutput) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, out)
-
+        sink = Sink.here()
         t0 = time.monotonic()
         # Loading (when needed) runs on a worker thread: the engine thread keeps stepping.
         loaded = await asyncio.to_thread(self.models.acquire, request.model, request.keep_alive)
@@ -253,7 +235,7 @@ class AsyncEngine(EngineAPI):
         done = False
         try:
             while True:
-                out = await q.get()
+                out = await sink.queue.get()
                 try:
                     res = self._to_output(rid, pipe, out, load_time)
                 except Exception:  # this request's text, stop strings or parsers: end it alone
@@ -276,7 +258,7 @@ class AsyncEngine(EngineAPI):
                     return
         finally:
             if not done:
-                self._thread.post(lambda: self._abort_on_thread(rid))
+                self._thread.post(lambda: self.streams.abort(rid))
 
     async def _plan(self, loaded: Any, request: GenerateRequest) -> Any:
         """The output plan (reasoning, tool calls, a grammar) of a request that asks for one."""
@@ -344,16 +326,8 @@ class AsyncEngine(EngineAPI):
             error_kind=out.error.kind if out.error is not None else "internal",
         )
 
-    def _abort_on_thread(self, request_id: str) -> None:
-        owner = self._owner.get(request_id)
-        if owner is not None:
-            owner[1].abort(request_id)
-            self._owner.pop(request_id, None)
-            self._sinks.pop(request_id, None)
-            self.registry.release(owner[0], None)
-
     async def abort(self, request_id: str) -> None:
-        self._thread.post(lambda: self._abort_on_thread(request_id))
+        self._thread.post(lambda: self.streams.abort(request_id))
 
     async def embed(self, model: str, inputs: list[list[int]]) -> list[list[float]]:
         self._check_accepting()

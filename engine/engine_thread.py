@@ -22,10 +22,12 @@ class EngineThread:
         step_all: Callable[[], bool],
         housekeeping: Callable[[], None],
         on_exit: Callable[[], None] = lambda: None,
+        flush: Callable[[], None] = lambda: None,
     ):
         self._step_all = step_all  # steps every model with work; False when none had any
         self._housekeeping = housekeeping
         self._on_exit = on_exit
+        self._flush = flush  # sends what posted calls and steps emitted (once per round)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -103,6 +105,7 @@ class EngineThread:
                 if time.monotonic() - last_housekeeping >= IDLE_TICK:
                     self._guarded(self._housekeeping, "engine housekeeping failed")
                     last_housekeeping = time.monotonic()
+                self._guarded(self._flush, "engine output delivery failed")
         except BaseException as e:  # the engine is dead: /health says so
             self.failed = e
             log.exception("engine thread failed")

@@ -91,14 +91,7 @@ class DistributedEngine(AsyncEngine):
         error frame now; new requests get 503 from here on."""
         self._accepting = False
         error = Failure("unavailable", str(GroupFailedError(message)))
-        for rid in list(self._sinks):
-            sink = self._sinks.pop(rid, None)
-            if sink is None:
-                continue
-            try:
-                sink(StepOutput([], finish_reason=FinishReason.ERROR, error=error))
-            except Exception:  # that stream is gone already
-                log.debug("could not end request %s", rid)
+        self.streams.end_all(StepOutput([], finish_reason=FinishReason.ERROR, error=error))
 
     def group_status(self) -> GroupStatus:
         st = self.leader.status
