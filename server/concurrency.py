@@ -22,8 +22,15 @@ async def merged(
     """Run the requests concurrently; yield (request index, output) as outputs arrive.
 
     Leaving early (break, aclose, cancellation) cancels every pump, which closes each engine
-    iterator and so aborts its request.
+    iterator and so aborts its request. One request (the usual case) is iterated directly: no
+    pump task and queue between its outputs and the caller.
     """
+    if len(requests) == 1:
+        gen = engine.generate(requests[0])
+        async with contextlib.aclosing(gen):  # type: ignore[type-var]
+            async for out in gen:
+                yield 0, out
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, request: GenerateRequest) -> None:

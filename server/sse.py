@@ -63,33 +63,99 @@ async def with_keepalive(
 ) -> AsyncIterator[Any | None]:
     """Yield source's items, and None whenever `interval` seconds pass without one.
 
-    The pending __anext__ survives the timeout (it is a task, never cancelled by a tick); leaving
-    this generator cancels it and closes `source`.
-    """
-    pending: asyncio.Task[Any] | None = None
+    A keep-alive tick never cancels the source's pending `__anext__`: one reader task pulls the
+    source for the whole stream (not a task per item) and hands each item over through a
+    one-slot `_Handoff`, whose wait a timer ends. Leaving this generator cancels the reader
+    and closes `source`."""
+    reader: asyncio.Task[None] | None = None
     try:
+        if interval is None:  # no ticks: nothing to outwait, the items as they come
+            async for item in source:
+                yield item
+            return
+        handoff = _Handoff()
+        reader = asyncio.ensure_future(handoff.fill(source))
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(source.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
+            got = await handoff.take(interval)
+            if got is _SILENT:
                 yield None
-                continue
-            task, pending = pending, None
-            try:
-                item = task.result()
-            except StopAsyncIteration:
+            elif got is _END:
                 return
-            yield item
+            elif isinstance(got, _Raised):
+                raise got.exc
+            else:
+                yield got
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
+        if reader is not None and not reader.done():
+            reader.cancel()
             with contextlib.suppress(BaseException):
-                await pending
+                await reader
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(BaseException):
                 await aclose()
+
+
+_EMPTY, _SILENT, _END = object(), object(), object()
+
+
+class _Raised:
+    """The source raised: re-raised where its items are consumed."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Handoff:
+    """One item at a time from the reader task to the consumer, who waits at most a timeout."""
+
+    def __init__(self) -> None:
+        self._item: Any = _EMPTY
+        self._arrived: asyncio.Future[None] | None = None  # the consumer waits for an item
+        self._taken: asyncio.Future[None] | None = None  # the reader waits for the slot
+
+    async def fill(self, source: AsyncIterator[Any]) -> None:
+        """The reader: every item of `source`, then _END (or what it raised)."""
+        try:
+            while True:
+                await self._put(await source.__anext__())
+        except StopAsyncIteration:
+            await self._put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the consumer raises it, as it would have from source
+            await self._put(_Raised(exc))
+
+    async def _put(self, item: Any) -> None:
+        while self._item is not _EMPTY:  # the last one is still being consumed
+            self._taken = asyncio.get_running_loop().create_future()
+            await self._taken
+        self._item = item
+        if self._arrived is not None:
+            _wake(self._arrived)
+
+    async def take(self, timeout: float) -> Any:
+        """The next item, or _SILENT if none came within `timeout` seconds."""
+        if self._item is _EMPTY:
+            loop = asyncio.get_running_loop()
+            self._arrived = arrived = loop.create_future()
+            timer = loop.call_later(timeout, _wake, arrived)
+            try:
+                await arrived
+            finally:
+                timer.cancel()
+                self._arrived = None
+            if self._item is _EMPTY:
+                return _SILENT
+        item, self._item = self._item, _EMPTY
+        if self._taken is not None:
+            _wake(self._taken)
+        return item
 
 
 async def sse_stream(
