@@ -78,3 +78,36 @@ def test_the_same_tokenizer_as_transformers_own_route(smollm2_dir: Path, tmp_pat
     ours = Tokenizer.load(path, "smollm2").hf
     reference = AutoTokenizer.from_pretrained(path, local_files_only=True)
     assert _facts(ours) == _facts(reference)
+
+
+def test_decode_is_transformers_decode(smollm2_dir: Path) -> None:
+    """Decoding straight through the Rust tokenizer gives transformers' text: every window of
+    ids (split UTF-8, special tokens kept or skipped)."""
+    tok = Tokenizer.load(smollm2_dir, "smollm2")
+    ids = tok.encode("<|im_start|>user\nHé, naïve café ☕ — 東京 12.5% ok ?<|im_end|>")
+    for start in range(len(ids)):
+        for end in range(start, min(len(ids), start + 6) + 1):
+            for skip in (True, False):
+                window = ids[start:end]
+                assert tok.decode(window, skip) == tok.hf.decode(window, skip_special_tokens=skip)
+    for i in ids:
+        assert tok.id_to_token_text(i) == tok.hf.decode([i], skip_special_tokens=False)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode(smollm2_dir: Path) -> None:
+    hf = Tokenizer.load(smollm2_dir, "smollm2").hf  # shared: its settings are put back
+    names = ["clean_up_tokenization_spaces"]
+    names.append("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+    saved = {n: hf.__dict__[n] for n in names if n in hf.__dict__}
+    for n in names:
+        setattr(hf, n, True)
+    try:
+        ids = hf.encode("a , b .", add_special_tokens=False)
+        assert Tokenizer(hf, set()).decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert Tokenizer(hf, set()).decode(ids) == "a, b."  # cleaned, as transformers does
+    finally:
+        for n in names:
+            if n in saved:
+                setattr(hf, n, saved[n])
+            else:
+                hf.__dict__.pop(n, None)
