@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "mlx/allocator.h"
@@ -62,7 +63,10 @@ std::vector<mx::array> attn_in(
     float base,
     float scale,
     const std::optional<mx::array>& q_norm_w,
-    const std::optional<mx::array>& k_norm_w) {
+    const std::optional<mx::array>& k_norm_w,
+    const std::optional<mx::array>& q_bias,
+    const std::optional<mx::array>& k_bias,
+    const std::optional<mx::array>& v_bias) {
   const int K = check_weight("attn_in (q)", q_w, q_s, q_b, bits);
   if (check_weight("attn_in (k)", k_w, k_s, k_b, bits) != K ||
       check_weight("attn_in (v)", v_w, v_s, v_b, bits) != K) {
@@ -95,6 +99,19 @@ std::vector<mx::array> attn_in(
         throw std::invalid_argument("attn_in: float32 q and k norm weights [D]");
       }
       inputs.push_back(*w);
+    }
+  }
+  if (q_bias.has_value() != k_bias.has_value() || q_bias.has_value() != v_bias.has_value()) {
+    throw std::invalid_argument("attn_in: q, k and v biases all or none");
+  }
+  if (q_bias) {
+    const std::pair<const mx::array*, const mx::array*> biased[] = {
+        {&*q_bias, &q_w}, {&*k_bias, &k_w}, {&*v_bias, &v_w}};
+    for (const auto& [b, w] : biased) {
+      if (b->dtype() != mx::float32 || b->ndim() != 1 || b->shape(0) != w->shape(0)) {
+        throw std::invalid_argument("attn_in: float32 biases of the q, k and v output sizes");
+      }
+      inputs.push_back(*b);
     }
   }
   return mx::array::make_arrays(
@@ -136,8 +153,11 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     const float* nw = static_cast<const float*>(p[1]);
     const int32_t* off = static_cast<const int32_t*>(p[11]);
     const bool per_row = arrs[11].size() > 1;
-    const float* qn = arrs.size() == 14 ? static_cast<const float*>(p[12]) : nullptr;
-    const float* kn = arrs.size() == 14 ? static_cast<const float*>(p[13]) : nullptr;
+    // After the 12 fixed inputs: the q/k norm weights (2), the q/k/v biases (3), or both (5).
+    const size_t extra = arrs.size() - 12;
+    const bool norms = extra == 2 || extra == 5;
+    const float* qn = norms ? static_cast<const float*>(p[12]) : nullptr;
+    const float* kn = norms ? static_cast<const float*>(p[13]) : nullptr;
     std::vector<float> xn(static_cast<size_t>(B) * K);
     for (int b = 0; b < B; ++b) {
       rms_norm_row(x + static_cast<size_t>(b) * K, nw, xn.data() + static_cast<size_t>(b) * K, K, eps);
@@ -145,6 +165,18 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     Acts a;
     quantize_acts(xn.data(), B, K, bits, a);
     project(W, a, ys);
+    if (extra >= 3) { // the unfused layer's `qmm(x) + bias`, the same float adds
+      const size_t first = norms ? 14 : 12;
+      for (int i = 0; i < 3; ++i) {
+        const float* bias = static_cast<const float*>(p[first + i]);
+        for (int b = 0; b < B; ++b) {
+          float* y = ys[i] + static_cast<size_t>(b) * W[i].N;
+          for (int n = 0; n < W[i].N; ++n) {
+            y[n] += bias[n];
+          }
+        }
+      }
+    }
     const std::vector<float> inv = rope_inv_freqs(base, dims);
     std::vector<float> cs(inv.size()), sn(inv.size());
     for (int b = 0; b < B; ++b) {

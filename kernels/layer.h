@@ -16,7 +16,8 @@ namespace mx = mlx::core;
 // group-32 with `bits`; offset int [B] or [1] (each row's position). Returns q [B, Hq, 1, D] and
 // k [B, Hk, 1, D] rotated as mx.fast.rope(dims, traditional, base, scale) does, v [B, Hk, 1, Dv].
 // With q_norm_w and k_norm_w ([D] float32; qwen3's and gemma3's per-head norms), each q and k
-// head is RMS-normed (eps as the input norm's) before RoPE.
+// head is RMS-normed (eps as the input norm's) before RoPE. With q_bias, k_bias and v_bias
+// ([Hq * D], [Hk * D], [Hk * Dv] float32; qwen2's), each is added to its projection first.
 std::vector<mx::array> attn_in(
     const mx::array& x,
     const mx::array& norm_w,
@@ -39,7 +40,10 @@ std::vector<mx::array> attn_in(
     float base,
     float scale,
     const std::optional<mx::array>& q_norm_w = std::nullopt,
-    const std::optional<mx::array>& k_norm_w = std::nullopt);
+    const std::optional<mx::array>& k_norm_w = std::nullopt,
+    const std::optional<mx::array>& q_bias = std::nullopt,
+    const std::optional<mx::array>& k_bias = std::nullopt,
+    const std::optional<mx::array>& v_bias = std::nullopt);
 
 class AttnIn : public mx::Primitive {
  public:

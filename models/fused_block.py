@@ -7,8 +7,8 @@ at one row that overhead outweighed the matmuls. `FusedBlock` takes over an mlx-
 of the llama / qwen2 / qwen3 shape (same children, same parameters; public `update_modules`)
 and runs one query position per row as
 
-    q, k, v = attn_in(x)                 RMSNorm, q/k/v projections, qwen3's per-head q/k
-                                         RMSNorms, RoPE (kernels/layer.cpp)
+    q, k, v = attn_in(x)                 RMSNorm, q/k/v projections (qwen2's biases), qwen3's
+                                         per-head q/k RMSNorms, RoPE (kernels/layer.cpp)
     k, v = cache.update_and_fetch(k, v)  the cache's own update, as mlx-lm's layers call it
     h = x + o_proj(attention(q, k, v))   decode attention, then the projection with the add
     out = h + mlp(rms_norm(h))           the MLP with its norm and residual add
@@ -38,7 +38,8 @@ SUPPORTED: tuple[type[nn.Module], ...] = (
     qwen2.TransformerBlock,
     qwen3.TransformerBlock,
 )
-_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QKV = ("q_proj", "k_proj", "v_proj")  # qwen2's carry biases
+_ATTN_PROJ = (*_QKV, "o_proj")
 _MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -80,6 +81,7 @@ class FusedBlock(nn.Module):
             (attn.n_heads, attn.n_kv_heads),
             (rope.dims, rope.traditional, rope.base, rope.scale),
             (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if "q_norm" in attn else None,
+            _qkv_bias(attn),
         )
         if qkv is None:
             return None
@@ -92,19 +94,27 @@ class FusedBlock(nn.Module):
 
 
 def _projections(attn: nn.Module, mlp: nn.Module) -> list[qkernels.Packed] | None:
-    """q, k, v, o, gate, up, down as kernel arrays while every one is still a bias-free kernel
-    layer (tensor-parallel sharding swaps them after loading) and q/k/v, gate/up share bits;
-    else None."""
+    """q, k, v, o, gate, up, down as kernel arrays while every one is still a kernel layer
+    (tensor-parallel sharding swaps them after loading), biases on q, k and v only and on all
+    three or none, and q/k/v, gate/up share bits; else None."""
     out = []
     for parent, names in ((attn, _ATTN_PROJ), (mlp, _MLP_PROJ)):
         for name in names:
             p = parent[name]
-            if type(p) is not CpuQuantizedLinear or "bias" in p:
+            if type(p) is not CpuQuantizedLinear or ("bias" in p and name not in _QKV):
                 return None
             out.append((p["weight"], p["scales"], p["biases"], p.bits))
     if not out[0][3] == out[1][3] == out[2][3] or out[4][3] != out[5][3]:
         return None
+    if sum("bias" in attn[name] for name in _QKV) not in (0, len(_QKV)):
+        return None
     return out
+
+
+def _qkv_bias(attn: nn.Module) -> tuple[mx.array, mx.array, mx.array] | None:
+    if "bias" not in attn["q_proj"]:
+        return None
+    return attn["q_proj"]["bias"], attn["k_proj"]["bias"], attn["v_proj"]["bias"]
 
 
 def _fusable(m: nn.Module) -> bool:

@@ -150,11 +150,12 @@ def attn_in(
     heads: tuple[int, int],
     rope: tuple[int, bool, float, float],
     qk_norm: tuple[mx.array, mx.array] | None = None,
+    qkv_bias: tuple[mx.array, mx.array, mx.array] | None = None,
 ) -> list[mx.array] | None:
     """A decode step's [q, k, v] ([B, H, 1, D] each) from x [B, 1, K]: RMSNorm (weight, eps),
-    the three projections, with `qk_norm` (q and k weights [D]) per-head RMSNorms of q and k at
-    the same eps, and RoPE (dims, traditional, base, scale) at each row's offset on q and k, in
-    one op on the CPU; None where the extension cannot run it."""
+    the three projections plus `qkv_bias` (qwen2's), with `qk_norm` (q and k weights [D])
+    per-head RMSNorms of q and k at the same eps, and RoPE (dims, traditional, base, scale) at
+    each row's offset on q and k, in one op on the CPU; None where the extension cannot run it."""
     if not (_fast(x) and _ext is not None and q[3] == k[3] == v[3] and x.ndim == 3):
         return None
     off = offset if isinstance(offset, mx.array) else mx.array([offset], dtype=mx.int32)
@@ -162,8 +163,13 @@ def attn_in(
         return None
     if qk_norm is not None and not qk_norm[0].dtype == qk_norm[1].dtype == mx.float32:
         return None
+    if qkv_bias is not None and any(b.dtype != mx.float32 for b in qkv_bias):
+        return None
     qn, kn = qk_norm if qk_norm is not None else (None, None)
-    return _ext.attn_in(x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope, qn, kn)
+    qb, kb, vb = qkv_bias if qkv_bias is not None else (None, None, None)
+    return _ext.attn_in(
+        x, *norm, *q[:3], *k[:3], *v[:3], q[3], off, *heads, *rope, qn, kn, qb, kb, vb
+    )
 
 
 def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> mx.array | None:

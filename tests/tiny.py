@@ -75,6 +75,8 @@ def _config(arch: str, layers: int, hidden: int, vocab: int) -> dict:
     }
     if arch == "llama":
         cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    elif arch == "qwen2":  # biases on q/k/v
+        cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
     elif arch == "qwen3":
         cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
     elif arch == "gemma3":

@@ -38,15 +38,16 @@ def _dense(p: qkernels.Packed) -> mx.array:
 
 
 @pytest.mark.parametrize(
-    "b,k,hq,hk,d,dv,dims,trad,bits,sdtype",
+    "b,k,hq,hk,d,dv,dims,trad,bits,sdtype,biased,normed",
     [
-        (1, 576, 9, 3, 64, 64, 64, False, 4, mx.float16),  # SmolLM2's layer
-        (3, 96, 4, 2, 16, 16, 16, True, 8, mx.float32),
-        (2, 64, 3, 1, 24, 40, 16, False, 4, mx.bfloat16),  # odd heads, partial RoPE, Dv != D
-        (5, 32, 6, 6, 8, 8, 8, False, 8, mx.float16),
+        (1, 576, 9, 3, 64, 64, 64, False, 4, mx.float16, False, False),  # SmolLM2's layer
+        (3, 96, 4, 2, 16, 16, 16, True, 8, mx.float32, False, True),  # qwen3's q/k norms
+        (2, 64, 3, 1, 24, 40, 16, False, 4, mx.bfloat16, True, True),  # partial RoPE, Dv != D
+        (5, 32, 6, 6, 8, 8, 8, False, 8, mx.float16, False, False),
+        (2, 896, 14, 2, 64, 64, 64, False, 8, mx.float16, True, False),  # Qwen2.5-0.5B's biases
     ],
 )
-def test_attn_in_matches_mlx(b, k, hq, hk, d, dv, dims, trad, bits, sdtype) -> None:
+def test_attn_in_matches_mlx(b, k, hq, hk, d, dv, dims, trad, bits, sdtype, biased, normed):
     mx.random.seed(b + k)
     x = mx.random.normal((b, 1, k))
     nw = mx.random.normal((k,))
@@ -55,13 +56,23 @@ def test_attn_in_matches_mlx(b, k, hq, hk, d, dv, dims, trad, bits, sdtype) -> N
         _weight(hk * d, k, bits, sdtype),
         _weight(hk * dv, k, bits, sdtype),
     )
+    bias = (mx.random.normal((hq * d,)), mx.random.normal((hk * d,)), mx.random.normal((hk * dv,)))
+    qk_norm = (1 + mx.random.normal((d,)), 1 + mx.random.normal((d,)))
     for offset in (17, mx.array([3 * i + 1 for i in range(b)], dtype=mx.int32)):
-        got = qkernels.attn_in(x, (nw, 1e-5), q, kk, v, offset, (hq, hk), (dims, trad, 1e4, 0.5))
+        got = qkernels.attn_in(
+            x, (nw, 1e-5), q, kk, v, offset, (hq, hk), (dims, trad, 1e4, 0.5),
+            qk_norm if normed else None, bias if biased else None,
+        )  # fmt: skip
         assert got is not None
         xn = mx.fast.rms_norm(x, nw, 1e-5)
         refs = []
-        for p, h, dd, rotate in ((q, hq, d, True), (kk, hk, d, True), (v, hk, dv, False)):
-            y = (xn @ _dense(p).T).reshape(b, 1, h, dd).transpose(0, 2, 1, 3)
+        for i, (p, h, dd, rotate) in enumerate(
+            ((q, hq, d, True), (kk, hk, d, True), (v, hk, dv, False))
+        ):
+            y = xn @ _dense(p).T + (bias[i] if biased else 0)
+            y = y.reshape(b, 1, h, dd).transpose(0, 2, 1, 3)
+            if rotate and normed:
+                y = mx.fast.rms_norm(y, qk_norm[i], 1e-5)
             if rotate:
                 y = mx.fast.rope(y, dims, traditional=trad, base=1e4, scale=0.5, offset=offset)
             refs.append(y)
@@ -84,12 +95,12 @@ def test_qmm_add_and_mlp_residual_match_mlx() -> None:
         assert got is not None and _rel_err(got, ref) < TOL
 
 
-def _attn_in(x: mx.array, q: tuple, n_heads: int, n_kv_heads: int) -> mx.array:
+def _attn_in(x: mx.array, q: tuple, n_heads: int, n_kv_heads: int, **biases) -> mx.array:
     """attn_in over the same [64, 64] weight for q, k and v (head dim 16)."""
     w = q[:3]
     return qkernels._ext.attn_in(
         x, mx.ones((64,)), 1e-5, *w, *w, *w, 4, mx.array([0]), n_heads, n_kv_heads, 16,
-        False, 1e4, 1.0,
+        False, 1e4, 1.0, **biases,
     )  # fmt: skip
 
 
@@ -100,6 +111,11 @@ def test_kernels_reject_bad_shapes() -> None:
         _attn_in(mx.zeros((1, 1, 64)), q, 3, 1)
     with pytest.raises(ValueError):  # two positions
         _attn_in(mx.zeros((1, 2, 64)), q, 4, 4)
+    with pytest.raises(ValueError):  # a q bias alone
+        _attn_in(mx.zeros((1, 1, 64)), q, 4, 4, q_bias=mx.zeros((64,)))
+    b, short = mx.zeros((64,)), mx.zeros((63,))
+    with pytest.raises(ValueError):  # a bias of the wrong size
+        _attn_in(mx.zeros((1, 1, 64)), q, 4, 4, q_bias=b, k_bias=b, v_bias=short)
     with pytest.raises(ValueError):
         ext.qmm_add(mx.zeros((1, 64)), *q[:3], 4, mx.zeros((1, 63)))
 
@@ -113,6 +129,9 @@ def _tiny(bits: int | None, kind: str = "llama"):
         attn = layer.self_attn  # random q/k norm weights, not ones: a dropped norm would show
         attn.q_norm.weight = 1 + 0.5 * mx.random.normal(attn.q_norm.weight.shape)
         attn.k_norm.weight = 1 + 0.5 * mx.random.normal(attn.k_norm.weight.shape)
+    for layer in model.layers if kind == "qwen2" else []:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias = mx.random.normal(proj.bias.shape)  # as large as the projections' outputs
     if bits is not None:
         nn.quantize(model, group_size=32, bits=bits)
     return model
@@ -134,6 +153,10 @@ def _on_kernels(model, fmt: str):
         ("llama", 4, "as_stored", 8),
         ("qwen3", 4, "as_stored", None),  # per-head q/k RMSNorms in attn_in
         ("qwen3", None, "q8", 8),
+        ("qwen2", 4, "as_stored", None),  # q/k/v biases in attn_in
+        ("qwen2", 8, "as_stored", None),
+        ("qwen2", 4, "as_stored", 8),
+        ("qwen2", None, "q8", 8),
     ],
 )
 def test_fused_layers_give_the_unfused_bits(kind, bits, fmt: str, window, monkeypatch) -> None:
@@ -172,9 +195,12 @@ def test_fused_layers_give_the_unfused_bits(kind, bits, fmt: str, window, monkey
 def test_layers_the_kernels_cannot_take_are_left_alone() -> None:
     from tests.unit.test_fused_attention import _build
 
-    for kind in ("qwen2", "gemma3"):  # q/k/v biases, gemma's own block
-        model = _on_kernels(_build(kind), "q8")
-        assert fuse_blocks(model) == 0, kind
+    model = _on_kernels(_build("gemma3"), "q8")  # gemma's own block: fused_gemma.py
+    assert fuse_blocks(model) == 0
+    model = _on_kernels(_build("qwen2"), "q8")
+    del model.layers[0].self_attn.k_proj.bias  # attn_in adds q, k and v biases or none
+    model.layers[1].self_attn.o_proj.bias = mx.zeros((64,))  # nor any other projection's
+    assert fuse_blocks(model) == 0
     model = _on_kernels(_build("qwen3"), "q8")
     model.layers[0].self_attn.k_norm.eps = 1e-6  # attn_in takes one eps per layer
     assert fuse_blocks(model) == 1
@@ -190,6 +216,8 @@ def test_layers_the_kernels_cannot_take_are_left_alone() -> None:
         ("llama", 8, "as_stored"),
         ("llama", None, "q8"),
         ("qwen3", 4, "as_stored"),
+        ("qwen2", 4, "as_stored"),
+        ("qwen2", 8, "as_stored"),
     ],
 )
 def test_batched_equals_single_with_fused_blocks(kind, bits: int | None, fmt: str) -> None:
