@@ -114,8 +114,8 @@ NB_MODULE(_kernels, m) {
       "k_bias"_a = nb::none(),
       "v_bias"_a = nb::none(),
       "[q, k, v] of a decode step: RMSNorm, the three projections (optional biases), optional"
-      " per-head q/k RMSNorms and RoPE on q and k in one op (float32 x [B, 1, K]; q [B, Hq, 1, D], k [B, Hk, 1, D],"
-      " v [B, Hk, 1, Dv]; CPU).");
+      " per-head q/k RMSNorms and RoPE on q and k in one op (float32 x [B, 1, K];"
+      " q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hk, 1, Dv]; CPU).");
   m.def(
       "swiglu",
       static_cast<mlxd::mx::array (*)(const mlxd::mx::array&, const mlxd::mx::array&)>(
