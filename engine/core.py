@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from engine.outputs import STEP_FAILED, RunnerOutput, StepOutput
-from engine.scheduler import Outputs, Scheduler, SchedulerOutput
+from engine.outputs import STEP_FAILED, RunnerOutput, SchedulerOutput, StepOutput
+from engine.scheduler import Outputs, Scheduler
 from engine.sequence import Sequence
 from engine.types import FinishReason
 

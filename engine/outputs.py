@@ -1,13 +1,48 @@
-"""What a step hands on: the runner's output to the scheduler, the scheduler's to each request's
-queue. Plain Python values (token ids, floats), no MLX: the scheduler consumes them in unit tests
-with a fake runner."""
+"""What a step hands on: the scheduler's output to the runner (who runs, which tokens), the
+runner's to the scheduler, the scheduler's to each request's queue. Plain Python values (token
+ids, floats), no MLX: the scheduler consumes them in unit tests with a fake runner."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from engine.errors import InsufficientMemoryError, InvalidRequestError
+from engine.sequence import Sequence
 from engine.types import FailureKind, FinishReason, RequestMetrics, TokenLogprob
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's part of a step: which of its tokens the runner computes."""
+
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step
+    start: int  # position of the first of them
+    samples: bool  # the chunk reaches the end of the known tokens: sample the next one
+    cached: int = 0  # set on a sequence's first step: prompt tokens to take from the prefix cache
+    preemptions: int = 0  # the sequence's count when scheduled: prompt scores of an older run drop
+    # Guessed next tokens, computed after the row's last known token and verified in this pass
+    # (counted in num_tokens); the runner returns the accepted ones and the token after them.
+    draft: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """A step as the scheduler decided it: the runner's whole input (vLLM v1's shape)."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # to release from the runner's caches
+    # Sent back to the queue to free their KV: the runner drops their caches, keeps their
+    # sampling state; they prefill again (prompt and output so far) when readmitted.
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled and not self.finished and not self.preempted
 
 
 @dataclass(frozen=True)

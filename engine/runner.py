@@ -20,11 +20,10 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.grammar import MaskFiller
-from engine.outputs import RunnerOutput, row_failure
+from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RowState
-from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import BatchKVCache, Verified, draft_inputs, merge, trimmable, verify
 from models import qkernels

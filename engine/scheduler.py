@@ -7,12 +7,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.drafter import NgramDrafter, can_draft, fit_width, speculates
 from engine.errors import QueueFullError
 from engine.kv_manager import KVManager
-from engine.outputs import NO_MEMORY, Failure, RunnerOutput, Sampled, StepOutput
+from engine.outputs import (
+    NO_MEMORY,
+    Failure,
+    RunnerOutput,
+    Sampled,
+    ScheduledSeq,
+    SchedulerOutput,
+    StepOutput,
+)
 from engine.sequence import Sequence
 from engine.types import FinishReason, RequestStatus, TokenLogprob
 
@@ -20,36 +28,6 @@ from engine.types import FinishReason, RequestStatus, TokenLogprob
 # prefill can start from that prompt's cached KV (n > 1 choices, bursts with one system prompt).
 log = logging.getLogger("mlxd.engine")
 SHARED_PREFIX_WAIT = 32
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int  # tokens to compute this step
-    start: int  # position of the first of them
-    samples: bool  # the chunk reaches the end of the known tokens: sample the next one
-    cached: int = 0  # set on a sequence's first step: prompt tokens to take from the prefix cache
-    preemptions: int = 0  # the sequence's count when scheduled: prompt scores of an older run drop
-    # Guessed next tokens, computed after the row's last known token and verified in this pass
-    # (counted in num_tokens); the runner returns the accepted ones and the token after them.
-    draft: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)  # to release from the runner's caches
-    # Sent back to the queue to free their KV: the runner drops their caches, keeps their
-    # sampling state; they prefill again (prompt and output so far) when readmitted.
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    @property
-    def empty(self) -> bool:
-        return not self.scheduled and not self.finished and not self.preempted
 
 
 @dataclass

@@ -19,10 +19,9 @@ import numpy as np
 
 from engine.distributed.group import Group, GroupError, Watchdog, exit_soon, init_group
 from engine.distributed.plan import encode_step, step_deadline
-from engine.outputs import RunnerOutput
+from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from engine.pending import PendingStep
 from engine.runner import ModelRunner
-from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.types import EngineConfig, GroupStatus, RankStatus
 from models.errors import ModelError
 from models.pipeline import PipelineSplit

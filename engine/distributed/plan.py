@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.outputs import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.types import GenerateRequest, SamplingParams
 

@@ -33,8 +33,8 @@ ALONE = "In 1969, the first man on the moon was"
 def main(models_dir: str, model: str, n_tokens: int, weights: str) -> None:
     import mlx.core as mx
 
+    from engine.outputs import ScheduledSeq, SchedulerOutput
     from engine.runner import ModelRunner
-    from engine.scheduler import ScheduledSeq, SchedulerOutput
     from engine.sequence import Sequence
     from engine.types import GenerateRequest, SamplingParams
     from models.pipeline import PipelineSplit

@@ -17,9 +17,9 @@ from engine.distributed.group import Group, GroupError, Watchdog, prepare, share
 from engine.distributed.leader import LeaderRunner, kv_tokens
 from engine.distributed.plan import decode_step, encode_step
 from engine.distributed.worker import run_plan
+from engine.outputs import ScheduledSeq, SchedulerOutput
 from engine.prefix_cache import PrefixCache
 from engine.runner import ModelRunner
-from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from engine.types import GenerateRequest, SamplingParams
 from models.sharding import ShardingError, check_split, describe_split

@@ -7,8 +7,8 @@ import pytest
 
 from engine.core import EngineCore
 from engine.kv_manager import KVManager
-from engine.outputs import ROW_FAILED, RunnerOutput, Sampled, StepOutput
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.outputs import ROW_FAILED, RunnerOutput, Sampled, SchedulerOutput, StepOutput
+from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.types import FinishReason, GenerateRequest, SamplingParams
 

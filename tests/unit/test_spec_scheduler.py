@@ -6,8 +6,8 @@ import pytest
 from engine.core import EngineCore
 from engine.drafter import NgramDrafter, can_draft, fit_width
 from engine.kv_manager import KVManager
-from engine.outputs import RunnerOutput, Sampled, StepOutput
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.outputs import RunnerOutput, Sampled, SchedulerOutput, StepOutput
+from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.types import GenerateRequest, SamplingParams
 
