@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-spec bench-profile soak doctor clean
+.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-long bench-spec bench-profile soak doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -84,6 +84,12 @@ bench: install
 # A few minutes: greedy only, 1 and 16 streams, 32-token streams, one warm-up.
 bench-quick: install
 	$(PY) scripts/bench_compare.py --temperatures 0 --concurrency 1,16 --max-tokens 32 --warmup 1 $(ARGS)
+
+# Time to first token on long prompts (chat UIs' system prompts and histories): mlxd and
+# llama.cpp's server, ~512/1024/2048-token prompts at 1 and 4 streams, greedy, 8-token answers;
+# .bench/long_prompts.md. ARGS narrows it, e.g. ARGS="--long-prompts 1024 --concurrency 1".
+bench-long: install
+	$(PY) scripts/bench_compare.py --servers mlxd,llama.cpp --long-prompts 512,1024,2048 $(ARGS)
 
 # Memory under a long load: 32 streams (a quarter cancelled) for 5 minutes against `mlxd serve`
 # on the default model; RSS sampled from /metrics against weights + KV + prefix cache + 20%.

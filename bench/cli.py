@@ -3,6 +3,7 @@
 mlxd bench --url http://127.0.0.1:11434 --concurrency 1,4,16 --max-tokens 64 --json out.json
 mlxd bench --url URL_A --compare URL_B --label mlxd --label mlx-lm
 mlxd bench --profile [--rows 1,4,16]   (where a decode step's time goes, model in-process)
+mlxd bench --profile --prefill 512,1024,2048 --steps 2   (where a long prefill's time goes)
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--rows", type=_levels, default=[1, 4, 16], help="batch sizes, e.g. 1,4,16")
     prof.add_argument("--context", type=int, default=128, help="tokens already in each row's KV")
     prof.add_argument("--steps", type=int, default=8, help="measured decode steps per batch size")
+    prof.add_argument(
+        "--prefill",
+        type=_levels,
+        metavar="N,N",
+        help="profile one prompt's prefill of each of these lengths instead (--steps: repeats)",
+    )
     return p
 
 

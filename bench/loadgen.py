@@ -100,6 +100,7 @@ class RequestResult:
     latency: float = 0.0
     error: str = ""
     text: str = ""  # the streamed answer
+    prompt_tokens: int = 0  # the usage's, when the server reports it
 
     @property
     def decode_tps(self) -> float:
@@ -133,6 +134,7 @@ class LevelResult:
     itl_p95: float
     latency_p50: float
     error_sample: str = ""
+    prompt_tokens: float = 0.0  # mean of the usage's prompt_tokens (0: not reported)
 
 
 @dataclass
@@ -183,6 +185,7 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float) -
         itl_p95=percentile(itls, 95),
         latency_p50=percentile([r.latency for r in ok], 50),
         error_sample=errors[0].error if errors else "",
+        prompt_tokens=sum(r.prompt_tokens for r in ok) / len(ok) if ok else 0.0,
     )
 
 
@@ -335,6 +338,7 @@ async def stream_chat(
     chunk_times: list[float] = []
     parts: list[str] = []
     usage_tokens: int | None = None
+    prompt_tokens = 0
     error = ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -352,6 +356,7 @@ async def stream_chat(
                 continue
             if event.get("usage"):
                 usage_tokens = event["usage"].get("completion_tokens", usage_tokens)
+                prompt_tokens = event["usage"].get("prompt_tokens") or prompt_tokens
             for choice in event.get("choices") or []:
                 if content := (choice.get("delta") or {}).get("content"):
                     chunk_times.append(time.perf_counter() - start)
@@ -367,6 +372,7 @@ async def stream_chat(
         output_tokens=tokens,
         latency=latency,
         text="".join(parts),
+        prompt_tokens=prompt_tokens,
     )
 
 

@@ -31,6 +31,7 @@ class SuiteRow:
     temperature: float
     concurrency: int
     levels: dict[str, LevelResult]  # by peer label
+    prompt_tokens: int = 0  # the asked (approximate) prompt length; 0: the base config's
 
 
 @dataclass
@@ -52,9 +53,13 @@ async def run_suite(
     base: LoadConfig,
     temperatures: list[float],
     clients: dict[str, httpx.AsyncClient] | None = None,
+    prompt_lengths: list[int] | None = None,
 ) -> SuiteResult:
-    """Warm each server up, then run every (temperature, level) on each server in turn."""
-    result = SuiteResult([p.label for p in peers], {**asdict(base), "temperatures": temperatures})
+    """Warm each server up, then run every (temperature, prompt length, level) on each server
+    in turn (`prompt_lengths`: approximate prompt tokens, default the base config's)."""
+    lengths = prompt_lengths or [base.prompt_tokens]
+    config = {**asdict(base), "temperatures": temperatures, "prompt_lengths": lengths}
+    result = SuiteResult([p.label for p in peers], config)
     async with contextlib.AsyncExitStack() as stack:
         conns = dict(clients or {})
         limits = httpx.Limits(max_connections=max(base.concurrency) + 4)
@@ -74,12 +79,18 @@ async def run_suite(
                 models[p.label] = p.model or await gen.first_model()
                 for _ in range(base.warmup):
                     await gen.one(models[p.label], with_prefix=False)
-            for c in base.concurrency:
-                row = SuiteRow(t, c, {})
+            for n, c in [(n, c) for n in lengths for c in base.concurrency]:
+                row = SuiteRow(t, c, {}, n)
                 for p in peers:
-                    lv = row.levels[p.label] = await gens[p.label].level(models[p.label], c)
-                    where = f"{protocol_name(t)}, {c} streams"
-                    print(f"  {where}: {p.label} {lv.tokens_per_s:.1f} tok/s", file=sys.stderr)
+                    gen = gens[p.label]
+                    gen.cfg = replace(gen.cfg, prompt_tokens=n)
+                    lv = row.levels[p.label] = await gen.level(models[p.label], c)
+                    where = f"{protocol_name(t)}, ~{n}-token prompts, {c} streams"
+                    print(
+                        f"  {where}: {p.label} {lv.tokens_per_s:.1f} tok/s, TTFT p50"
+                        f" {lv.ttft_p50 * 1e3:.0f} ms",
+                        file=sys.stderr,
+                    )
                 result.rows.append(row)
     return result
 
@@ -136,3 +147,40 @@ def _notes(result: SuiteResult) -> list[str]:
                 errors.append(f"{x} ({where}): {lv.errors} errors, e.g. {lv.error_sample}")
         per_req.append(f"{x} {tokens / done:.1f}" if done else f"{x} -")
     return ["", "output tokens per request: " + ", ".join(per_req), *errors]
+
+
+def format_ttft(result: SuiteResult, ours: str = "mlxd") -> str:
+    """Long prompts: a row per (prompt length, streams); TTFT p50 per server and the ratio of
+    `ours` to each other (below 1 is faster), and prompt tokens over TTFT p50 (with one stream
+    the prefill's tokens/s; with more, each request's prompt over its wait, queueing included)."""
+    labels = result.labels
+    others = [x for x in labels if x != ours] if ours in labels else []
+    names = " / ".join(labels)
+    head = ["protocol", "prompt tokens", "streams", f"TTFT p50 ms ({names})"]
+    head += [f"{ours}/{x} TTFT p50" for x in others]
+    head += [f"prompt tok/s at TTFT p50 ({names})", f"TTFT p95 ms ({names})"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    for row in result.rows:
+        lvs = [row.levels.get(x) for x in labels]
+        # What the servers counted (chat template included), else the asked length.
+        counted = [lv.prompt_tokens for lv in lvs if lv is not None and lv.prompt_tokens]
+        tokens = counted[0] if counted else float(row.prompt_tokens)
+        cells = [protocol_name(row.temperature), f"{tokens:.0f}", str(row.concurrency)]
+        cells.append(_triple(lvs, "ttft_p50", "{:.0f}"))
+        mine = row.levels.get(ours)
+        for x in others:
+            theirs = row.levels.get(x)
+            ok = mine is not None and theirs is not None
+            cells.append(_ratio(mine.ttft_p50, theirs.ttft_p50) if ok else "-")  # type: ignore[union-attr]
+        rates = [
+            "-"
+            if lv is None or not lv.ttft_p50
+            else f"{(lv.prompt_tokens or tokens) / lv.ttft_p50:.0f}"
+            for lv in lvs
+        ]
+        cells += [" / ".join(rates), _triple(lvs, "ttft_p95", "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + _notes(result))

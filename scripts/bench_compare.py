@@ -10,6 +10,10 @@ three. Results: .bench/results.json and .bench/results.md.
     python scripts/bench_compare.py [--servers mlxd,llama.cpp,mlx-lm] [--temperatures 0,0.7]
         [--concurrency 1,4,16] [--max-tokens 64] [--requests N] [--warmup 2]
 
+`make bench-long` (--long-prompts 512,1024,2048): time to first token on long prompts (chat UIs
+send long system prompts and histories), mlxd and llama.cpp side by side, greedy, 1 and 4
+streams, 8 tokens each; results in .bench/long_prompts.md and .json.
+
 `make bench-spec` (--speculative): mlxd with speculative decoding off against on instead, one
 greedy stream, on the chat prompts and on a copy-this-text task (bench/spec.py); results in
 .bench/speculative.md.
@@ -40,7 +44,7 @@ from bench import llamacpp  # noqa: E402
 from bench.launch import ServerProcess, free_port, mlxd_server  # noqa: E402
 from bench.loadgen import LoadConfig  # noqa: E402
 from bench.spec import format_ab, run_ab  # noqa: E402
-from bench.suite import Peer, format_suite, run_suite  # noqa: E402
+from bench.suite import Peer, format_suite, format_ttft, run_suite  # noqa: E402
 
 SERVERS = ("mlxd", "llama.cpp", "mlx-lm")
 
@@ -90,10 +94,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="our model name (default: the configured default)")
     p.add_argument("--servers", default=",".join(SERVERS), help="a subset of " + ",".join(SERVERS))
-    p.add_argument("--temperatures", type=lambda s: _list(float, s), default=[0.0, 0.7])
-    p.add_argument("--concurrency", type=lambda s: _list(int, s), default=[1, 4, 16])
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperatures", type=lambda s: _list(float, s))
+    p.add_argument("--concurrency", type=lambda s: _list(int, s))
+    p.add_argument("--max-tokens", type=int)
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument(
+        "--long-prompts",
+        type=lambda s: _list(int, s),
+        metavar="N,N",
+        help="TTFT on prompts of about these many tokens instead (greedy, 8-token answers"
+        " unless --temperatures / --max-tokens say otherwise)",
+    )
     p.add_argument("--requests", type=int, default=0, help="per level (default 2 x conc, min 8)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first")
     p.add_argument(
@@ -111,6 +122,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--llama-server", type=Path, help="use this llama-server binary (no build)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
+    long = bool(args.long_prompts)
+    # Defaults by mode: the decode suite, or first tokens of long prompts.
+    if args.temperatures is None:
+        args.temperatures = [0.0] if long else [0.0, 0.7]
+    if args.concurrency is None:
+        args.concurrency = [1, 4] if long else [1, 4, 16]
+    if args.max_tokens is None:
+        args.max_tokens = 8 if long else 64
+    if long and min(args.long_prompts) < 1:
+        p.error("--long-prompts lengths must be positive")
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
     if unknown or not args.servers:
@@ -157,9 +178,11 @@ def _mlx_lm(stack: contextlib.ExitStack, name: str, timeout: float) -> Peer:
     return Peer("mlx-lm", url, "default_model")
 
 
-def _llama(stack: contextlib.ExitStack, gguf: Path, binary: Path, timeout: float) -> Peer:
+def _llama(
+    stack: contextlib.ExitStack, gguf: Path, binary: Path, timeout: float, slot_ctx: int
+) -> Peer:
     port = free_port()
-    cmd = llamacpp.server_command(binary, gguf, port, slots=16, threads=2)
+    cmd = llamacpp.server_command(binary, gguf, port, slots=16, threads=2, slot_ctx=slot_ctx)
     print(f"starting llama-server on port {port} ({binary}) ...", flush=True)
     url = _start(stack, ServerProcess(cmd, OUT / "llama_server.log", port), timeout)
     return Peer("llama.cpp", url, "smollm2")
@@ -258,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         if "mlx-lm" in args.servers:
             started["mlx-lm"] = _mlx_lm(stack, name, t)
         if gguf is not None and binary is not None:
-            started["llama.cpp"] = _llama(stack, gguf, binary, t)
+            # Each slot holds a whole prompt and its answer (the filler prompts run ~1.2x the
+            # asked length in SmolLM2's vocabulary).
+            longest = max(args.long_prompts or [args.prompt_tokens])
+            slot_ctx = max(1024, 2 * longest + args.max_tokens)
+            started["llama.cpp"] = _llama(stack, gguf, binary, t, slot_ctx)
         peers = [started[s] for s in SERVERS if s in args.servers]
         base = LoadConfig(
             base_url="",
@@ -273,15 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"benchmarking {labels}: temperatures {args.temperatures}, streams {args.concurrency}"
         )
-        result = asyncio.run(run_suite(peers, base, args.temperatures))
+        result = asyncio.run(run_suite(peers, base, args.temperatures, None, args.long_prompts))
         after = os.getloadavg()[0]
         load = f"load average (1 min) before / after the run: {load_before:.1f} / {after:.1f}"
-        table = f"{machine()}\n\n{format_suite(result)}\n{load}"
+        shown = format_ttft(result) if args.long_prompts else format_suite(result)
+        table = f"{machine()}\n\n{shown}\n{load}"
         print(table, flush=True)
-        (OUT / "results.md").write_text(table + "\n")
-        (OUT / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+        stem = "long_prompts" if args.long_prompts else "results"
+        (OUT / f"{stem}.md").write_text(table + "\n")
+        (OUT / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2))
         code = 0
-        if "mlxd" in args.servers and args.structured:
+        if "mlxd" in args.servers and args.structured and not args.long_prompts:
             code = _structured(started["mlxd"], args)
     # The exit code speaks for mlxd; a peer's errors (mlx-lm's server drops connections at 16
     # streams) are printed under the table and do not fail the run.

@@ -24,7 +24,7 @@ from bench.loadgen import (
     percentile,
     summarize,
 )
-from bench.suite import Peer, SuiteResult, SuiteRow, format_suite, run_suite
+from bench.suite import Peer, SuiteResult, SuiteRow, format_suite, format_ttft, run_suite
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -261,6 +261,32 @@ def test_suite_table_lists_errors() -> None:
     assert "mlxd (greedy, 4 streams): 2 errors, e.g. HTTP 503: busy" in table
 
 
+async def test_suite_runs_every_prompt_length_and_reads_prompt_tokens() -> None:
+    fakes = {"mlxd": FakeOpenAI(tokens=2), "peer": FakeOpenAI(tokens=2)}
+    peers = [Peer("mlxd", "http://fake"), Peer("peer", "http://fake")]
+    base = LoadConfig(base_url="", concurrency=[1], requests=2, warmup=0)
+    clients = {label: fake.client() for label, fake in fakes.items()}
+    result = await run_suite(peers, base, [0.0], clients, prompt_lengths=[64, 1000])
+    for c in clients.values():
+        await c.aclose()
+    assert [(r.prompt_tokens, r.concurrency) for r in result.rows] == [(64, 1), (1000, 1)]
+    asks = [len(b["messages"][0]["content"]) for b in fakes["peer"].bodies]
+    assert asks[0] < 500 < 3000 < asks[-1]  # the long prompts are long
+    assert result.rows[1].levels["mlxd"].prompt_tokens == 9  # the usage's count
+    table = format_ttft(result).splitlines()
+    assert "mlxd/peer TTFT p50" in table[0] and "prompt tok/s at TTFT p50" in table[0]
+    assert table[3].startswith("| greedy | 9 | 1 |")
+
+
+def test_ttft_table_ratios_and_prefill_rates() -> None:
+    mine, theirs = _level(1, 2, 2.0, 0.05), _level(1, 8, 1.0, 0.01)
+    mine.prompt_tokens = theirs.prompt_tokens = 1000.0
+    table = format_ttft(SuiteResult(["mlxd", "llama.cpp"], {}, [SuiteRow(0.0, 1, {
+        "mlxd": mine, "llama.cpp": theirs}, 1024)]))  # fmt: skip
+    row = table.splitlines()[2]
+    assert row.startswith("| greedy | 1000 | 1 | 2000 / 1000 | 2.00x | 500 / 1000 |"), row
+
+
 # --- llama.cpp's server (bench/llamacpp.py) -------------------------------------------------
 
 
@@ -315,3 +341,18 @@ def test_profile_wrappers_keep_the_output_and_time_every_op_class(tmp_path: Path
     assert real[3][0] > real[3][1] > 0
     text = profile.report(lm, real, {3: split}, args)
     assert "3 rows" in text and "real step, no barriers" in text and "Barriers" in text
+
+
+def test_prefill_profile_splits_a_prompt_by_op_class(tmp_path: Path) -> None:
+    from bench import profile
+    from models.loader import load_model
+    from tests.tiny import make_tiny_model
+
+    lm = load_model(make_tiny_model(tmp_path / "m"), "tiny")
+    args = argparse.Namespace(prefill=[20, 40], steps=1)
+    text = profile.run_prefill(lm, args)
+    head = next(line for line in text.splitlines() if line.startswith("ms per prefill"))
+    assert "20 tokens" in head and "40 tokens" in head
+    for title in (profile.PROJ, profile.ATTN, "real prefill, no barriers", "prefill tokens/s"):
+        assert title in text
+    assert "dequantizing every matmul weight" in text
