@@ -6,6 +6,8 @@
 // gives it: a row gets the same bits alone or in a batch, and a position verified among a few
 // (speculative drafts, each with its causal mask row) the same bits as when it is decoded alone.
 #include "attention.h"
+#include "attention_job.h"
+#include "attention_prefill.h"
 #include "packed.h"
 #include "pool.h"
 #include "simd.h"
@@ -63,24 +65,6 @@ inline void scale_axpy(float* y, float a, float p, const float* x, int n) {
 }
 
 // ---- the kernel ------------------------------------------------------------------------------
-struct View { // a float32 [B, H, T, D] array with unit last stride
-  const float* p;
-  int64_t sb, sh, st;
-  const float* at(int b, int h, int t) const {
-    return p + b * sb + h * sh + t * st;
-  }
-};
-
-struct Job {
-  View q, k, v;
-  const bool* mask; // [Bm, Lm, T] with strides (msb, msl, mst); null: every key
-  int64_t msb, msl, mst;
-  float* out; // [B, Hq, L, Dv] contiguous
-  int B, Hq, Hk, L, T, D, Dv;
-  float scale;
-  bool causal; // position l sees keys t <= T - L + l only
-};
-
 // Scores of one query head (q, scaled) against a block of keys. ND: vectors per head row, the
 // row held in registers; 0: any head size.
 template <int ND>
@@ -224,6 +208,9 @@ AttendFn pick(int D, int Dv) {
 }
 
 void run(const Job& j) {
+  if (prefill_attention(j)) {
+    return;
+  }
   // Below ~64k multiply-adds a second thread costs more than it saves.
   const double work = static_cast<double>(j.B) * j.Hq * j.L * j.T * (j.D + j.Dv);
   const AttendFn f = pick(j.D, j.Dv);

@@ -3,7 +3,8 @@
 // verified) or a prefill chunk (causal).
 // MLX's CPU SDPA runs ~8 ops for it (two batched matmuls, a where, a softmax with MLX's slow exp:
 // ~23 ns an element, which makes a prefill's softmax its largest part); this is one pass over the
-// attended keys and values per (row, kv head, query position).
+// attended keys and values per (row, kv head, query position), or for a long causal prefill
+// chunk tiles of query vectors against blocks of keys (attention_prefill.h).
 #pragma once
 
 #include <optional>

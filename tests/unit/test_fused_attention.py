@@ -154,7 +154,8 @@ def test_each_position_gets_the_bits_of_decoding_it_alone() -> None:
 )
 def test_prefill_chunks_match_sdpa(b: int, hq: int, hk: int, n: int, prefix: int, d: int) -> None:
     """A prefill chunk (MLX's "causal" mask, aligned to the last key) and the same chunk under a
-    boolean mask: SDPA's values, and the causal flag gives the bits of the explicit mask."""
+    boolean mask: SDPA's values; a short chunk's causal flag gives the bits of the explicit mask
+    (a long one's runs on the tiled prefill kernel, kernels/attention_prefill.cpp)."""
     mx.random.seed(n + prefix)
     t = prefix + n
     q = mx.random.normal((b, n, hq, d)).transpose(0, 2, 1, 3)
@@ -166,7 +167,48 @@ def test_prefill_chunks_match_sdpa(b: int, hq: int, hk: int, n: int, prefix: int
     padded = qkernels.decode_attention(q, k, v, d**-0.5, mask)
     assert _close(padded, _sdpa(q, k, v, d**-0.5, mask))
     explicit = qkernels.decode_attention(q, k, v, d**-0.5, _causal_mask([0], n, t))
-    assert mx.array_equal(got, explicit).item()
+    if n < PREFILL_POSITIONS:
+        assert mx.array_equal(got, explicit).item()
+    else:
+        assert _close(got, explicit)
+
+
+# kernels/attention_prefill.h's kPrefillPositions: causal chunks this long run in tiles.
+PREFILL_POSITIONS = 64
+
+
+@pytest.mark.parametrize(
+    "b,hq,hk,n,prefix,d,dv",
+    [
+        (1, 9, 3, 64, 0, 64, 64),  # SmolLM2's heads, the shortest tiled chunk
+        (1, 9, 3, 1030, 7, 64, 64),  # a long chunk after a prefix, odd tile and block ends
+        (2, 4, 1, 97, 3, 256, 256),  # gemma3-270m's heads: four query heads a kv head
+        (1, 2, 1, 300, 5, 80, 80),  # value vectors past a pass of four
+        (2, 6, 6, 65, 130, 17, 32),  # no GQA, odd key size, values of another size
+        (1, 5, 5, 70, 0, 24, 24),  # values of no whole vector on AVX-512: the per-position path
+    ],
+)
+def test_long_prefill_chunks_in_tiles_match_sdpa(b, hq, hk, n, prefix, d, dv) -> None:
+    mx.random.seed(n * 7 + d)
+    t = prefix + n
+    q = mx.random.normal((b, n, hq, d)).transpose(0, 2, 1, 3)  # a projection's layout
+    k = mx.random.normal((b, hk, t + 3, d))[:, :, :t] * 2  # a view into a larger cache
+    v = mx.random.normal((b, hk, t, dv))
+    got = qkernels.decode_attention(q, k, v, d**-0.5, "causal")
+    assert got.shape == (b, hq, n, dv)
+    assert _close(got, _sdpa(q, k, v, d**-0.5, "causal"))
+
+
+def test_a_tiled_query_does_not_depend_on_its_chunk() -> None:
+    """A position's output is the same bits in any chunk of the same keys that holds it (its
+    sums run in blocks counted from the first key, whatever tile it falls in)."""
+    mx.random.seed(3)
+    q = mx.random.normal((1, 9, 200, 64))
+    k, v = mx.random.normal((1, 3, 200, 64)), mx.random.normal((1, 3, 200, 64))
+    whole = qkernels.decode_attention(q, k, v, 0.125, "causal")
+    # The last 100 positions as their own chunk after a 100-key prefix: other tiles, same keys.
+    tail = qkernels.decode_attention(q[:, :, 100:], k, v, 0.125, "causal")
+    assert mx.array_equal(whole[:, :, 100:], tail).item()
 
 
 def test_prefill_on_the_kernel_and_its_edges(monkeypatch) -> None:
