@@ -1,4 +1,4 @@
-// Tiled causal attention for long prefill chunks (see attention_prefill.h). A tile is kQ query
+// Tiled attention for long prefill chunks (see attention_prefill.h). A tile is kQ query
 // vectors (consecutive (position, query head of the GQA group) pairs of one row and kv head);
 // keys are transposed once per (row, kv head) into groups of kLanes, so a tile's scores against
 // kLanes keys are kQ vectors of FMAs over the head dimension (no horizontal sums), and each
@@ -124,7 +124,8 @@ void tile(const Tiles& a, int b, int g, int f0) {
   qs.assign(static_cast<size_t>(kQ) * D, 0.f);
   s.resize(static_cast<size_t>(kQ) * kKeys);
   acc.assign(static_cast<size_t>(kQ) * Dv, 0.f);
-  int last[kQ]; // a query's last attended key
+  int last[kQ]; // a query's last attended key (-1: none)
+  const bool* mrow[kQ]; // its key mask row (null: none)
   float m[kQ], l[kQ], alpha[kQ];
   int kmax = 0;
   for (int i = 0; i < kQ; ++i) {
@@ -134,7 +135,11 @@ void tile(const Tiles& a, int b, int g, int f0) {
     for (int d = 0; d < D; ++d) {
       qs[i * D + d] = q[d] * j.scale; // scaled first, as MLX's SDPA does
     }
-    last[i] = j.T - j.L + pos;
+    mrow[i] = j.mask == nullptr ? nullptr : j.mask + b * j.msb + pos * j.msl;
+    last[i] = j.causal ? j.T - j.L + pos : j.T - 1;
+    while (mrow[i] != nullptr && last[i] >= 0 && !mrow[i][last[i] * j.mst]) {
+      --last[i]; // keys past the last one the mask lets through are never read
+    }
     kmax = std::max(kmax, last[i] + 1);
     m[i] = -std::numeric_limits<float>::infinity();
     l[i] = 0.f;
@@ -148,15 +153,23 @@ void tile(const Tiles& a, int b, int g, int f0) {
       // on the tile's other queries); the weights of the rest are 0 for the accumulation.
       float* si = s.data() + i * kKeys;
       const int own = std::clamp(last[i] + 1 - t0, 0, n);
-      if (own == 0) {
-        alpha[i] = 1.f;
-      } else {
-        const float mn = std::max(m[i], *std::max_element(si, si + own));
-        // The first block holds key 0, which every query attends: mn is finite from there on.
-        alpha[i] = t0 == 0 ? 0.f : vexp::exp1(m[i] - mn);
-        m[i] = mn;
-        l[i] = l[i] * alpha[i] + vexp::exp_shifted_sum(si, own, mn);
+      if (mrow[i] != nullptr) {
+        for (int c = 0; c < own; ++c) {
+          if (!mrow[i][(t0 + c) * j.mst]) {
+            si[c] = -std::numeric_limits<float>::infinity();
+          }
+        }
       }
+      const float top = own ? *std::max_element(si, si + own) : -std::numeric_limits<float>::infinity();
+      if (top == -std::numeric_limits<float>::infinity()) {
+        alpha[i] = 1.f; // no key of this block attended
+        std::fill(si, si + n, 0.f);
+        continue;
+      }
+      const float mn = std::max(m[i], top);
+      alpha[i] = m[i] == -std::numeric_limits<float>::infinity() ? 0.f : vexp::exp1(m[i] - mn);
+      m[i] = mn;
+      l[i] = l[i] * alpha[i] + vexp::exp_shifted_sum(si, own, mn);
       std::fill(si + own, si + n, 0.f);
     }
     accumulate(a, b, g, s.data(), alpha, t0, n, acc.data());
@@ -164,6 +177,19 @@ void tile(const Tiles& a, int b, int g, int f0) {
   for (int i = 0; i < kQ && f0 + i < nf; ++i) {
     const int pos = (f0 + i) / a.R, head = g * a.R + (f0 + i) % a.R;
     float* o = j.out + ((static_cast<size_t>(b) * j.Hq + head) * j.L + pos) * Dv;
+    if (l[i] == 0.f) { // nothing attended: MLX's masked softmax is uniform over every key
+      std::fill(o, o + Dv, 0.f);
+      for (int t = 0; t < j.T; ++t) {
+        const float* vt = j.v.at(b, g, t);
+        for (int d = 0; d < Dv; ++d) {
+          o[d] += vt[d];
+        }
+      }
+      for (int d = 0; d < Dv; ++d) {
+        o[d] /= static_cast<float>(j.T);
+      }
+      continue;
+    }
     const float inv = 1.f / l[i];
     for (int d = 0; d < Dv; ++d) {
       o[d] = acc[i * Dv + d] * inv;
@@ -174,7 +200,7 @@ void tile(const Tiles& a, int b, int g, int f0) {
 } // namespace
 
 bool prefill_attention(const Job& j) {
-  if (!j.causal || j.mask != nullptr || j.L < kPrefillPositions || j.Dv % kLanes) {
+  if (j.L < kPrefillPositions || j.Dv % kLanes) {
     return false;
   }
   const int R = j.Hq / j.Hk, groups = (j.T + kLanes - 1) / kLanes;

@@ -197,6 +197,22 @@ def test_long_prefill_chunks_in_tiles_match_sdpa(b, hq, hk, n, prefix, d, dv) ->
     got = qkernels.decode_attention(q, k, v, d**-0.5, "causal")
     assert got.shape == (b, hq, n, dv)
     assert _close(got, _sdpa(q, k, v, d**-0.5, "causal"))
+    # A batch's prompts prefilled together: left-padded rows under the batch cache's mask.
+    mask = _causal_mask([(37 * i) % (prefix + 1) for i in range(b)], n, t)
+    assert _close(qkernels.decode_attention(q, k, v, d**-0.5, mask), _sdpa(q, k, v, d**-0.5, mask))
+
+
+def test_long_chunks_under_any_key_mask() -> None:
+    """A boolean mask of any pattern (holes, a row that attends nothing: MLX's uniform softmax)
+    on a long chunk, with and without the causal flag."""
+    mx.random.seed(5)
+    q = mx.random.normal((3, 4, 100, 64))
+    k, v = mx.random.normal((3, 2, 180, 64)), mx.random.normal((3, 2, 180, 64))
+    holes = mx.random.uniform(shape=(3, 1, 100, 180)) > 0.7
+    holes = mx.concatenate([holes[:2], mx.zeros((1, 1, 100, 180), dtype=mx.bool_)])
+    assert _close(qkernels.decode_attention(q, k, v, 0.125, holes), _sdpa(q, k, v, 0.125, holes))
+    causal = holes & _causal_mask([0], 100, 180)
+    assert _close(qkernels.decode_attention(q, k, v, 0.125, causal), _sdpa(q, k, v, 0.125, causal))
 
 
 def test_a_tiled_query_does_not_depend_on_its_chunk() -> None:
