@@ -345,6 +345,21 @@ def test_swapped_layers_give_the_models_logits(kind: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_long_prompts_on_the_tiled_prefill_give_the_models_logits(kind: str) -> None:
+    """Prompts long enough for the tiled prefill kernel (gemma3's sliding layers under their
+    window's mask), prefilled alone, then decoded in a batch: mlx-lm's logits within 1e-4."""
+    long_prompts = (
+        [(7 * i) % 290 + 3 for i in range(150)],
+        [(11 * i) % 290 + 5 for i in range(70)],
+    )
+    ref, fused = _build(kind), _build(kind)
+    fuse_attention(fused)
+    got = batched_greedy_logits(fused, 4, prompts=long_prompts)
+    for a, b in zip(batched_greedy_logits(ref, 4, prompts=long_prompts), got, strict=True):
+        assert _close(b, a, 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_batched_equals_single_with_fused_layers(kind: str) -> None:
     from tests.unit.test_engine_batching import alone_and_batched, prompts
 
