@@ -344,13 +344,13 @@ def test_profile_wrappers_keep_the_output_and_time_every_op_class(tmp_path: Path
 
 
 def test_prefill_profile_splits_a_prompt_by_op_class(tmp_path: Path) -> None:
-    from bench import profile
+    from bench import profile, profile_prefill
     from models.loader import load_model
     from tests.tiny import make_tiny_model
 
     lm = load_model(make_tiny_model(tmp_path / "m"), "tiny")
     args = argparse.Namespace(prefill=[20, 40], steps=1)
-    text = profile.run_prefill(lm, args)
+    text = profile_prefill.run_prefill(lm, args)
     head = next(line for line in text.splitlines() if line.startswith("ms per prefill"))
     assert "20 tokens" in head and "40 tokens" in head
     for title in (profile.PROJ, profile.ATTN, "real prefill, no barriers", "prefill tokens/s"):
