@@ -34,6 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.sampling import RowState, sample
+from engine.speculative import merge
 from engine.types import SamplingParams
 
 # Op classes, in print order.
@@ -168,7 +169,8 @@ def make_batch(lm: Any, rows: int, context: int) -> tuple[list, mx.array]:
         lm.model(ids, cache=caches)
         mx.eval([c.state for c in caches])
         per_row.append(caches)
-    batch = [type(layer[0]).merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    # As the runner merges them (engine/speculative.py): its batch cache is the server's.
+    batch = [merge(list(layer)) for layer in zip(*per_row, strict=True)]
     mx.eval([c.state for c in batch])
     return batch, mx.full((rows, 1), 42, dtype=mx.int32)
 

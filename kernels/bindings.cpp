@@ -4,7 +4,9 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "embed.h"
 #include "fused.h"
+#include "kv_cache.h"
 #include "layer.h"
 #include "mlp.h"
 #include "qmm.h"
@@ -160,6 +162,27 @@ NB_MODULE(_kernels, m) {
       "u"_a,
       "One token per row of float32 logits [B, V]: params [B, 4] (temperature, top_k, top_p,"
       " min_p) filter, then an inverse-CDF draw at the row's uniform u [B] (CPU).");
+  m.def(
+      "embed_rows",
+      &mlxd::embed_rows,
+      "ids"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "bits"_a,
+      "float32 [*ids.shape, K]: dequantize(w[ids], scales[ids], biases[ids]) (group size 32, 4 or"
+      " 8 bits) in one op, rounded as MLX's dequantize rounds (CPU).");
+  m.def(
+      "kv_update",
+      &mlxd::kv_update,
+      "keys"_a,
+      "values"_a,
+      "offset"_a,
+      "k"_a,
+      "v"_a,
+      "idx"_a,
+      "A batch KV cache's update in one op: [keys and values with k, v written at positions"
+      " [idx, idx + L), offset + L, views of their first idx + L positions] (CPU).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

@@ -27,6 +27,9 @@ BLAS_ROWS = 96
 _STATUS = Path(__file__).with_name("_kernels.json")
 _ext: ModuleType | None = None
 _reason: str | None = None
+# A Device to compare with: `default_device() == mx.cpu` converts the DeviceType on every call
+# (0.8 us against 0.2; a decode step makes ~4 such checks a layer).
+_CPU = mx.Device(mx.cpu)
 
 
 def _load() -> None:
@@ -86,7 +89,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, bit
         raise ValueError("qmm needs affine biases")
     if _ext is None and _reason is None:
         _load()
-    if _ext is not None and mx.default_device() == mx.cpu:
+    if _ext is not None and mx.default_device() == _CPU:
         if x.size >= BLAS_ROWS * x.shape[-1]:
             # Longer prefills: the BLAS on dequantized weights is faster there.
             return x.astype(mx.float32) @ _ext.dequantize(w, scales, biases, bits).T
@@ -172,6 +175,41 @@ def attn_in(
     )
 
 
+def embed_rows(
+    ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int
+) -> mx.array | None:
+    """float32 [*ids.shape, K]: the rows of a group-32 quantized table (4 or 8 bits) that
+    `mx.dequantize(w[ids], scales[ids], biases[ids]).astype(float32)` gives, bit for bit, in one
+    op on the CPU (MLX's CPU dequantize of a lookup is ~37 graph nodes); None where the
+    extension cannot run it."""
+    if _ext is None and _reason is None:
+        _load()
+    if _ext is None or mx.default_device() != _CPU or not supports(bits, GROUP_SIZE):
+        return None
+    if ids.dtype not in (mx.int32, mx.uint32, mx.int64, mx.uint64):
+        return None
+    return _ext.embed_rows(ids, w, scales, biases, bits)
+
+
+def kv_update(
+    keys: mx.array, values: mx.array, offset: mx.array, k: mx.array, v: mx.array, idx: int
+) -> list[mx.array] | None:
+    """A batch KV cache's update in one op on the CPU: [keys, values] (buffers [B, H, C, D])
+    with k, v [B, H, L, D] written at positions [idx, idx + L), offset [B] + L, and views of the
+    buffers' first idx + L positions; the buffers are written in place when nothing else holds
+    them. None where the extension cannot run it (another device, dtypes or shapes it does not
+    take): the cache runs its own ops."""
+    if _ext is None and _reason is None:
+        _load()
+    if _ext is None or mx.default_device() != _CPU or offset.dtype != mx.int32:
+        return None
+    if not keys.dtype == values.dtype == k.dtype == v.dtype or offset.ndim != 1:
+        return None
+    if keys.ndim != 4 or k.ndim != 4 or idx + k.shape[2] > keys.shape[2]:
+        return None
+    return _ext.kv_update(keys, values, offset, k, v, idx)
+
+
 def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> mx.array | None:
     """One int32 token per row of float32 logits [B, V] in one op on the CPU: each row's
     (temperature, top_k, top_p, min_p) filter, then the token where the running sum of its
@@ -184,7 +222,7 @@ def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> m
 def _fast(x: mx.array) -> bool:
     if _ext is None and _reason is None:
         _load()
-    return _ext is not None and x.dtype == mx.float32 and mx.default_device() == mx.cpu
+    return _ext is not None and x.dtype == mx.float32 and mx.default_device() == _CPU
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array | None:

@@ -43,14 +43,16 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
 
 
 class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding with float32 lookups and `as_linear` (a tied lm_head) on the kernel."""
+    """nn.QuantizedEmbedding with float32 lookups (one kernel op on the CPU) and `as_linear` (a
+    tied lm_head) on the kernel."""
 
     def __init__(self, weight, scales, biases, bits: int):
         _init(self, weight, scales, biases, bits)
         self.num_embeddings, self.dims = weight.shape[0], weight.shape[1] * 32 // bits
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x).astype(mx.float32)
+        y = qkernels.embed_rows(x, self["weight"], self["scales"], self["biases"], self.bits)
+        return y if y is not None else super().__call__(x).astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return qkernels.qmm(x, self.weight, self.scales, self.biases, self.bits)
