@@ -49,6 +49,33 @@ void run(
   matmul_chunks(Dn, ah, [&](int n0, int n1) { qdot_rows(Dn, ah, y + n0, Dn.N, n0, n1); });
 }
 
+// The Mlp primitive's inputs after checking them: x as float32, then the three weights' arrays.
+std::vector<mx::array> mlp_inputs(
+    const mx::array& x,
+    const mx::array& gate_w,
+    const mx::array& gate_s,
+    const mx::array& gate_b,
+    const mx::array& up_w,
+    const mx::array& up_s,
+    const mx::array& up_b,
+    int gu_bits,
+    const mx::array& down_w,
+    const mx::array& down_s,
+    const mx::array& down_b,
+    int down_bits) {
+  const int K = check_weight("mlp (gate)", gate_w, gate_s, gate_b, gu_bits);
+  check_weight("mlp (up)", up_w, up_s, up_b, gu_bits);
+  const int F = check_weight("mlp (down)", down_w, down_s, down_b, down_bits);
+  if (up_w.shape() != gate_w.shape() || up_s.dtype() != gate_s.dtype() || F != gate_w.shape(0) ||
+      x.ndim() < 1 || x.shape(-1) != K) {
+    throw std::invalid_argument(
+        "mlp: gate and up [F, K] alike, down [D, F], x [..., K] (float32)");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
+  return {xf, gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b};
+}
+
 } // namespace
 
 mx::array mlp(
@@ -65,23 +92,13 @@ mx::array mlp(
     const mx::array& down_b,
     int down_bits,
     bool gelu) {
-  const int K = check_weight("mlp (gate)", gate_w, gate_s, gate_b, gu_bits);
-  check_weight("mlp (up)", up_w, up_s, up_b, gu_bits);
-  const int F = check_weight("mlp (down)", down_w, down_s, down_b, down_bits);
-  if (up_w.shape() != gate_w.shape() || up_s.dtype() != gate_s.dtype() || F != gate_w.shape(0) ||
-      x.ndim() < 1 || x.shape(-1) != K) {
-    throw std::invalid_argument(
-        "mlp: gate and up [F, K] alike, down [D, F], x [..., K] (float32)");
-  }
-  auto s = mx::default_stream(mx::Device::cpu);
-  auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
+  auto inputs = mlp_inputs(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, gu_bits, down_w, down_s,
+                           down_b, down_bits);
   auto shape = x.shape();
   shape.back() = down_w.shape(0);
+  auto s = mx::default_stream(mx::Device::cpu);
   return mx::array(
-      shape,
-      mx::float32,
-      std::make_shared<Mlp>(s, gu_bits, down_bits, gelu),
-      {xf, gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b});
+      shape, mx::float32, std::make_shared<Mlp>(s, gu_bits, down_bits, gelu), std::move(inputs));
 }
 
 mx::array mlp_residual(
@@ -101,14 +118,14 @@ mx::array mlp_residual(
     int down_bits,
     bool gelu,
     const std::optional<mx::array>& post_norm_w) {
-  auto y = mlp(h, gate_w, gate_s, gate_b, up_w, up_s, up_b, gu_bits, down_w, down_s, down_b,
-               down_bits, gelu);
+  // The inputs alone: building an mlp() array to read them cost a second array a layer a step.
+  auto inputs = mlp_inputs(h, gate_w, gate_s, gate_b, up_w, up_s, up_b, gu_bits, down_w, down_s,
+                           down_b, down_bits);
   const int K = h.shape(-1);
-  if (h.dtype() != mx::float32 || y.shape() != h.shape() || norm_w.dtype() != mx::float32 ||
+  if (h.dtype() != mx::float32 || down_w.shape(0) != K || norm_w.dtype() != mx::float32 ||
       norm_w.ndim() != 1 || norm_w.shape(0) != K) {
     throw std::invalid_argument("mlp_residual: float32 h [..., D], down [D, F], norm weight [D]");
   }
-  auto inputs = y.inputs();
   inputs.push_back(norm_w);
   if (post_norm_w) {
     if (post_norm_w->dtype() != mx::float32 || post_norm_w->shape() != norm_w.shape()) {
