@@ -174,3 +174,14 @@ def test_batch_cache_updates_in_place_when_nothing_else_holds_the_buffer() -> No
         addresses.append(_address(cache.keys))
     # The first update may copy (the merge's buffer); later ones write where it already is.
     assert len(set(addresses[1:])) == 1
+
+
+def test_batch_cache_one_position_mask_is_mlx_lms() -> None:
+    ours, theirs = (
+        _caches(BatchKVCache, [3, 7, 1], 9),
+        _caches(mlx_cache.BatchKVCache, [3, 7, 1], 9),
+    )
+    for n in (1, 4):  # one position (the fast path) and a verify pass's few (mlx-lm's own)
+        got, want = ours.make_mask(n), theirs.make_mask(n)
+        assert got.shape == want.shape and mx.array_equal(got, want).item()
+    assert ours.make_mask(1, window_size=4).shape == theirs.make_mask(1, window_size=4).shape
