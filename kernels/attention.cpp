@@ -244,7 +244,8 @@ mx::array decode_attention(
     const mx::array& v,
     const std::optional<mx::array>& mask,
     float scale,
-    bool causal) {
+    bool causal,
+    bool flat) {
   for (const auto* a : {&q, &k, &v}) {
     if (a->dtype() != mx::float32 || a->ndim() != 4) {
       throw std::invalid_argument("decode_attention: float32 q, k, v of 4 dims");
@@ -259,6 +260,9 @@ mx::array decode_attention(
   if (causal && T < L) {
     throw std::invalid_argument("decode_attention: a causal mask needs T >= L keys");
   }
+  if (flat && L != 1) {
+    throw std::invalid_argument("decode_attention: a flat output is for one query position");
+  }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs{q, k, v};
   if (mask.has_value()) {
@@ -269,8 +273,10 @@ mx::array decode_attention(
     }
     inputs.push_back(m);
   }
+  // [B, Hq, 1, Dv] and [B, 1, Hq * Dv] are one layout: the kernel writes either.
+  auto shape = flat ? mx::Shape{B, 1, Hq * v.shape(3)} : mx::Shape{B, Hq, L, v.shape(3)};
   return mx::array(
-      {B, Hq, L, v.shape(3)},
+      std::move(shape),
       mx::float32,
       std::make_shared<DecodeAttention>(s, scale, causal),
       std::move(inputs));

@@ -21,14 +21,16 @@ namespace mx = mlx::core;
 // a key is not attended (padding, outside the window, after the query position); none attends
 // every key. causal: query position l also sees only keys t <= T - L + l (MLX's "causal" mask,
 // aligned to the last key; T >= L). Returns float32 softmax(scale * q k^T) v as [B, Hq, L, Dv],
-// as mx.fast.scaled_dot_product_attention.
+// as mx.fast.scaled_dot_product_attention. With `flat` (L == 1 only) the same values come as
+// [B, 1, Hq * Dv], the shape an output projection reads (a decode step's reshape node saved).
 mx::array decode_attention(
     const mx::array& q,
     const mx::array& k,
     const mx::array& v,
     const std::optional<mx::array>& mask,
     float scale,
-    bool causal = false);
+    bool causal = false,
+    bool flat = false);
 
 class DecodeAttention : public mx::UnaryPrimitive {
  public:

@@ -151,9 +151,10 @@ NB_MODULE(_kernels, m) {
       "mask"_a.none(),
       "scale"_a,
       "causal"_a = false,
+      "flat"_a = false,
       "softmax(scale * q k^T) v (float32 q [B, Hq, L, D], k/v [B, Hk, T, D], mask bool"
       " [B or 1, 1, L or 1, T] or None; causal: position l also sees keys t <= T - L + l only),"
-      " on the CPU.");
+      " on the CPU; flat (L == 1): the output as [B, 1, Hq * Dv].");
   m.def(
       "sample_tokens",
       &mlxd::sample_tokens,

@@ -86,9 +86,8 @@ class FusedBlock(nn.Module):
         if qkv is None:
             return None
         keys, values = cache.update_and_fetch(qkv[1], qkv[2])
-        out = qkernels.decode_attention(qkv[0], keys, values, attn.scale, mask)
-        # [B, H, 1, D] is [B, 1, H * D] in memory: a reshape, no copy.
-        h = qkernels.qmm_add(out.reshape(x.shape[0], 1, -1), o, x)
+        out = qkernels.decode_attention(qkv[0], keys, values, attn.scale, mask, flat=True)
+        h = qkernels.qmm_add(out, o, x)
         y = qkernels.mlp_residual(h, (n2["weight"], n2.eps), gate, up, down)
         return y if y is not None else h + mlp(n2(h))
 

@@ -253,7 +253,12 @@ def rope(
 
 
 def decode_attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: mx.array | str | None,
+    flat: bool = False,
 ) -> mx.array:
     """mx.fast.scaled_dot_product_attention of q [B, Hq, L, D] over k, v [B, Hk, T, D] from a KV
     cache (GQA allowed): a decode step's one position, its drafts being verified, or a prefill
@@ -261,7 +266,9 @@ def decode_attention(
     "causal" (T >= L) or a boolean key mask [B or 1, 1, L or 1, T] (a batch cache's) or [L, T];
     MLX's SDPA elsewhere. On a short prompt MLX's CPU SDPA spends most of its time in its exp
     (23 ns an element): the kernel took 0.15 ms where SDPA took 3.9 for 82 positions, 29 against
-    123 for 512 (one layer of SmolLM2, 2026-11-30, AMD EPYC, loaded machine)."""
+    123 for 512 (one layer of SmolLM2, 2026-11-30, AMD EPYC, loaded machine). With `flat` (one
+    query position) the output is [B, 1, Hq * Dv], what an output projection reads: the kernel
+    writes that shape itself (no reshape node)."""
     L = q.shape[2] if q.ndim == 4 else 0
     if isinstance(mask, str) and mask == "causal" and L == 1:
         mask = None  # one query position: the last one sees every key
@@ -284,5 +291,6 @@ def decode_attention(
         )
         if ok_mask and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0:
             keys = None if causal else mask
-            return _ext.decode_attention(q, k, v, keys, scale, causal)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+            return _ext.decode_attention(q, k, v, keys, scale, causal, flat and L == 1)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return out.reshape(q.shape[0], 1, -1) if flat and L == 1 else out

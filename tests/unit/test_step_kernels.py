@@ -185,3 +185,17 @@ def test_batch_cache_one_position_mask_is_mlx_lms() -> None:
         got, want = ours.make_mask(n), theirs.make_mask(n)
         assert got.shape == want.shape and mx.array_equal(got, want).item()
     assert ours.make_mask(1, window_size=4).shape == theirs.make_mask(1, window_size=4).shape
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hk", "T", "D"), [(1, 3, 1, 5, 8), (3, 9, 3, 17, 6)])
+def test_flat_decode_attention_is_the_reshaped_output(B, Hq, Hk, T, D) -> None:
+    q, k, v = _kv((B, Hq, 1, D), 1), _kv((B, Hk, T, D), 2), _kv((B, Hk, T, D), 3)
+    mask = mx.arange(T)[None, None, None, :] >= mx.array([0, 2, 1][:B])[:, None, None, None]
+    for m in (None, mask):
+        want = qkernels.decode_attention(q, k, v, 0.3, m).reshape(B, 1, Hq * D)
+        got = qkernels.decode_attention(q, k, v, 0.3, m, flat=True)
+        assert got.shape == (B, 1, Hq * D) and mx.array_equal(got, want).item()
+    with mx.stream(mx.Device(mx.cpu)):  # MLX's SDPA where the kernel does not run
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask.astype(mx.int32))
+    got = qkernels.decode_attention(q, k, v, 0.3, mask.astype(mx.int32), flat=True)
+    assert mx.allclose(got, ref.reshape(B, 1, -1)).item()
