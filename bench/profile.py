@@ -170,7 +170,7 @@ def make_batch(lm: Any, rows: int, context: int) -> tuple[list, mx.array]:
         mx.eval([c.state for c in caches])
         per_row.append(caches)
     # As the runner merges them (engine/speculative.py): its batch cache is the server's.
-    batch = [merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    batch: list[Any] = [merge(list(layer)) for layer in zip(*per_row, strict=True)]
     mx.eval([c.state for c in batch])
     return batch, mx.full((rows, 1), 42, dtype=mx.int32)
 
