@@ -210,25 +210,42 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return "".join(parts) or None
 
 
+def _most_specific(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The first error, or, when it is a union member's type mismatch, the error of the same
+    field from the member whose type did match: [-1] as a prompt is a token id below 0, not
+    "Input should be a valid string"."""
+    first = errors[0]
+    if not str(first.get("type", "")).endswith("_type"):
+        return first
+    field = _param(tuple(first.get("loc", ()))) or ""
+    for e in errors[1:]:
+        param = _param(tuple(e.get("loc", ()))) or ""
+        inside = param == field or param.startswith((field + "[", field + "."))
+        if inside and not str(e.get("type", "")).endswith("_type"):
+            return e
+    return first
+
+
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
-    """A 400 for the first of pydantic's errors, naming the offending field."""
+    """A 400 for the first field pydantic rejects, naming it (`param`) and saying why."""
     if not errors:
         return APIError(400, "invalid request body")
-    first = errors[0]
+    first = _most_specific(errors)
+    param = _param(tuple(errors[0].get("loc", ())))  # the field, as OpenAI names it
     loc = tuple(first.get("loc", ()))
-    param = _param(loc)
     kind = first.get("type", "")
     if kind == "json_invalid":
         return APIError(400, "request body is not valid JSON", code="invalid_json")
     if kind == "missing":
+        missing = _param(loc) or param
         return APIError(
             400,
-            f"missing required parameter: '{param}'",
-            param=param,
+            f"missing required parameter: '{missing}'",
+            param=missing,
             code="missing_required_parameter",
         )
     msg = str(first.get("msg", "invalid value"))
-    where = f"'{param}'" if param else "request body"
+    where = f"'{_param(loc) or param}'" if param else "request body"
     return APIError(400, f"invalid value for {where}: {msg}", param=param, code="invalid_value")
 
 

@@ -249,7 +249,14 @@ def test_completions_unsupported_and_bad_prompt(client: TestClient) -> None:
         400,
         param="prompt",
     )
-    err(client.post("/v1/completions", json={"model": FAKE_MODEL, "prompt": [-1]}), 400)
+    e = err(client.post("/v1/completions", json={"model": FAKE_MODEL, "prompt": [-1]}), 400)
+    # the token-id member's complaint, not the string member's "Input should be a valid string"
+    assert "'prompt[0]': Input should be greater than or equal to 0" in e["message"], e
+    assert e["param"] == "prompt"
+    e = err(
+        client.post("/v1/completions", json={"model": FAKE_MODEL, "prompt": [[1], [2**40]]}), 400
+    )
+    assert "'prompt[1][0]': Input should be less than or equal to" in e["message"], e
     err(client.post("/v1/completions", json={"model": FAKE_MODEL}), 400, param="prompt")
 
 
