@@ -87,13 +87,12 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, bit
     MLX's own quantized_matmul elsewhere or when it is not built."""
     if biases is None:
         raise ValueError("qmm needs affine biases")
-    if _ext is None and _reason is None:
-        _load()
-    if _ext is not None and mx.default_device() == _CPU:
+    ext = _cpu_ext()
+    if ext is not None:
         if x.size >= BLAS_ROWS * x.shape[-1]:
             # Longer prefills: the BLAS on dequantized weights is faster there.
-            return x.astype(mx.float32) @ _ext.dequantize(w, scales, biases, bits).T
-        return _ext.qmm(x, w, scales, biases, bits)
+            return x.astype(mx.float32) @ ext.dequantize(w, scales, biases, bits).T
+        return ext.qmm(x, w, scales, biases, bits)
     y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=GROUP_SIZE, bits=bits)
     return y.astype(mx.float32)
 
@@ -182,13 +181,12 @@ def embed_rows(
     `mx.dequantize(w[ids], scales[ids], biases[ids]).astype(float32)` gives, bit for bit, in one
     op on the CPU (MLX's CPU dequantize of a lookup is ~37 graph nodes); None where the
     extension cannot run it."""
-    if _ext is None and _reason is None:
-        _load()
-    if _ext is None or mx.default_device() != _CPU or not supports(bits, GROUP_SIZE):
+    ext = _cpu_ext()
+    if ext is None or not supports(bits, GROUP_SIZE):
         return None
     if ids.dtype not in (mx.int32, mx.uint32, mx.int64, mx.uint64):
         return None
-    return _ext.embed_rows(ids, w, scales, biases, bits)
+    return ext.embed_rows(ids, w, scales, biases, bits)
 
 
 def kv_update(
@@ -199,15 +197,14 @@ def kv_update(
     buffers' first idx + L positions; the buffers are written in place when nothing else holds
     them. None where the extension cannot run it (another device, dtypes or shapes it does not
     take): the cache runs its own ops."""
-    if _ext is None and _reason is None:
-        _load()
-    if _ext is None or mx.default_device() != _CPU or offset.dtype != mx.int32:
+    ext = _cpu_ext()
+    if ext is None or offset.dtype != mx.int32:
         return None
     if not keys.dtype == values.dtype == k.dtype == v.dtype or offset.ndim != 1:
         return None
     if keys.ndim != 4 or k.ndim != 4 or idx + k.shape[2] > keys.shape[2]:
         return None
-    return _ext.kv_update(keys, values, offset, k, v, idx)
+    return ext.kv_update(keys, values, offset, k, v, idx)
 
 
 def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> mx.array | None:
@@ -219,10 +216,15 @@ def sample_tokens(logits: mx.array, params: list[list[float]], u: mx.array) -> m
     return _ext.sample_tokens(logits, mx.array(params, dtype=mx.float32), u)
 
 
-def _fast(x: mx.array) -> bool:
+def _cpu_ext() -> ModuleType | None:
+    """The extension (loaded on first use) when the default device is the CPU, else None."""
     if _ext is None and _reason is None:
         _load()
-    return _ext is not None and x.dtype == mx.float32 and mx.default_device() == _CPU
+    return _ext if _ext is not None and mx.default_device() == _CPU else None
+
+
+def _fast(x: mx.array) -> bool:
+    return x.dtype == mx.float32 and _cpu_ext() is not None
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array | None:
