@@ -9,6 +9,7 @@ and make one GenerateRequest per choice. What differs between APIs is a field he
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,9 @@ from server.errors import APIError
 from server.jobs import Job
 from server.limits import check_context, check_messages, default_budget, resolve_max_tokens
 from server.settings import Settings
+from server.truncation import fit_messages, fit_prompt
+
+log = logging.getLogger("mlxd.server")
 
 
 @dataclass
@@ -58,6 +62,10 @@ class ChatRequest:
     # Tools, tool choice, a JSON answer, reasoning (engine/output): the output pipeline's spec.
     output: OutputSpec | None = None
     prefill: str = ""  # the start of the assistant's answer, which the model continues
+    # A prompt past the context: drop old messages, then cut tokens (Ollama's `truncate`,
+    # server/truncation.py), keeping the first num_keep tokens; else a 400 (OpenAI).
+    truncate: bool = False
+    num_keep: int = 4
 
 
 def chat_text(
@@ -109,6 +117,21 @@ def render_chat(
     """The prompt's token ids (see chat_text), `prefill` appended after the assistant's turn."""
     text, special = chat_text(handle.tokenizer, handle.name, messages, transcript, output)
     return list(handle.tokenizer.encode(text + prefill, add_special_tokens=special))
+
+
+def chat_prompt(handle: ModelHandle, req: ChatRequest, context: int) -> list[int]:
+    """The chat's prompt ids; with `req.truncate`, fitted to leave the answer a token at least."""
+
+    def render(messages: list[Message]) -> list[int]:
+        return render_chat(handle, messages, req.base_model_transcript, req.output, req.prefill)
+
+    if not req.truncate:
+        return render(req.messages)
+    ids, dropped = fit_messages(req.messages, render, context - 1)
+    if dropped:
+        log.info("[%s] dropped the %d oldest messages to fit the context", req.id, dropped)
+    bos = getattr(handle.tokenizer, "bos_token_id", None)
+    return fit_prompt(ids, context, req.num_keep, bos, req.id)
 
 
 def usable_context(handle: ModelHandle, num_ctx: int | None) -> int:
@@ -172,8 +195,8 @@ async def chat_job(engine: EngineAPI, settings: Settings, req: ChatRequest) -> J
     """Load the model, render the chat and fit its budget: the Job the runner executes."""
     check_messages(settings, len(req.messages))
     handle = await engine.get_model(req.model, keep_alive=req.keep_alive)
-    ids = render_chat(handle, req.messages, req.base_model_transcript, req.output, req.prefill)
     context = usable_context(handle, req.num_ctx)
+    ids = chat_prompt(handle, req, context)
     max_tokens = completion_budget(
         len(ids),
         context,

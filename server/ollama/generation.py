@@ -31,6 +31,7 @@ from server.limits import stop_list
 from server.ollama.options import (
     budget_options,
     final_stats,
+    keep_option,
     parse_keep_alive,
     sampling_params,
     timestamp,
@@ -39,6 +40,7 @@ from server.ollama.prompt import generate_prompt
 from server.ollama.schemas import ChatBody, GenerateBody
 from server.ollama.structured import ollama_tool_calls, output_spec, template_extra
 from server.settings import Settings
+from server.truncation import fit_prompt
 
 Event = dict[str, Any]
 
@@ -91,6 +93,8 @@ async def prepare_chat(
         budget_param="options.num_predict",
         base_model_transcript=True,
         output=spec,
+        truncate=body.truncate is not False,
+        num_keep=keep_option(body.options),
     )
     job = await chat_job(engine, settings, req)
     job.started = started
@@ -119,11 +123,13 @@ async def prepare_generate(
             prompt.text, add_special_tokens=prompt.add_special_tokens and not ids
         )
     context = usable_context(handle, num_ctx)
+    job_id = f"ollama-{uuid.uuid4().hex}"
+    if body.truncate is not False:
+        bos = getattr(handle.tokenizer, "bos_token_id", None)
+        ids = fit_prompt(ids, context, keep_option(body.options), bos, job_id)
     budget = completion_budget(len(ids), context, num_predict, "clamp", "options.num_predict")
     params = sampling_params(body.options, budget)
-    job = prompt_job(
-        f"ollama-{uuid.uuid4().hex}", handle, ids, params, keep_alive=keep_alive, output=spec
-    )
+    job = prompt_job(job_id, handle, ids, params, keep_alive=keep_alive, output=spec)
     job.started = started
     return job, OllamaRenderer(job, body.model, "generate", context=not body.raw)
 

@@ -90,6 +90,12 @@ def budget_options(options: dict[str, Any]) -> tuple[int | None, int | None]:
     return predict, ctx
 
 
+def keep_option(options: dict[str, Any]) -> int:
+    """num_keep: the prompt's first tokens a truncation keeps (Ollama's default 4; -1: all)."""
+    value = options.get("num_keep")
+    return 4 if value is None else int(value)
+
+
 def sampling_params(options: dict[str, Any] | None, max_tokens: int) -> SamplingParams:
     """Map Ollama `options` onto SamplingParams, filling Ollama's defaults for what is absent."""
     opts = {**OLLAMA_DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}

@@ -90,6 +90,10 @@ class _Generative(_Named):
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: float | str | None = None
     think: bool | str | None = None
+    # A prompt past num_ctx is cut to fit unless truncate is false (then 400). Ollama's shift
+    # (slide the context when the answer reaches its end) is accepted; the answer stops there.
+    truncate: bool | None = None
+    shift: bool | None = None
 
     @field_validator("options")
     @classmethod

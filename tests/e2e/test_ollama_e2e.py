@@ -41,6 +41,19 @@ def test_chat_streamed(client):
     assert "Paris" in "".join(p.message.content or "" for p in parts)
 
 
+def test_long_chat_is_truncated_to_num_ctx(client):
+    # Ollama drops the oldest turns rather than refusing: the latest question is still answered.
+    old = [
+        {"role": r, "content": f"Turn {i}: let us talk about gardening and tomatoes for a while."}
+        for i in range(30)
+        for r in ("user", "assistant")
+    ]
+    options = {"temperature": 0, "num_predict": 16, "num_ctx": 160}
+    r = client.chat(model=MODEL, messages=old + QUESTION, options=options)
+    assert r.done and "Paris" in r.message.content
+    assert r.prompt_eval_count + r.eval_count <= 160
+
+
 def test_generate(client):
     r = client.generate(
         model=MODEL, prompt="The capital of France is", options={"temperature": 0, "num_predict": 8}
