@@ -23,7 +23,7 @@ from engine.errors import (
 )
 from engine.kv_manager import KVManager
 from engine.memory import MemoryGovernor, settle_mlx
-from engine.model_manager import ModelManager
+from engine.model_manager import ModelManager, freeze_heap
 from engine.output.events import OutputDelta
 from engine.output.pipeline import OutputPipeline, decoder_for
 from engine.outputs import ROW_FAILED, StepOutput
@@ -102,6 +102,7 @@ class AsyncEngine(EngineAPI):
         await asyncio.to_thread(self.models.ensure_default)
         for name in self.config.preload:
             await self.get_model(name)
+        freeze_heap()  # what the imports made (a load freezes its own)
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         # Idempotent: a signal handler and the lifespan may both ask; both await one drain.
