@@ -86,7 +86,8 @@ class Soak:
 
     async def stream(self, client: httpx.AsyncClient, model: str) -> None:
         body, cancel_after = self.body(model)
-        chunks = 0
+        chunks, texts = 0, 0
+        last = time.monotonic()
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
@@ -99,6 +100,10 @@ class Soak:
                         self.traffic.error(line[:200])
                         return
                     chunks += 1
+                    if _has_text(line):  # not the role's opening chunk
+                        now = time.monotonic()
+                        (self.traffic.itl if texts else self.traffic.ttft).append(now - last)
+                        last, texts = now, texts + 1
                     if cancel_after is not None and chunks >= cancel_after:
                         self.traffic.cancelled += 1
                         return  # leaving the block closes the connection mid-stream
@@ -147,6 +152,15 @@ class Soak:
             if drained.releases >= 0 and s.releases > drained.releases:
                 break
         return s
+
+
+def _has_text(line: str) -> bool:
+    """An SSE data line whose chunk carries generated text."""
+    try:
+        choices = json.loads(line[len("data: ") :]).get("choices") or []
+    except ValueError:
+        return False
+    return any((c.get("delta") or {}).get("content") for c in choices)
 
 
 def _rss_of(pid: int) -> int | None:

@@ -74,6 +74,19 @@ class Traffic:
     errors: int = 0
     tokens: int = 0
     first_errors: list[str] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # seconds to each stream's first chunk
+    itl: list[float] = field(default_factory=list)  # seconds between a stream's chunks
+
+    def latency(self) -> str:
+        """TTFT and inter-chunk gaps, median and p95 (what a memory change must not slow)."""
+
+        def q(xs: list[float], scale: float) -> str:
+            if not xs:
+                return "-"
+            xs = sorted(xs)
+            return f"{xs[len(xs) // 2] * scale:.0f} / {xs[int(0.95 * (len(xs) - 1))] * scale:.0f}"
+
+        return f"TTFT p50 / p95 {q(self.ttft, 1e3)} ms; ITL p50 / p95 {q(self.itl, 1e3)} ms"
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -171,6 +184,7 @@ def format_soak(result: SoakResult) -> str:
         f"{result.cancel_fraction:.0%} cancelled mid-stream (load average {result.load_average})",
         f"requests: {t.completed} completed, {t.cancelled} cancelled, {t.errors} errors; "
         f"{t.tokens} tokens streamed",
+        t.latency(),
         "",
         f"{'MB':<34}" + "".join(f"{name:>11}" for name, _ in cols),
     ]
