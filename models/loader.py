@@ -69,6 +69,8 @@ class LoadedModel:
     weight_bytes: int
     weight_format: str
     kv_dtype_bytes: int = 4
+    # Prefills of this many tokens on (0: none) dequantize the weights (models/qkernels.py).
+    dequantized_from: int = 0
     vocab_size: int = 0  # token ids a request may use: [0, vocab_size) (see `vocab_size()`)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -90,7 +92,9 @@ class LoadedModel:
     def prefill_activation_bytes(self, rows: int, width: int, keys: int) -> int:
         """Bytes a batched prefill of `rows` prompts padded to `width` tokens over `keys`
         positions allocates and frees (models/memory.py)."""
-        return prefill_activation_bytes(self.config, rows, width, keys, self.kv_dtype_bytes)
+        return prefill_activation_bytes(
+            self.config, rows, width, keys, self.kv_dtype_bytes, self.dequantized_from
+        )
 
 
 def _quant_desc(config: dict[str, Any]) -> str:
@@ -249,6 +253,7 @@ def load_model(
         weight_bytes=int(weight_bytes),
         weight_format=fmt,
         kv_dtype_bytes=_activation_bytes(model),
+        dequantized_from=qkernels.BLAS_ROWS if on_kernels and qkernels.available() else 0,
         vocab_size=vocab_size(model, config, tokenizer.vocab_size),
     )
 

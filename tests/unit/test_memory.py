@@ -119,3 +119,11 @@ def test_no_release_before_the_idle_time_or_when_disabled() -> None:
     never = MemoryGovernor(cache_limit=0, idle_release=-1.0, ceiling=1 << 30)
     never.busy()
     assert not never.tick() and never.releases == 0
+
+
+def test_prefills_the_kernels_hand_to_the_blas_count_two_layers_of_float32_weights() -> None:
+    layer = 4 * (576 * (2 * 9 + 2 * 3) * 64 + 3 * 576 * 1536)
+    plain = [prefill_activation_bytes(SMOLLM2, 1, w, w) for w in (95, 96)]
+    on_kernels = [prefill_activation_bytes(SMOLLM2, 1, w, w, dequantized_from=96) for w in (95, 96)]
+    assert on_kernels == [plain[0], plain[1] + 2 * layer]
+    assert prefill_activation_bytes(SMOLLM2, 4, 24, 24, dequantized_from=96) > 2 * layer
