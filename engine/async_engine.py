@@ -130,7 +130,7 @@ class AsyncEngine(EngineAPI):
     # --- the engine thread's loop body ----------------------------------------------------------
     def _step_all(self) -> bool:
         busy = False
-        self.memory.prefilling(self.models.prefilling())
+        self.memory.prefilling(self.models.prefilling(), self.models.held_bytes())
         for name, core in list(self.models.cores.items()):
             if not core.has_work:
                 continue

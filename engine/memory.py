@@ -30,6 +30,10 @@ import psutil
 log = logging.getLogger("mlxd.engine")
 
 MIN_CACHE_LIMIT = 16 << 20  # the smallest cache limit a computed one gets
+# What a step may hold beyond what the models keep (weights, KV, prefix caches), as a share of
+# that: its arrays, and as much again in MLX's cache of their freed buffers. The rest of the 20%
+# the soak allows is the process's own (tokenizers, Python objects, the C heap).
+TRANSIENT_SHARE = 0.07
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
@@ -112,10 +116,21 @@ class MemoryGovernor:
             log.debug("MLX buffer cache limit %.0f MB", limit / 1e6)
             self.cache_limit = limit
 
-    def prefilling(self, prefilling: bool) -> None:
-        """Before steps: whether they prefill prompts (the cache holds a chunk's buffers)."""
+    @staticmethod
+    def transient_budget(held: int) -> int:
+        """Bytes a step's arrays may take while the models hold `held` bytes: right after a
+        load, when little is held yet, a burst of new prompts prefills in batches (and pieces)
+        this small, and the cache keeps no more of their buffers (nor under MIN_CACHE_LIMIT)."""
+        return int(TRANSIENT_SHARE * held)
+
+    def prefilling(self, prefilling: bool, held: int = 0) -> None:
+        """Before steps: whether they prefill prompts (the cache holds a chunk's buffers), and
+        what the models hold now (> 0: the cache holds no more than `transient_budget` of it)."""
         self._prefilling = prefilling
-        self._set_limit(self._limits[prefilling])
+        limit = self._limits[prefilling]
+        if held > 0 and not self.fixed:
+            limit = min(limit, max(MIN_CACHE_LIMIT, self.transient_budget(held)))
+        self._set_limit(limit)
 
     def busy(self) -> None:
         """A step ran."""

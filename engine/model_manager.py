@@ -50,6 +50,7 @@ class ModelManager:
         self._entries: dict[str, Any] = {}  # a loaded model's registry entry, read at its load
         # What a step of each model allocates and frees: (a full prompt chunk's, a decode's).
         self._step_bytes: dict[str, tuple[int, int]] = {}
+        self._weights: dict[str, int] = {}  # each core's model's weight bytes
         self.dropped: dict[str, int] = {}  # counters of cores since dropped (never go down)
         # A distributed group serves one model, whose runner sends each step to the other ranks.
         self.make_runner: Callable[..., ModelRunner] = ModelRunner
@@ -158,8 +159,13 @@ class ModelManager:
         step_bytes = loaded.step_activation_bytes(
             self.config.max_num_batched_tokens, self.config.max_num_seqs
         )
-        # New prompts batched together stay within what a step is budgeted (and MLX caches).
-        runner.prefill_bytes, runner.prefill_budget = loaded.prefill_activation_bytes, step_bytes
+        # New prompts batched together stay within what a step is budgeted (and MLX caches),
+        # and within a share of what the models hold as they start.
+        runner.prefill_bytes = loaded.prefill_activation_bytes
+        runner.prefill_budget = lambda: min(
+            step_bytes, self.memory.transient_budget(self.held_bytes())
+        )
+        self._weights[loaded.name] = loaded.weight_bytes
         decode_bytes = loaded.step_activation_bytes(
             self.config.max_num_seqs, self.config.max_num_seqs
         )
@@ -174,6 +180,10 @@ class ModelManager:
         kv = sum(r.kv_in_use for r in runners)
         return kv, sum(r.prefix_cache.nbytes for r in runners if r.prefix_cache is not None)
 
+    def held_bytes(self) -> int:
+        """What the models hold as of now: weights, KV and prefix caches (any thread)."""
+        return sum(self._weights.values()) + sum(self.memory_in_use())
+
     def drop_core(self, name: str) -> None:
         core = self.cores.pop(name, None)
         runner = self.runners.pop(name, None)
@@ -183,6 +193,7 @@ class ModelManager:
         if runner is not None and runner.prefix_cache is not None:
             runner.prefix_cache.clear()
         self._step_bytes.pop(name, None)
+        self._weights.pop(name, None)
         self._limit_cache()
 
     def _limit_cache(self) -> None:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine import prefill_plan
 from engine.grammar import MaskFiller
 from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
@@ -68,9 +69,9 @@ class ModelRunner:
         self.exact_positions = qkernels.BLAS_ROWS - 1 if on_kernels else 0
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
         # A step's new prompts prefill together in batches whose padded transient arrays,
-        # prefill_bytes(rows, width, keys), fit prefill_budget (None: all in one batch).
+        # prefill_bytes(rows, width, keys), fit prefill_budget() (None: all in one batch).
         self.prefill_bytes: Callable[[int, int, int], int] | None = None
-        self.prefill_budget = 0
+        self.prefill_budget: Callable[[], int] = lambda: 0
         # kv_bytes() as of the caches' last change, for /metrics on its own thread: kept
         # current within a step too, as a long step's prefills add KV one batch at a time.
         self.kv_in_use = 0
@@ -221,12 +222,15 @@ class ModelRunner:
         caches = self.prefilling[seq.id]
         start, end = sched.start, min(sched.start + sched.num_tokens, seq.num_prefill - 1)
         try:
-            if end > start:
+            pieces = self._prefill_pieces(start, end) if end > start else []
+            for a, b in pieces:
                 # Lazy: the logits are computed only when the prompt is scored.
-                tokens = mx.array([seq.prefill_ids[start:end]], dtype=mx.int32)
-                logits = self.model(tokens, cache=caches)
+                logits = self.model(mx.array([seq.prefill_ids[a:b]], dtype=mx.int32), cache=caches)
                 if self._scores(seq):
-                    self._score_prompt(seq, start, logits[0], step)
+                    self._score_prompt(seq, a, logits[0], step)
+                if b < end:  # computed now (KV counted first): pieces never hold their
+                    self._count_kv()  # transients at once
+                    mx.async_eval([c.state[0] for c in caches if not c.empty()])
         except Exception as e:  # this sequence's own caches: the batch is untouched
             log.exception("prefill failed for request %s", seq.id)
             self._forget(seq.id)
@@ -252,21 +256,16 @@ class ModelRunner:
         )
 
     def _prefill_batches(self, fresh: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-        """New prompts in batches whose padded transient arrays fit the prefill budget, shortest
-        first so a batch pads little (one long prompt padded 16 short ones to its length and
-        held 0.3-0.6 GB of scores and activations); a prompt over the budget prefills alone."""
+        """New prompts in batches within the prefill budget (engine/prefill_plan.py)."""
         if self.prefill_bytes is None or len(fresh) < 2:
             return [fresh]
-        batches: list[list[ScheduledSeq]] = [[]]
-        for sched in sorted(fresh, key=lambda s: s.seq.num_prefill):
-            group = [*batches[-1], sched]
-            width = max(s.seq.num_prefill - 1 - s.start for s in group)
-            keys = max(s.start for s in group) + width  # cached prefixes are left-padded
-            if batches[-1] and self.prefill_bytes(len(group), width, keys) > self.prefill_budget:
-                batches.append([sched])
-            else:
-                batches[-1] = group
-        return batches
+        return prefill_plan.batches(fresh, self.prefill_bytes, self.prefill_budget())
+
+    def _prefill_pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """One prompt's chunk in pieces within the prefill budget (engine/prefill_plan.py)."""
+        if self.prefill_bytes is None:
+            return [(start, end)]
+        return prefill_plan.pieces(start, end, self.prefill_bytes, self.prefill_budget())
 
     def _prefill_together(self, group: list[ScheduledSeq]) -> None:
         """New sequences of one step prefill as one batch (KV only) and join the decode batch.

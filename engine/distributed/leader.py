@@ -219,6 +219,9 @@ class LeaderRunner(ModelRunner):
         # memory-budgeted split would need its partition in the plan.
         return [fresh]
 
+    def _prefill_pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(start, end)]  # one forward pass, as the other ranks run it
+
     def submit(self, out: SchedulerOutput) -> PendingStep:
         # Rows whose sampling state cannot be made fail before any forward pass on rank 0
         # alone: the plan leaves them out (the runner fails them again, the same way).

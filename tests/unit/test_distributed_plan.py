@@ -188,11 +188,11 @@ def test_rank_zero_batches_new_prompts_as_the_other_ranks_do() -> None:
     other = ModelRunner(model, h.runner.make_cache, None, pipelined=False)
     leader = LeaderRunner(_Loopback(other), model, h.runner.make_cache, None)  # type: ignore[arg-type]
     # As the model manager sets up every runner it makes (a budget two short prompts fill).
-    leader.prefill_bytes, leader.prefill_budget = lambda rows, width, keys: rows * width, 12
+    leader.prefill_bytes, leader.prefill_budget = lambda rows, width, keys: rows * width, lambda: 12
     fresh: list[Any] = [
         SimpleNamespace(seq=SimpleNamespace(num_prefill=n), start=0) for n in (9, 5, 7, 6)
     ]
     assert leader._prefill_batches(fresh) == other._prefill_batches(fresh) == [fresh]
     plain = ModelRunner(model, h.runner.make_cache, None, pipelined=False)
-    plain.prefill_bytes, plain.prefill_budget = leader.prefill_bytes, 12
+    plain.prefill_bytes, plain.prefill_budget = leader.prefill_bytes, leader.prefill_budget
     assert len(plain._prefill_batches(fresh)) > 1  # what a single process does

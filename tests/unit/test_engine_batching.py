@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from engine.prefill_plan import MIN_PIECE
 from engine.types import FinishReason, GenerateRequest, SamplingParams
 from tests.unit.engine_harness import EOS, Harness, tiny_gemma3, tiny_llama
 
@@ -174,7 +175,7 @@ def test_new_prompts_prefill_in_batches_within_the_prefill_budget(llama_model):
         alone.update(Harness(llama_model, budget=512).run([greedy(i, p)]))
     h = Harness(llama_model, budget=512)
     h.runner.prefill_bytes = lambda rows, width, keys: rows * width * keys
-    h.runner.prefill_budget = 3 * 30 * 30
+    h.runner.prefill_budget = lambda: 3 * 30 * 30
     batches: list[list[int]] = []
     together = h.runner._prefill_together
 
@@ -186,5 +187,29 @@ def test_new_prompts_prefill_in_batches_within_the_prefill_budget(llama_model):
     assert h.run([greedy(i, p) for i, p in enumerate(ps)]) == alone
     assert len(batches) >= 2 and sum(map(len, batches)) >= 6  # split, and still batched
     for widths in batches:
-        assert len(widths) * max(widths) ** 2 <= h.runner.prefill_budget
+        assert len(widths) * max(widths) ** 2 <= h.runner.prefill_budget()
         assert widths == sorted(widths)  # shortest first: little padding
+
+
+def pieced(model, req: GenerateRequest) -> tuple[Harness, dict, list[int]]:
+    """A run where every prompt piece is the smallest; the widths of its prefill calls."""
+    h = Harness(model, budget=512)
+    h.runner.prefill_bytes = lambda rows, width, keys: rows * width * keys
+    h.runner.prefill_budget = lambda: 1
+    calls: list[int] = []
+    h.runner.model = lambda x, cache: calls.append(x.shape[1]) or model(x, cache=cache)
+    return h, h.run([req]), [n for n in calls if n > 1]
+
+
+def test_a_prompt_over_the_prefill_budget_prefills_in_pieces(llama_model):
+    p = [t for seed in range(8, 16) for t in prompts(1, seed=seed)[0]][:200]
+    scored = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=True)
+    assert len(p) > 2 * MIN_PIECE
+    for req in (greedy(0, p), GenerateRequest("s", "m", p, scored)):
+        whole = Harness(llama_model, budget=512)
+        h, out, widths = pieced(llama_model, req)
+        assert out == whole.run([req])
+        assert sum(widths) == len(p) - 1 and widths[:-1] == [MIN_PIECE] * (len(widths) - 1)
+    scores = [s.logprob for s in h.finals["s"].prompt_logprobs]
+    expected = [s.logprob for s in whole.finals["s"].prompt_logprobs]
+    assert len(scores) == len(p) - 1 and scores == pytest.approx(expected, abs=1e-4)

@@ -14,7 +14,7 @@ def test_kv_in_use_follows_the_caches_within_a_step():
     h = Harness(model, budget=512)
     # Prompts of 3..24 tokens, each prefill batch at most two of them.
     h.runner.prefill_bytes = lambda rows, width, keys: rows
-    h.runner.prefill_budget = 2
+    h.runner.prefill_budget = lambda: 2
     seen: list[tuple[int, int]] = []
     together = h.runner._prefill_together
 
