@@ -30,12 +30,13 @@ import psutil
 log = logging.getLogger("mlxd.engine")
 
 MIN_CACHE_LIMIT = 16 << 20  # the smallest cache limit a computed one gets
+MIN_TRANSIENT_CACHE = 4 << 20  # ... and the smallest while little is held (a prefill piece's)
 # What a step may hold beyond what the models keep (weights, KV, prefix caches), as a share of
 # that: its arrays, and as much again in MLX's cache of their freed buffers. The rest of the 20%
 # the soak allows is the process's own (tokenizers, Python objects, the C heap).
 TRANSIENT_SHARE = 0.07
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 128 << 10
 
 
 def _libc_function(name: str) -> Any:
@@ -60,7 +61,9 @@ def map_large_allocations() -> None:
     """Have glibc map buffers of MMAP_THRESHOLD bytes and more on their own, so freeing one
     returns it to the OS at once. By default the threshold rises to 32 MB as such buffers are
     freed, after which KV arrays and activations come from the heap and a freed one stays
-    resident (its neighbours pin it) until a trim."""
+    resident (its neighbours pin it) until a trim. 128 KB, not 1 MB: a prefilling sequence's
+    own caches are ~200 KB a layer (SmolLM2, 256 tokens), freed when it joins the batch; from
+    the heap they left up to ~170 MB resident outside MLX in the soak's admission bursts."""
     mallopt = _libc_function("mallopt")
     if mallopt is not None:
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -120,7 +123,7 @@ class MemoryGovernor:
     def transient_budget(held: int) -> int:
         """Bytes a step's arrays may take while the models hold `held` bytes: right after a
         load, when little is held yet, a burst of new prompts prefills in batches (and pieces)
-        this small, and the cache keeps no more of their buffers (nor under MIN_CACHE_LIMIT)."""
+        this small, and the cache keeps no more of their buffers."""
         return int(TRANSIENT_SHARE * held)
 
     def prefilling(self, prefilling: bool, held: int = 0) -> None:
@@ -129,7 +132,7 @@ class MemoryGovernor:
         self._prefilling = prefilling
         limit = self._limits[prefilling]
         if held > 0 and not self.fixed:
-            limit = min(limit, max(MIN_CACHE_LIMIT, self.transient_budget(held)))
+            limit = min(limit, max(MIN_TRANSIENT_CACHE, self.transient_budget(held)))
         self._set_limit(limit)
 
     def busy(self) -> None:

@@ -127,3 +127,22 @@ def test_prefills_the_kernels_hand_to_the_blas_count_two_layers_of_float32_weigh
     on_kernels = [prefill_activation_bytes(SMOLLM2, 1, w, w, dequantized_from=96) for w in (95, 96)]
     assert on_kernels == [plain[0], plain[1] + 2 * layer]
     assert prefill_activation_bytes(SMOLLM2, 4, 24, 24, dequantized_from=96) > 2 * layer
+
+
+def test_the_cache_holds_no_more_than_a_share_of_what_the_models_hold() -> None:
+    from engine.memory import MIN_TRANSIENT_CACHE, TRANSIENT_SHARE
+
+    g = MemoryGovernor(cache_limit=0, idle_release=1.0, ceiling=1 << 30)
+    g.set_step_bytes(300 << 20, 40 << 20)
+    g.prefilling(True, held=100 << 20)  # right after a load: the weights alone
+    assert g.cache_limit == int(TRANSIENT_SHARE * (100 << 20)) < 16 << 20
+    g.prefilling(True, held=10 << 20)
+    assert g.cache_limit == MIN_TRANSIENT_CACHE
+    g.prefilling(True, held=10 << 30)  # a share larger than a step needs: the step's
+    assert g.cache_limit == 300 << 20
+    g.prefilling(False, held=10 << 30)
+    assert g.cache_limit == 40 << 20
+    fixed = MemoryGovernor(cache_limit=123 << 20, idle_release=1.0, ceiling=1 << 30)
+    fixed.set_step_bytes(5 << 30)
+    fixed.prefilling(True, held=100 << 20)
+    assert fixed.cache_limit == 123 << 20  # the user's limit stands
