@@ -102,7 +102,7 @@ class AsyncEngine(EngineAPI):
         await asyncio.to_thread(self.models.ensure_default)
         for name in self.config.preload:
             await self.get_model(name)
-        freeze_heap()  # what the imports made (a load freezes its own)
+        freeze_heap()  # what the imports made: full collections walk the models' objects only
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         # Idempotent: a signal handler and the lifespan may both ask; both await one drain.
