@@ -33,7 +33,7 @@ constexpr int kBlock = 128; // attended keys per online-softmax block
 inline float dot(const float* a, const float* b, int n) {
   int i = 0;
   float s = 0.f;
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
   vec acc = vzero();
   for (; i + kLanes <= n; i += kLanes) {
     acc = vfma(vload(a + i), vload(b + i), acc);
@@ -49,7 +49,7 @@ inline float dot(const float* a, const float* b, int n) {
 // y = y * a + p * x (a == 1: the plain accumulation).
 inline void scale_axpy(float* y, float a, float p, const float* x, int n) {
   int i = 0;
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
   const vec va = vset(a), vp = vset(p);
   for (; i + kLanes <= n; i += kLanes) {
     vec yv = vload(y + i);
@@ -74,7 +74,7 @@ void block_scores(const Job& j, int b, int g, const int* keys, int nb, const flo
       s[jj] = dot(q, j.k.at(b, g, keys[jj]), j.D);
     }
   } else {
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
     vec qv[ND];
     for (int i = 0; i < ND; ++i) {
       qv[i] = vload(q + i * kLanes);
@@ -100,7 +100,7 @@ void block_accumulate(
       scale_axpy(acc, jj == 0 ? alpha : 1.f, p[jj], j.v.at(b, g, keys[jj]), j.Dv);
     }
   } else {
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
     vec a[ND];
     for (int i = 0; i < ND; ++i) {
       a[i] = vload(acc + i * kLanes);
@@ -184,9 +184,10 @@ void attend(const Job& j, int b, int g, int pos) {
 
 using AttendFn = void (*)(const Job&, int, int, int);
 
-// Head sizes of 1, 2, 4, 8 (and 16 with AVX-512) vectors keep a head row in registers.
+// Head sizes of 1, 2, 4, 8 (and 16 with 32 vector registers: AVX-512, NEON) vectors keep a head
+// row in registers.
 AttendFn pick(int D, int Dv) {
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
   if (D == Dv && D % kLanes == 0) {
     switch (D / kLanes) {
       case 1:
@@ -198,7 +199,7 @@ AttendFn pick(int D, int Dv) {
       case 8:
         return attend<8>;
       case 16:
-        return kLanes == 16 ? attend<16> : attend<0>;
+        return kRegs == 32 ? attend<16> : attend<0>;
       default:
         break;
     }

@@ -16,7 +16,7 @@
 
 namespace mlxd {
 
-#if defined(MLXD_X86)
+#if defined(MLXD_SIMD)
 namespace {
 
 constexpr int kQ = 8; // query vectors a tile (kQ score accumulators in registers)

@@ -39,6 +39,13 @@ void swiglu_span(const float* g, const float* u, float* y, int64_t n) {
     const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
     _mm256_storeu_ps(y + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  const float32x4_t one = vdupq_n_f32(1.f);
+  for (; i + 4 <= n; i += 4) {
+    const float32x4_t gv = vld1q_f32(g + i);
+    const float32x4_t s = vdivq_f32(gv, vaddq_f32(one, vexp::exp4(vnegq_f32(gv))));
+    vst1q_f32(y + i, vmulq_f32(s, vld1q_f32(u + i)));
+  }
 #endif
   for (; i < n; ++i) {
     y[i] = g[i] / (1.f + vexp::exp1(-g[i])) * u[i];

@@ -67,6 +67,9 @@ class Pool {
   static void relax() {
 #if defined(__AVX2__) || defined(__AVX512F__)
     _mm_pause();
+#elif defined(__aarch64__)
+    // `yield` is a no-op on most arm64 cores; `isb` stalls for tens of cycles, pause's role.
+    asm volatile("isb" ::: "memory");
 #else
     std::this_thread::yield();
 #endif

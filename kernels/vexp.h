@@ -10,6 +10,8 @@
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace mlxd::vexp {
@@ -88,6 +90,28 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+#if defined(__aarch64__) && defined(__ARM_NEON)
+inline float32x4_t exp4(float32x4_t x) {
+  // As exp8: lanes below kMin give 0, NaN lanes return their input.
+  const uint32x4_t tiny = vcltq_f32(x, vdupq_n_f32(kMin));
+  const uint32x4_t nan = vmvnq_u32(vceqq_f32(x, x));
+  const float32x4_t xin = x;
+  x = vmaxq_f32(vminq_f32(x, vdupq_n_f32(kMax)), vdupq_n_f32(kMin));
+  const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(kLog2e)));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(kLn2Hi));
+  r = vfmsq_f32(r, n, vdupq_n_f32(kLn2Lo));
+  float32x4_t p = vdupq_n_f32(kP[0]);
+  for (int i = 1; i < 6; ++i) {
+    p = vfmaq_f32(vdupq_n_f32(kP[i]), p, r);
+  }
+  float32x4_t y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.f)), vmulq_f32(p, r), r);
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  y = vmulq_f32(y, vreinterpretq_f32_s32(e));
+  y = vbslq_f32(tiny, vdupq_n_f32(0.f), y);
+  return vbslq_f32(nan, xin, y);
+}
+#endif
+
 // x[i] = exp(x[i] - shift) for i < n; returns their sum (summed in lanes by index, so the
 // result depends only on the values, not on where the array sits).
 inline float exp_shifted_sum(float* x, int n, float shift) {
@@ -115,6 +139,15 @@ inline float exp_shifted_sum(float* x, int n, float shift) {
   for (float l : lanes) {
     total += l;
   }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  const float32x4_t s = vdupq_n_f32(shift);
+  float32x4_t acc = vdupq_n_f32(0.f);
+  for (; i + 4 <= n; i += 4) {
+    const float32x4_t e = exp4(vsubq_f32(vld1q_f32(x + i), s));
+    vst1q_f32(x + i, e);
+    acc = vaddq_f32(acc, e);
+  }
+  total = vaddvq_f32(acc);
 #endif
   for (; i < n; ++i) {
     x[i] = exp1(x[i] - shift);
