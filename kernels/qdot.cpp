@@ -40,6 +40,11 @@ void to_float(const void* src, SType t, float* dst, int n) {
     dst[i] = _cvtsh_ss(s[i]);
   }
 #else
+#ifdef MLXD_NEON
+  for (; i + 4 <= n; i += 4) { // FCVTL: base AArch64, whatever the scalar fp16 support
+    vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + i))));
+  }
+#endif
   for (; i < n; ++i) {
     dst[i] = static_cast<float>(*reinterpret_cast<const mlx::core::float16_t*>(s + i));
   }
@@ -49,53 +54,48 @@ void to_float(const void* src, SType t, float* dst, int n) {
 // ---- SIMD (simd.h), and what only these kernels use ---------------------------------------
 #if defined(MLXD_AVX512)
 constexpr int kTile = 8; // rows of x per tile: 2 * 8 accumulators + 4 weight vectors fit 32 zmm
-inline vec vround(vec v) {
-  return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-inline vec vpow2(vec p, vec n) { // p * 2^n for integral n
-  return _mm512_scalef_ps(p, n);
-}
 inline vec bytes_to_vec(__m128i b) { // 16 unsigned bytes -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 #elif defined(MLXD_X86)
 constexpr int kTile = 4;
-inline vec vround(vec v) {
-  return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-inline vec vpow2(vec p, vec n) {
-  __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
 inline vec bytes_to_vec(__m128i b) { // the low 8 unsigned bytes -> 8 floats
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+#elif defined(MLXD_NEON)
+constexpr int kTile = 6; // 2 * 6 accumulators + 16 weight vectors + x: 29 of 32 registers
+inline void bytes_to_vecs(uint8x16_t b, vec* q) { // 16 unsigned bytes -> 4 vectors of 4 floats
+  const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_high_u8(b);
+  q[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+  q[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+  q[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+  q[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
 }
 #else
 constexpr int kTile = 4;
 #endif
 
-#ifdef MLXD_X86
-// exp(x) for x <= 0 .. 88 (Cephes' degree-5 polynomial on [-ln2/2, ln2/2], ~2 ulp).
-inline vec vexp(vec x) {
-  x = V(max_ps)(V(min_ps)(x, vset(88.0f)), vset(-87.0f));
-  const vec n = vround(V(mul_ps)(x, vset(1.44269504088896341f)));
-  vec r = vfma(n, vset(-0.693359375f), x);
-  r = vfma(n, vset(2.12194440e-4f), r);
-  vec p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  p = vfma(p, V(mul_ps)(r, r), V(add_ps)(r, vset(1.0f)));
-  return vpow2(p, n);
-}
-
+#ifdef MLXD_SIMD
 constexpr int kVecs = 32 / kLanes; // vectors per 32-weight block
 
 // The block's 32 weight values q (0..2^bits-1) in natural order, as kVecs float vectors.
 template <int BITS>
 inline void unpack(const uint8_t* row, int g, vec* q) {
+#ifdef MLXD_NEON
+  uint8x16_t lo16, hi16; // weights 0..15 and 16..31 as bytes
+  if constexpr (BITS == 4) {
+    // MLX packs weight 2i in the low nibble of byte i and 2i+1 in the high one.
+    const uint8x16_t v = vld1q_u8(row + g * 16);
+    const uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(v, 4);
+    lo16 = vzip1q_u8(lo, hi);
+    hi16 = vzip2q_u8(lo, hi);
+  } else {
+    lo16 = vld1q_u8(row + g * 32);
+    hi16 = vld1q_u8(row + g * 32 + 16);
+  }
+  bytes_to_vecs(lo16, q);
+  bytes_to_vecs(hi16, q + 4);
+#else
   __m128i lo16, hi16; // weights 0..15 and 16..31 as bytes
   if constexpr (BITS == 4) {
     // MLX packs weight 2i in the low nibble of byte i and 2i+1 in the high one.
@@ -116,6 +116,7 @@ inline void unpack(const uint8_t* row, int g, vec* q) {
   q[1] = bytes_to_vec(_mm_srli_si128(lo16, 8));
   q[2] = bytes_to_vec(hi16);
   q[3] = bytes_to_vec(_mm_srli_si128(hi16, 8));
+#endif
 #endif
 }
 
@@ -228,6 +229,10 @@ inline void prefetch(const void* p, size_t bytes) {
   for (size_t o = 0; o < bytes; o += 64) {
     _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
   }
+#elif defined(MLXD_NEON)
+  for (size_t o = 0; o < bytes; o += 64) {
+    __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3); // PRFM PLDL1KEEP
+  }
 #endif
 }
 
@@ -252,7 +257,7 @@ void dequant(const QWeight& W, float* out, int n0, int n1) {
     const uint8_t* row = load_row(W, n, sf.data(), bf.data());
     float* o = out + static_cast<size_t>(n) * W.K;
     for (int g = 0; g < nb; ++g) {
-#ifdef MLXD_X86
+#ifdef MLXD_SIMD
       vec w[kVecs];
       dequant_block<BITS>(row, g, sf[g], bf[g], w);
       for (int v = 0; v < kVecs; ++v) {
@@ -286,7 +291,7 @@ void prefetch_rows(const QWeight& W, int n, int count) {
 }
 
 void qdot_rows(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1) {
-#ifdef MLXD_VNNI
+#if defined(MLXD_VNNI) || defined(MLXD_SDOT)
   qdot_rows_i8(W, a, y, ldy, n0, n1);
 #else
   if (W.bits == 4) {
@@ -312,6 +317,10 @@ const char* simd_path() {
   return "avx512";
 #elif defined(MLXD_X86)
   return "avx2";
+#elif defined(MLXD_SDOT)
+  return "neon-dotprod";
+#elif defined(MLXD_NEON)
+  return "neon";
 #else
   return "scalar";
 #endif
@@ -319,47 +328,6 @@ const char* simd_path() {
 
 int row_chunk(int N, int threads) {
   return std::max(16, (N / (8 * threads) + 15) / 16 * 16);
-}
-
-namespace {
-
-// out = g * sigmoid(-a) * u with a = arg(g): silu's a is -g; GELU-tanh's is -2 z with
-// z = sqrt(2 / pi) * (g + 0.044715 g^3), as 0.5 * (1 + tanh(z)) = sigmoid(2 z).
-template <bool Gelu>
-void act_mul(const float* g, const float* u, float* out, int n) {
-  constexpr float kC = 0.7978845608028654f, kC3 = 0.044715f * 0.7978845608028654f;
-#ifdef MLXD_X86
-  // The tail goes through a padded vector: every value gets the same arithmetic wherever it sits.
-  for (int i = 0; i < n; i += kLanes) {
-    const int left = std::min(kLanes, n - i);
-    alignas(64) float gt[kLanes] = {}, ut[kLanes] = {}, ot[kLanes];
-    std::memcpy(gt, g + i, left * sizeof(float));
-    std::memcpy(ut, u + i, left * sizeof(float));
-    const vec gv = vload(gt);
-    vec a = gv;
-    if constexpr (Gelu) {
-      a = vmul(vset(2.0f), vmul(gv, vfma(vmul(gv, gv), vset(kC3), vset(kC))));
-    }
-    const vec e = vexp(V(sub_ps)(vzero(), a));
-    vstore(ot, V(mul_ps)(V(div_ps)(gv, V(add_ps)(vset(1.0f), e)), vload(ut)));
-    std::memcpy(out + i, ot, left * sizeof(float));
-  }
-#else
-  for (int i = 0; i < n; ++i) {
-    const float a = Gelu ? 2.0f * (g[i] * (g[i] * g[i] * kC3 + kC)) : g[i];
-    out[i] = g[i] / (1.0f + std::exp(-a)) * u[i];
-  }
-#endif
-}
-
-} // namespace
-
-void swiglu(const float* g, const float* u, float* out, int n) {
-  act_mul<false>(g, u, out, n);
-}
-
-void gelu_tanh_mul(const float* g, const float* u, float* out, int n) {
-  act_mul<true>(g, u, out, n);
 }
 
 } // namespace mlxd

@@ -22,9 +22,9 @@ struct QWeight {
 struct Acts;
 
 // y[m, n - n0] (row stride ldy) = x[m, :] . dequantize(W)[n, :] for m < a.M, n in [n0, n1): with
-// int8 activations where the build has VNNI (qdot_i8.h), else each block is dequantized in
-// registers and multiplied with float32 activations by FMAs. A row of y sums in the same order
-// alone or in any batch (batched equals single, bit for bit).
+// int8 activations where the build has VNNI or SDOT (qdot_i8.h), else each block is dequantized
+// in registers and multiplied with float32 activations by FMAs. A row of y sums in the same
+// order alone or in any batch (batched equals single, bit for bit).
 void qdot_rows(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1);
 
 // Row n's packed weights; its scales and biases converted to float into sf and bf.
@@ -79,10 +79,11 @@ void for_row_groups(const QWeight& W, int n0, int n1, F&& f) {
 // hardware prefetcher to see each thread's stream).
 int row_chunk(int N, int threads);
 
-// The SIMD code path compiled in ("avx512-vnni" (int8 activations), "avx512", "avx2", "scalar").
+// The SIMD code path compiled in: "avx512-vnni" or "neon-dotprod" (int8 activations), "avx512",
+// "avx2", "neon", "scalar".
 const char* simd_path();
 
-// x[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, for n values (vectorized exp).
+// x[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, for n values (vectorized exp, activations.cpp).
 void swiglu(const float* g, const float* u, float* out, int n);
 
 // x[i] = gelu_tanh(g[i]) * u[i] (nn.gelu_approx: gemma's MLP), for n values (vectorized exp).
