@@ -363,7 +363,7 @@ void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, in
   }
 }
 
-#else
+#elif !defined(MLXD_SDOT) // (SDOT: qdot_sdot.cpp)
 
 void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
   a.x = x;

@@ -1,4 +1,5 @@
-// Block-quantized dot products with integer activations (AVX-512 VNNI). x is quantized per
+// Block-quantized dot products with integer activations (AVX-512 VNNI; on arm64 the ARMv8.2
+// dot-product instructions, qdot_sdot.cpp). x is quantized per
 // 32-value block once per call, in two int8 levels: step = max|x| / 127, q1 = round(x / step),
 // q2 = round(256 * (x - q1 * step) / step), so x ~ step / 256 * (256 * q1 + q2) to ~15 bits (one
 // level, as llama.cpp's Q8 activations, flipped near-tie greedy tokens of SmolLM2: "Paris" among
@@ -15,6 +16,8 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define MLXD_VNNI 1
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define MLXD_SDOT 1
 #endif
 
 namespace mlxd {
@@ -28,7 +31,7 @@ struct Acts {
   std::vector<int8_t> q; // [M, K / 32, 2, 32]: q1 then q2 of each block
   std::vector<float> d; // [M, K / 32] block units (step / 256)
   std::vector<float> sum; // [M, K / 32] block sums of x
-  std::vector<int32_t> corr; // [M, K / 32, 8]
+  std::vector<int32_t> corr; // [M, K / 32, 8] (SDOT: [M, K / 32], each block's total)
   // Weights are read in full groups of 8 blocks, one int32 lane per block (qdot_i8.cpp): per
   // row and group, q1 then q2 as 8 vectors of 8 lanes (lane l holds 4 bytes of block kLane[l]),
   // the blocks' units, total corrections and sums of x in the same lane order. The blocks past
@@ -40,10 +43,10 @@ struct Acts {
   int M = 0, K = 0, bits = 0;
 };
 
-// Fills `a` for x (with VNNI; otherwise only a.x, M and K are set).
+// Fills `a` for x (with VNNI or SDOT; otherwise only a.x, M and K are set).
 void quantize_acts(const float* x, int M, int K, int bits, Acts& a);
 
-#ifdef MLXD_VNNI
+#if defined(MLXD_VNNI) || defined(MLXD_SDOT)
 // qdot_rows on int8 activations (a.bits must equal W.bits).
 void qdot_rows_i8(const QWeight& W, const Acts& a, float* y, int ldy, int n0, int n1);
 #endif

@@ -73,6 +73,12 @@ def simd_path() -> str:
     return _ext.simd_path() if available() and _ext is not None else "none"
 
 
+def int_activations() -> bool:
+    """True when the quantized matmul multiplies int8 activations (AVX-512 VNNI, arm64 SDOT):
+    x rounded to ~15 bits per 32-value block (kernels/qdot_i8.h)."""
+    return simd_path() in ("avx512-vnni", "neon-dotprod")
+
+
 def num_threads() -> int:
     return int(_ext.num_threads()) if available() and _ext is not None else 0
 

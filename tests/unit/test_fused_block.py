@@ -19,8 +19,8 @@ from tests.tiny import batched_greedy_logits
 pytestmark = pytest.mark.skipif(
     not qkernels.available(), reason=f"mlxd kernels {qkernels.unavailable_reason()}"
 )
-# Integer activations (VNNI builds) round x to ~15 bits per 32-value block.
-TOL = 1e-3 if qkernels.simd_path().endswith("vnni") else 1e-4
+# Integer activations (VNNI and SDOT builds) round x to ~15 bits per 32-value block.
+TOL = 1e-3 if qkernels.int_activations() else 1e-4
 
 
 def _rel_err(got: mx.array, ref: mx.array) -> float:

@@ -27,8 +27,8 @@ def _reference(x: mx.array, w: mx.array, s: mx.array, b: mx.array, bits: int) ->
     return x.astype(mx.float32) @ dense.T
 
 
-# VNNI builds multiply integer activations (~15 bits per 32-value block: kernels/qdot_i8.h).
-INT_ACTS = qkernels.simd_path().endswith("vnni")
+# VNNI and SDOT builds multiply integer activations (~15 bits per 32-value block: qdot_i8.h).
+INT_ACTS = qkernels.int_activations()
 TOL = 1e-4 if INT_ACTS else 1e-5
 
 
