@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels browser serve test test-all fuzz lint bench bench-quick bench-long bench-spec bench-profile soak doctor clean
+.PHONY: install kernels browser neon-tools serve test test-all fuzz lint bench bench-quick bench-long bench-spec bench-profile soak doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -53,13 +53,26 @@ browser:
 			|| echo "chromium could not be installed: the browser test will skip"; \
 	fi
 
+# The kernels' arm64 NEON paths are checked on x86-64 Linux by cross-compiling them and running
+# them under qemu-user (tests/unit/test_native_kernels.py). Installed where we can (root with
+# apt); elsewhere those checks skip with a reason. Nothing else needs them.
+NEON_TOOLS := /usr/bin/aarch64-linux-gnu-g++ /usr/bin/qemu-aarch64
+neon-tools:
+	@if [ "$(UNAME_S)-$(UNAME_M)" = Linux-x86_64 ] && ! ls $(NEON_TOOLS) >/dev/null 2>&1 && \
+		command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing g++-aarch64-linux-gnu and qemu-user for the NEON kernel checks"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			g++-aarch64-linux-gnu qemu-user >/dev/null) \
+			|| echo "they could not be installed: the NEON kernel checks will skip"; \
+	fi
+
 serve: install
 	$(VENV)/bin/mlxd serve $(ARGS)
 
-test: install browser
+test: install browser neon-tools
 	$(PY) -m pytest -q $(ARGS)
 
-test-all: install browser
+test-all: install browser neon-tools
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 # Hostile input, longer: the schema fuzz and the property tests with large budgets, and the chaos
