@@ -19,7 +19,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install kernels browser neon-tools serve test test-all fuzz lint bench bench-quick bench-long bench-spec bench-profile soak doctor clean
+.PHONY: install kernels kernels-arm64 browser neon-tools serve test test-all fuzz lint bench bench-quick bench-long bench-spec bench-profile soak doctor clean
 
 # mlxd's CPU kernels (kernels/, an MLX C++ extension) are built for this machine's CPU after the
 # Python install; without a compiler mlxd runs on plain MLX ops and `mlxd doctor` says why.
@@ -33,6 +33,11 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC)
 
 kernels: $(STAMP)
 	$(PY) scripts/build_kernels.py
+
+# Opt-in, x86-64 Linux: the kernels cross-built for Linux arm64 against the aarch64 mlx wheel and
+# run there under qemu-user (ARGS="--march armv8-a" for the path without SDOT).
+kernels-arm64: $(STAMP) neon-tools
+	$(PY) scripts/arm64_check.py $(ARGS)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
