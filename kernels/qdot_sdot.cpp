@@ -83,6 +83,45 @@ inline void weights(const uint8_t* row, int g, int8x16_t* w) {
   }
 }
 
+// ---- 4 blocks a pass, one int32 lane per block -------------------------------------------------
+// Summing each block's 4 lanes apart (zeroing its accumulators, pairwise adds) cost as many
+// instructions as its 4 SDOTs. So a pass's weights are loaded de-interleaved by LD4 (32-bit
+// words): lane l of each vector then comes from one block, and x is laid out the same way by
+// quantize_acts, so a block's sums finish in its own lane. 4-bit: vector v (< 8) lane l holds
+// dword v of block l (as weights<4> orders a block: 4 low nibbles of a packed dword, then high);
+// 8-bit: LD4 of blocks (0, 1) then (2, 3), vector 4p + t lane l holds dword t + 4 (l % 2) of
+// block 2p + l / 2 (two lanes a block: one pairwise add finishes them).
+inline void pass_lane(int bits, int v, int l, int* blk, int* dw) {
+  *blk = bits == 4 ? l : 2 * (v / 4) + l / 2;
+  *dw = bits == 4 ? v : v % 4 + 4 * (l % 2);
+}
+
+template <int BITS>
+inline void pass_weights(const uint8_t* row, int g0, int8x16_t* w) {
+  const auto* p = reinterpret_cast<const uint32_t*>(row + static_cast<size_t>(g0) * BITS * 4);
+  if constexpr (BITS == 4) {
+    const uint32x4x4_t T = vld4q_u32(p);
+    for (int t = 0; t < 4; ++t) {
+      const uint8x16_t u = vreinterpretq_u8_u32(T.val[t]);
+      w[t] = s8(vandq_u8(u, vdupq_n_u8(0x0F)));
+      w[4 + t] = s8(vshrq_n_u8(u, 4));
+    }
+  } else {
+    for (int h = 0; h < 2; ++h) {
+      const uint32x4x4_t T = vld4q_u32(p + 16 * h);
+      for (int t = 0; t < 4; ++t) {
+        w[4 * h + t] = s8(veorq_u8(vreinterpretq_u8_u32(T.val[t]), vdupq_n_u8(0x80)));
+      }
+    }
+  }
+}
+
+// A level's two pass accumulators as one lane a block.
+template <int BITS>
+inline int32x4_t finish(int32x4_t a, int32x4_t b) {
+  return BITS == 4 ? vaddq_s32(a, b) : vpaddq_s32(a, b);
+}
+
 // A block's two int32 lane sums, level 1 and 2 (4 SDOTs in two independent chains).
 inline void block_dot(const int8x16_t* w, const int8_t* xb, int32x4_t* a1, int32x4_t* a2) {
   const int32x4_t z = vdupq_n_s32(0);
@@ -118,9 +157,9 @@ struct Rows {
   SType t;
 };
 
-// MT rows of x (from row m) against NR weight rows, 4 blocks a pass: the passes' int32 sums are
-// reduced so lane l holds block g0 + l, and one convert and FMA scale 4 blocks. The same order
-// for a row whatever MT is.
+// MT rows of x (from row m) against NR weight rows, 4 blocks a pass (lane l: block g0 + l once
+// reduced), one convert and FMA scaling 4 blocks; the blocks past the last pass one by one. The
+// same order for a row whatever MT is.
 template <int BITS, int MT, int NR>
 void tile(const Rows& R, const Acts& a, int m, float* y, int ldy) {
   constexpr float c = BITS == 4 ? 8.0f : 128.0f;
@@ -133,28 +172,34 @@ void tile(const Rows& R, const Acts& a, int m, float* y, int ldy) {
   }
   for (int P = 0; P < np; ++P) {
     const int g0 = P * 4;
-    int8x16_t w[NR][4][2];
+    int8x16_t w[NR][8];
     float32x4_t s[NR], bc[NR];
     for (int i = 0; i < NR; ++i) {
-      for (int k = 0; k < 4; ++k) {
-        weights<BITS>(R.w[i], g0 + k, w[i][k]);
-      }
+      pass_weights<BITS>(R.w[i], g0, w[i]);
       s[i] = load4(R.s[i], R.t, g0);
       bc[i] = vfmaq_f32(load4(R.b[i], R.t, g0), s[i], vdupq_n_f32(c)); // c * s is exact
     }
     for (int r = 0; r < MT; ++r) {
       const size_t row = static_cast<size_t>(m + r), rb = row * nb + g0;
-      const int8_t* xg = a.q.data() + rb * 64;
+      const int8_t* xp = a.qt.data() + (row * np + P) * 256;
       const float32x4_t d = vld1q_f32(a.d.data() + rb), xs = vld1q_f32(a.sum.data() + rb);
-      const int32x4_t corr = vld1q_s32(a.corr.data() + rb);
+      // Two accumulators a level (vectors 0-3, 4-7); 4-bit: level 2 starts at the corrections.
+      int32x4_t a1[NR][2], a2[NR][2];
       for (int i = 0; i < NR; ++i) {
-        int32x4_t a1[4], a2[4];
-        for (int k = 0; k < 4; ++k) {
-          block_dot(w[i][k], xg + 64 * k, &a1[k], &a2[k]);
+        a1[i][0] = a1[i][1] = a2[i][1] = vdupq_n_s32(0);
+        a2[i][0] = BITS == 4 ? vld1q_s32(a.corr.data() + rb) : vdupq_n_s32(0);
+      }
+      for (int v = 0; v < 8; ++v) {
+        const int8x16_t x1 = vld1q_s8(xp + 16 * v), x2 = vld1q_s8(xp + 128 + 16 * v);
+        for (int i = 0; i < NR; ++i) {
+          a1[i][v / 4] = vdotq_s32(a1[i][v / 4], w[i][v], x1);
+          a2[i][v / 4] = vdotq_s32(a2[i][v / 4], w[i][v], x2);
         }
-        const int32x4_t p1 = vpaddq_s32(vpaddq_s32(a1[0], a1[1]), vpaddq_s32(a1[2], a1[3]));
-        const int32x4_t p2 = vpaddq_s32(vpaddq_s32(a2[0], a2[1]), vpaddq_s32(a2[2], a2[3]));
-        const int32x4_t p = vaddq_s32(vaddq_s32(vshlq_n_s32(p1, 8), p2), corr);
+      }
+      for (int i = 0; i < NR; ++i) {
+        const int32x4_t p1 = finish<BITS>(a1[i][0], a1[i][1]);
+        const int32x4_t p2 = finish<BITS>(a2[i][0], a2[i][1]);
+        const int32x4_t p = vmlaq_n_s32(p2, p1, 256); // sum((q - c) * (256 * q1 + q2)) a block
         acc[i][r] = vfmaq_f32(acc[i][r], vcvtq_f32_s32(p), vmulq_f32(s[i], d));
         acc[i][r] = vfmaq_f32(acc[i][r], bc[i], xs);
       }
@@ -245,6 +290,25 @@ void quantize_acts(const float* x, int M, int K, int bits, Acts& a) {
   for (size_t b = 0; b < blocks; ++b) {
     quantize_block(
         x + b * kGroup, bits, a.q.data() + b * kGroup * 2, &a.d[b], &a.sum[b], &a.corr[b]);
+  }
+  // The full passes' layout (pass_lane): [M, K / 128, 2 levels, 8 vectors, 4 lanes, 4 bytes].
+  const int nb = K / kGroup, np = nb / 4;
+  a.qt.resize(static_cast<size_t>(M) * np * 256);
+  for (int m = 0; m < M; ++m) {
+    for (int P = 0; P < np; ++P) {
+      int8_t* dst = a.qt.data() + (static_cast<size_t>(m) * np + P) * 256;
+      for (int lv = 0; lv < 2; ++lv) {
+        for (int v = 0; v < 8; ++v) {
+          for (int l = 0; l < 4; ++l) {
+            int blk, dw;
+            pass_lane(bits, v, l, &blk, &dw);
+            const size_t b = static_cast<size_t>(m) * nb + P * 4 + blk;
+            const int8_t* src = a.q.data() + b * 64 + lv * 32 + dw * 4;
+            std::memcpy(dst + ((lv * 8 + v) * 4 + l) * 4, src, 4);
+          }
+        }
+      }
+    }
   }
 }
 
