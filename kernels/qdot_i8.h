@@ -31,12 +31,14 @@ struct Acts {
   std::vector<int8_t> q; // [M, K / 32, 2, 32]: q1 then q2 of each block
   std::vector<float> d; // [M, K / 32] block units (step / 256)
   std::vector<float> sum; // [M, K / 32] block sums of x
-  std::vector<int32_t> corr; // [M, K / 32, 8] (SDOT: [M, K / 32], each block's total)
+  // [M, K / 32, 8] (SDOT: [M, K / 32], each block's total for 4-bit weights, 0 for 8-bit ones,
+  // which are centered in registers)
+  std::vector<int32_t> corr;
   // Weights are read in full groups of 8 blocks, one int32 lane per block (qdot_i8.cpp): per
   // row and group, q1 then q2 as 8 vectors of 8 lanes (lane l holds 4 bytes of block kLane[l]),
   // the blocks' units, total corrections and sums of x in the same lane order. The blocks past
   // the last full group (K / 32 % 8 of them) are read from q, d, corr and sum.
-  std::vector<int8_t> qt; // [M, K / 256, 2, 8, 8, 4]
+  std::vector<int8_t> qt; // [M, K / 256, 2, 8, 8, 4] (SDOT: passes of 4 blocks, qdot_sdot.cpp)
   std::vector<float> dt; // [M, K / 256, 8]
   std::vector<int32_t> ct; // [M, K / 256, 8]
   std::vector<float> st; // [M, K / 256, 8]
