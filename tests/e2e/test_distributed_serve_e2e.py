@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from bench.launch import ServerFailed, free_port, mlxd_server, wait_healthy
+from tests.e2e.ring import ring_launch
 from tests.promtext import sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,9 +98,7 @@ def test_ranks_serve_like_one_process(mode: str, n: int, smollm2_dir: Path, tmp_
         alone = _all_at_once(one.url)
         full_bytes = int(httpx.get(one.url + "/api/ps").json()["models"][0]["size"])
     port = free_port()
-    launch = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable,
-           *_serve_args(smollm2_dir.parent, port, mode)]  # fmt: skip
+    cmd = ring_launch(n, _serve_args(smollm2_dir.parent, port, mode))
     log = tmp_path / "group.log"
     # This test is about equality, not faults: on the shared 2-core machine (load average ~15)
     # a 3-rank step can outlast the default 20 s bound the fault test relies on.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.ring import ring_launch
 from tests.tiny import make_tiny_model
 
 RANK_SCRIPT = Path(__file__).with_name("pp_rank.py")
@@ -32,9 +33,8 @@ def _alone_and_split(
 ) -> tuple[dict, list[dict]]:
     args = [str(RANK_SCRIPT), str(models_dir), model, str(n_tokens), weights]
     (alone,) = _results([sys.executable, *args], timeout)
-    launch = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launch), "--backend", "ring", "-n", str(n), "--", sys.executable, *args]
-    ranks = _results(cmd, timeout)  # ranks out of step would wait on each other: bounded
+    # Ranks out of step would wait on each other: bounded.
+    ranks = _results(ring_launch(n, args), timeout)
     assert [r["rank"] for r in ranks] == list(range(n)) and all(r["size"] == n for r in ranks)
     assert len(alone["tokens"]) == 10 and all(alone["tokens"].values())
     assert ranks[0]["tokens"] == alone["tokens"]  # rank 0 samples; the others' logits are zeros

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from models.sharding import ShardingError, check_config_split
+from tests.e2e.ring import ring_launch
 
 RANK_SCRIPT = Path(__file__).with_name("tp_rank.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +30,7 @@ def _results(cmd: list[str]) -> list[dict]:
 def test_three_ranks_equal_one_process(smollm2_dir: Path) -> None:
     args = [str(RANK_SCRIPT), str(smollm2_dir.parent), str(N_TOKENS)]
     (alone,) = _results([sys.executable, *args])
-    launch = Path(sys.executable).with_name("mlx.launch")
-    ranks = _results([str(launch), "--backend", "ring", "-n", "3", "--", sys.executable, *args])
+    ranks = _results(ring_launch(3, args))
     assert [r["rank"] for r in ranks] == [0, 1, 2] and all(r["size"] == 3 for r in ranks)
     for r in ranks:
         assert r["tokens"] == alone["tokens"]
