@@ -26,7 +26,14 @@ from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RowState
 from engine.sequence import Sequence
-from engine.speculative import BatchKVCache, Verified, draft_inputs, merge, trimmable, verify
+from engine.speculative import (
+    BatchKVCache,
+    Verified,
+    draft_inputs,
+    merge,
+    trimmable,
+    verify_rows,
+)
 from models import qkernels
 from models.fused_layers import verifies_cheaply
 
@@ -144,7 +151,7 @@ class ModelRunner:
         res, failed = sample_rows(logits, states, self.rows, bitmask)
         following = res.tokens
         if drafts:
-            self._verified = verify(all_logits, inputs, res.tokens, row_drafts)
+            self._verified = verify_rows(all_logits, inputs, res.tokens, row_drafts, states, failed)
             following = self._verified.next
         wanted = {s.seq.id: s.seq for s in scheduled if s.samples}
         for row, sid in enumerate(self.rows):

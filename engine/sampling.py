@@ -109,10 +109,60 @@ def sample(logits: mx.array, rows: list[RowState], bitmask: mx.array | None = No
     return result
 
 
-def _draw(logits: mx.array, rows: list[RowState]) -> mx.array:
-    """Temperature, top_k, min_p, top_p, then a draw with each row's own key: one kernel op
-    on the CPU, MLX ops elsewhere."""
-    u = _uniforms(rows)
+def sample_positions(
+    logits: mx.array, rows: list[RowState]
+) -> tuple[mx.array, list[mx.array | None]]:
+    """Tokens [R, W] at the later positions of a verify pass (`logits` [R, W, V]: what follows
+    each row's first token and its drafts), picked as `sample` would pick each position's
+    token decoding one at a time: logit bias, then argmax or the row's draw. Only rows whose
+    processing does not depend on the tokens before (no penalties, processors or grammar).
+
+    A sampled row's draw at position j takes the uniform of the (j + 1)-th split of its key
+    after `sample`'s, the one decoding one token a step would take there. Each row's key is
+    left as it is; returned per sampled row are its keys after 0 .. W more draws ([W + 1, 2]),
+    of which the runner keeps the one after as many draws as the row accepts drafts."""
+    R, W, V = logits.shape
+    x = logits.astype(mx.float32)
+    if any(r.params.logit_bias for r in rows):
+        x = mx.stack([_biased(x[i], r.params) for i, r in enumerate(rows)])
+    tokens = mx.argmax(x, axis=-1).astype(mx.int32)
+    chains: list[mx.array | None] = []
+    uniforms = []
+    for r in rows:
+        if r.params.greedy:
+            chains.append(None)
+            continue
+        key, chain = r.key, [r.key]
+        for _ in range(W):
+            key, sub = mx.random.split(key)
+            chain.append(key)
+            uniforms.append(mx.random.uniform(shape=(1,), key=sub))
+        chains.append(mx.stack(chain))
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if drawn:
+        flat = x[mx.array(drawn)].reshape(len(drawn) * W, V)
+        u = mx.concatenate(uniforms)
+        picked = _draw(flat, [rows[i] for i in drawn for _ in range(W)], u).reshape(-1, W)
+        if len(drawn) == R:
+            tokens = picked
+        else:
+            tokens[mx.array(drawn)] = picked
+    return tokens, chains
+
+
+def _biased(x: mx.array, p: SamplingParams) -> mx.array:
+    """Logits [..., V] plus the request's logit bias (`_apply_processors`'s, on every row)."""
+    if not p.logit_bias:
+        return x
+    ids = mx.array(list(p.logit_bias.keys()), dtype=mx.int32)
+    bias = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
+    return x + mx.zeros((x.shape[-1],), mx.float32).at[ids].add(bias)
+
+
+def _draw(logits: mx.array, rows: list[RowState], u: mx.array | None = None) -> mx.array:
+    """Temperature, top_k, min_p, top_p, then a draw with each row's own key (or with the
+    uniforms `u` [B] given): one kernel op on the CPU, MLX ops elsewhere."""
+    u = _uniforms(rows) if u is None else u
     V = logits.shape[-1]
     # top_k past the vocabulary means no top_k (and stays within the kernel's int range)
     params = [

@@ -98,7 +98,7 @@ class Scheduler:
     @property
     def speculating(self) -> bool:
         """This step's decodes may carry drafts (each then needs its last token read first):
-        speculation is on for this many rows and some row may draft (sampled rows never do)."""
+        speculation is on for this many rows and some row may draft."""
         return speculates(self.config.speculative, len(self.running)) and any(
             can_draft(s.params) for s in self.running
         )
@@ -179,9 +179,13 @@ class Scheduler:
         """Cut drafts to the width worth verifying in this step's decode batch (the rows past
         their prefill, those ending it this step included)."""
         rows = sum(not s.prefilling for s in self.running)
-        drafts = [len(s.draft) for s in out.scheduled if s.draft]
-        width = fit_width(drafts, rows, self.config.verify_positions)
-        for sched in out.scheduled:
+        drafting = [s for s in out.scheduled if s.draft]
+        drafts = [len(s.draft) for s in drafting]
+        rates = [self.drafter.rate(s.seq.id) for s in drafting]
+        width = fit_width(drafts, rows, self.config.verify_positions, rates)
+        for sched in drafting:
+            if not width:
+                self.drafter.skipped(sched.seq.id)
             if len(sched.draft) > width:
                 cut = len(sched.draft) - width
                 sched.seq.num_computed -= cut

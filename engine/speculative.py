@@ -2,11 +2,18 @@
 
 A step with drafts feeds every row 1 + D tokens: its next token, its draft, and filler up to the
 widest draft (rows without one carry filler only). Causal attention keeps filler from touching a
-row's real positions, and everything a row did not accept is cut from its KV afterwards. A row
-accepts the leading drafts that equal the greedy token of the position before; its tokens are
-those and the greedy token after them. Only greedy rows draft (engine/drafter.py), so a
-verified token is exactly what decoding one token a step would have produced; sampled rows
-take position 0 only, drawn as always.
+row's real positions, and everything a row did not accept is cut from its KV afterwards.
+
+Each position's token is picked as decoding one token a step would pick it there (the greedy
+token, or the row's draw: sampling.sample_positions); a row accepts the leading drafts that
+equal the token picked at the position before, and its tokens are those and the one picked
+after them. For a sampled row this is speculative sampling (Leviathan et al., Chen et al.)
+with a one-hot draft distribution: drawing t ~ p and accepting draft d iff t = d accepts with
+probability p(d), and on a reject emits t ~ p(. | t != d), the residual max(0, p - q)
+renormalized; after the last accepted draft, the token drawn at the next position is the bonus
+token. Every emitted token follows the sampler's own distribution, and since position j draws
+with the uniform decoding would use for that token, a seeded row picks the same tokens with
+or without drafts wherever the verify pass computes the logits a one-token step would.
 
 mlx-lm's BatchKVCache trims every row alike; `BatchKVCache.trim_rows` below trims each row by
 its own count. Rotating (sliding-window) caches wrap per row and are not trimmed per row: models
@@ -15,11 +22,13 @@ with them do not speculate.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
+from engine.sampling import RowState, sample_positions
 from models import qkernels
 
 FILLER = 0  # any id: filler positions are computed, never read, and cut from the KV
@@ -117,15 +126,53 @@ class Verified:
 
 
 def verify(
-    logits: mx.array, inputs: mx.array, first: mx.array, drafts: list[list[int]]
+    logits: mx.array,
+    inputs: mx.array,
+    first: mx.array,
+    drafts: list[list[int]],
+    picked: tuple[list[int], mx.array] | None = None,
 ) -> Verified:
     """Accept each row's drafts against `logits` [B, 1 + D, V]. `first` [B] holds the tokens
-    sampled at position 0 (the greedy ones for drafting rows, as sampling.sample picks them)."""
-    greedy = mx.argmax(logits[:, 1:, :].astype(mx.float32), axis=-1).astype(mx.int32)
-    tokens = mx.concatenate([first[:, None], greedy], axis=1)
+    sampled at position 0 (as sampling.sample picks them). Positions 1 .. D take the greedy
+    token, except the rows of `picked` (rows, their tokens [R, D]: sampled or logit-biased
+    rows, picked by sampling.sample_positions)."""
+    if picked is not None and len(picked[0]) == len(drafts):
+        later = picked[1]
+    else:
+        later = mx.argmax(logits[:, 1:, :].astype(mx.float32), axis=-1).astype(mx.int32)
+        if picked is not None:
+            later[mx.array(picked[0])] = picked[1]
+    tokens = mx.concatenate([first[:, None], later], axis=1)
     width = inputs.shape[1] - 1
     lengths = mx.array([len(d) for d in drafts], dtype=mx.int32)
     held = (inputs[:, 1:] == tokens[:, :-1]) & (mx.arange(width)[None, :] < lengths[:, None])
     accepted = mx.cumprod(held.astype(mx.int32), axis=1).sum(axis=1)
     nxt = mx.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
     return Verified(tokens, accepted, nxt)
+
+
+def verify_rows(
+    logits: mx.array,
+    inputs: mx.array,
+    first: mx.array,
+    drafts: list[list[int]],
+    states: list[RowState],
+    failed: Collection[int] = (),
+) -> Verified:
+    """`verify` for a batch whose rows sample as `states` say: the drafting rows that are not
+    plain greedy (sampled, or logit-biased) pick their later tokens as sample_positions does,
+    and each sampled row's key moves on by one draw per accepted draft (`sample` has made
+    position 0's draw)."""
+    rows = [
+        i
+        for i, (st, d) in enumerate(zip(states, drafts))
+        if d and i not in failed and not (st.params.greedy and not st.params.logit_bias)
+    ]
+    if not rows:
+        return verify(logits, inputs, first, drafts)
+    later, chains = sample_positions(logits[mx.array(rows), 1:, :], [states[i] for i in rows])
+    verified = verify(logits, inputs, first, drafts, (rows, later))
+    for i, chain in zip(rows, chains):
+        if chain is not None:
+            states[i].key = mx.take(chain, verified.accepted[i], axis=0)
+    return verified

@@ -1,5 +1,6 @@
 """Speculative decoding on the real runner over tiny models: the per-row KV trim, and output
-identical with and without drafts (greedy rows and seeded sampled rows in one batch)."""
+identical with and without drafts (greedy rows and seeded sampled rows in one batch: a sampled
+row's draw at each verified position takes the uniform decoding one at a time takes there)."""
 
 import random
 
@@ -51,7 +52,7 @@ def llama_model():
 
 def requests() -> list[GenerateRequest]:
     """Greedy rows with repetitive prompts (a random model's greedy output loops too, so drafts
-    hold and miss), one plain greedy row, and seeded sampled rows that never draft."""
+    hold and miss), one plain greedy row, and seeded sampled rows."""
     rng = random.Random(3)
     out = []
     for i in range(6):
@@ -75,6 +76,49 @@ def test_speculation_changes_no_token(llama_model, pipelined):
     assert spec == plain
     s = h.scheduler
     assert s.accepted > 0 and s.drafted > s.accepted  # drafts held and missed
+    assert h.kv.used_bytes == 0 and h.runner.batch is None
+
+
+def sampled_requests() -> list[GenerateRequest]:
+    """Seeded sampled rows (and a logit-biased greedy one) on repetitive prompts; cool enough
+    that a random model's output loops a little (so drafts hold and miss)."""
+    kinds = [
+        SamplingParams(temperature=0.05, seed=11),
+        SamplingParams(temperature=0.1, top_k=20, top_p=0.9, seed=12),
+        SamplingParams(temperature=0.4, min_p=0.1, logit_bias={7: 2.0}, seed=13),
+        SamplingParams(temperature=0, logit_bias={5: 3.0, 9: -2.0}),
+    ]
+    rng = random.Random(5)
+    out = []
+    for i, params in enumerate(kinds):
+        unit = [rng.randrange(1, EOS - 1) for _ in range(rng.randrange(3, 7))]
+        params.max_tokens = 40
+        out.append(GenerateRequest(f"s{i}", "m", unit * 4, params))
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["mlx", "cpu-kernels"])
+def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused):
+    from models import qkernels
+
+    model = tiny_llama(seed=2)
+    if fused:
+        from models.fused_block import fuse_blocks
+        from models.fused_layers import fuse_for_cpu
+        from models.fused_mlp import fuse_mlps
+        from models.quant_layers import quantize_for_cpu
+
+        if not qkernels.available():
+            pytest.skip(f"mlxd kernels {qkernels.unavailable_reason()}")
+        quantize_for_cpu(model, "q8")
+        fuse_mlps(model)
+        fuse_for_cpu(model), fuse_blocks(model)
+    plain = Harness(model).run(sampled_requests(), every=10)
+    h = Harness(model)
+    h.scheduler.config.speculative = "on"
+    h.scheduler.drafter.max_tokens = 4
+    assert h.run(sampled_requests(), every=10) == plain
+    assert h.scheduler.accepted > 0 and h.scheduler.drafted > h.scheduler.accepted
     assert h.kv.used_bytes == 0 and h.runner.batch is None
 
 

@@ -1,6 +1,8 @@
 """Speculative bookkeeping with a fake runner (no MLX): drafts take KV and budget, the rejected
 ones give it back, accepted tokens stream as if decoded one by one."""
 
+from collections.abc import Callable
+
 import pytest
 
 from engine.core import EngineCore
@@ -24,7 +26,8 @@ class ScriptRunner:
     """Each row's true continuation is `truth`; a draft holds while it matches it. Checks that
     every step computes exactly the KV positions the scheduler says, drafts included."""
 
-    def __init__(self) -> None:
+    def __init__(self, truth: Callable[[int], list[int]] = truth) -> None:
+        self.truth = truth
         self.constrained = False
         self.kv: dict[str, int] = {}  # positions computed per row, as this 'cache' holds them
         self.widest = 0
@@ -39,7 +42,7 @@ class ScriptRunner:
             if not x.samples:
                 continue
             gen = seq.num_generated - 1  # the index of the token this step samples
-            want = truth(gen + len(x.draft) + 1)[gen:]
+            want = self.truth(gen + len(x.draft) + 1)[gen:]
             accepted = 0
             while accepted < len(x.draft) and x.draft[accepted] == want[accepted]:
                 accepted += 1
@@ -64,7 +67,14 @@ class Done:
         return self.res
 
 
-def make(mode: str = "on", k: int = 4, kv: int = 10**6, overlap: bool = False, budget: int = 64):
+def make(
+    mode: str = "on",
+    k: int = 4,
+    kv: int = 10**6,
+    overlap: bool = False,
+    budget: int = 64,
+    script: Callable[[int], list[int]] = truth,
+):
     cfg = SchedulerConfig(
         max_num_seqs=8,
         max_num_batched_tokens=budget,
@@ -75,7 +85,7 @@ def make(mode: str = "on", k: int = 4, kv: int = 10**6, overlap: bool = False, b
         speculative_tokens=k,
     )
     sent: dict[str, list[StepOutput]] = {}
-    runner = ScriptRunner()
+    runner = ScriptRunner(script)
     core = EngineCore(
         Scheduler(cfg, KVManager(kv)),
         runner,
@@ -145,34 +155,49 @@ def test_auto_drafts_only_while_the_batch_is_small():
     assert runner.widest == 0 and core.scheduler.drafted == 0
 
 
-def test_sampled_and_special_rows_never_draft():
+def test_rows_whose_tokens_a_verify_pass_cannot_pick_exactly_never_draft():
     assert can_draft(SamplingParams(temperature=0))
     assert can_draft(SamplingParams(temperature=0.8, top_k=1))
+    assert can_draft(SamplingParams(temperature=0.7, seed=1, top_k=40, top_p=0.9, min_p=0.05))
+    assert can_draft(SamplingParams(temperature=0, logit_bias={3: 1.0}))
     for kw in (
-        {"temperature": 0.7, "seed": 1},
         {"temperature": 0, "logprobs": True},
+        {"temperature": 0.7, "prompt_logprobs": True},
         {"temperature": 0, "repetition_penalty": 1.1},
-        {"temperature": 0, "logit_bias": {3: 1.0}},
+        {"temperature": 0.8, "presence_penalty": 0.5},
+        {"temperature": 0.8, "frequency_penalty": 0.5},
         {"temperature": 0, "grammar": object()},
+        {"temperature": 0.7, "logits_processors": [lambda ids, x: x]},
     ):
         assert not can_draft(SamplingParams(**kw)), kw
     core, runner, _ = make("on")
-    seq = Sequence(GenerateRequest("s", "m", list(PROMPT), SamplingParams(temperature=0.7)))
-    core.add(seq)
+    params = SamplingParams(temperature=0.7, repetition_penalty=1.1)
+    core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
     run(core)
     assert runner.widest == 0
+
+
+def test_sampled_rows_draft_and_stream_their_tokens_like_greedy_ones():
+    plain, _, plain_sent = make("off")
+    spec, runner, spec_sent = make("on")
+    for core in (plain, spec):
+        params = SamplingParams(max_tokens=30, temperature=0.7, top_k=40, seed=3)
+        core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
+    run(plain), run(spec)
+    assert streamed(spec_sent) == streamed(plain_sent) == {"s": truth(30)}
+    assert runner.widest == 4 and spec.scheduler.accepted > 0
 
 
 def test_only_rows_that_may_draft_keep_the_engine_from_overlapping_steps():
     """A step is read before the next is scheduled only while some row may draft."""
     core, _, _ = make("auto", overlap=True)
-    sampled = Sequence(GenerateRequest("s", "m", list(PROMPT), SamplingParams(temperature=0.7)))
-    core.add(sampled)
+    params = SamplingParams(temperature=0.7, repetition_penalty=1.1)
+    core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
     core.step()
-    assert not core.scheduler.speculating  # a sampled row alone: steps overlap
+    assert not core.scheduler.speculating  # a penalized row alone: steps overlap
     add(core, "g")
     core.step()
-    assert core.scheduler.speculating  # a greedy row joined: its drafts need its last token
+    assert core.scheduler.speculating  # a row that may draft joined: its drafts need its token
     run(core)
 
 
@@ -225,11 +250,47 @@ def test_a_draft_width_is_verified_only_while_the_drafts_pay_for_the_positions_i
     assert fit_width([8] * 40, 40, 63) == 0
 
 
-def test_one_greedy_row_among_sampled_ones_does_not_pad_the_batch_with_drafts():
+def test_one_drafting_row_among_rows_that_cannot_does_not_pad_the_batch_with_drafts():
     core, runner, sent = make("on")
     add(core, "greedy")
-    for i in range(3):  # sampled rows never draft; each would compute the greedy row's width
-        params = SamplingParams(max_tokens=30, temperature=0.7, seed=i)
+    for i in range(3):  # penalized rows never draft; each would compute the greedy row's width
+        params = SamplingParams(max_tokens=30, temperature=0.7, seed=i, presence_penalty=0.5)
         core.add(Sequence(GenerateRequest(f"s{i}", "m", list(PROMPT), params)))
     run(core)
     assert runner.widest == 0 and streamed(sent)["greedy"] == truth(30)
+
+
+def test_a_row_whose_drafts_mostly_miss_stops_drafting_and_tries_again_later():
+    """The width follows each row's observed share of drafts accepted (sampled rows at a high
+    temperature hold fewer): a row alone drafts while a quarter of its drafts hold."""
+    assert fit_width([4], 1, rates=[0.3]) == 4 and fit_width([4], 1, rates=[0.2]) == 0
+    assert fit_width([4, 4], 2, rates=[0.9, 0.9]) == 4 and fit_width([4, 4], 2) == 4
+    assert fit_width([4] * 4, 4, rates=[0.9] * 4) == 4  # copying rows pay even among 4
+    d = NgramDrafter(4)
+    text = [1, 2, 3, 4, 5, 1, 2, 3, 4]
+    assert d.propose("x", text, 4) == [5, 1, 2, 3] and d.rate("x") == 0.5
+    for _ in range(4):
+        d.observe("x", 1, 0)
+    assert d.rate("x") < 0.25  # alone, its drafts are no longer verified ...
+    low = d.rate("x")
+    d.skipped("x")
+    assert low < d.rate("x") < 0.5  # ... and its rate drifts back until it drafts again
+    d.observe("x", 4, 4)
+    assert d.rate("x") > low
+
+
+def never_as_before(n: int) -> list[int]:
+    """1, 2, then a token never seen: a drafted guess at what follows 1, 2 always misses."""
+    return [[1, 2, 100 + i // 3][i % 3] for i in range(n)]
+
+
+def test_a_row_whose_drafts_always_miss_drafts_less_and_less():
+    """Each miss costs the positions it adds: a row whose drafts never hold (a hot sampled
+    row) soon stops drafting, tries again now and then, and streams what decoding alone does."""
+    core, _, sent = make("on", script=never_as_before)
+    params = SamplingParams(max_tokens=240, temperature=1.5, seed=1)
+    core.add(Sequence(GenerateRequest("s", "m", [1, 2, 99], params)))
+    run(core)
+    assert streamed(sent)["s"] == never_as_before(240)
+    s = core.scheduler
+    assert s.accepted == 0 and 4 <= s.drafted < 30  # 79 chances to draft after "1, 2"
