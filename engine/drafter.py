@@ -57,18 +57,16 @@ def fit_width(
 
 
 def can_draft(p: SamplingParams) -> bool:
-    """Rows whose verification is exact: greedy or sampled (temperature, top_k, top_p, min_p,
-    logit bias apply alike at every position), nothing whose effect depends on the tokens
-    before a position (grammar masks, repetition / presence / frequency penalties, logits
-    processors) or that is reported per accepted token (logprobs)."""
+    """Rows whose verification is exact: greedy or sampled (temperature, top_k, top_p, min_p
+    and logit bias apply alike at every position; repetition, presence and frequency penalties
+    over the history plus the drafts before it). Not rows under a grammar (its mask at a
+    position needs the matcher advanced by the drafts before), with logits processors (hooks
+    that may keep state) or reporting logprobs per token."""
     return (
         p.grammar is None
         and not p.logits_processors
         and not p.logprobs
         and not p.prompt_logprobs
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
         and p.max_tokens > 0
     )
 

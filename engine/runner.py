@@ -31,6 +31,7 @@ from engine.speculative import (
     Verified,
     draft_inputs,
     merge,
+    sync_history,
     trimmable,
     verify_rows,
 )
@@ -75,6 +76,7 @@ class ModelRunner:
         on_kernels = mx.default_device() == mx.cpu and qkernels.available()
         self.exact_positions = qkernels.BLAS_ROWS - 1 if on_kernels else 0
         self._verified: Verified | None = None  # the last pass's drafts, cut from the KV next
+        self._stale: set[str] = set()  # penalized rows whose history lacks accepted drafts
         # A step's new prompts prefill together in batches whose padded transient arrays,
         # prefill_bytes(rows, width, keys), fit prefill_budget() (None: all in one batch).
         self.prefill_bytes: Callable[[int, int, int], int] | None = None
@@ -128,6 +130,7 @@ class ModelRunner:
         # The whole batch runs (a row can't sit a step out); rows not scheduled (their
         # max_tokens is reached, their finish not yet read) compute a token nobody reads.
         drafts = {s.seq.id: s.draft for s in scheduled if s.draft}
+        self._stale = sync_history(scheduled, self.states, self._stale)
         next_tokens = [self._input_of(sid) for sid in self.rows]
         if drafts:
             row_drafts = [drafts.get(sid, []) for sid in self.rows]

@@ -110,12 +110,13 @@ def sample(logits: mx.array, rows: list[RowState], bitmask: mx.array | None = No
 
 
 def sample_positions(
-    logits: mx.array, rows: list[RowState]
+    logits: mx.array, rows: list[RowState], drafts: list[list[int]]
 ) -> tuple[mx.array, list[mx.array | None]]:
-    """Tokens [R, W] at the later positions of a verify pass (`logits` [R, W, V]: what follows
-    each row's first token and its drafts), picked as `sample` would pick each position's
-    token decoding one at a time: logit bias, then argmax or the row's draw. Only rows whose
-    processing does not depend on the tokens before (no penalties, processors or grammar).
+    """Tokens [R, W] at the later positions of a verify pass (`logits` [R, W, V]: position j
+    follows each row's first token and drafts[:j + 1]), picked as `sample` would pick each
+    token decoding one at a time: logit bias, penalties over the row's history and the drafts
+    before the position (its history if they hold), then argmax or the row's draw. Not for
+    rows with logits processors (hooks that may keep state).
 
     A sampled row's draw at position j takes the uniform of the (j + 1)-th split of its key
     after `sample`'s, the one decoding one token a step would take there. Each row's key is
@@ -123,8 +124,8 @@ def sample_positions(
     of which the runner keeps the one after as many draws as the row accepts drafts."""
     R, W, V = logits.shape
     x = logits.astype(mx.float32)
-    if any(r.params.logit_bias for r in rows):
-        x = mx.stack([_biased(x[i], r.params) for i, r in enumerate(rows)])
+    if any(r.params.logit_bias or r.history for r in rows):
+        x = mx.stack([_processed(x[i], r, d) for i, (r, d) in enumerate(zip(rows, drafts))])
     tokens = mx.argmax(x, axis=-1).astype(mx.int32)
     chains: list[mx.array | None] = []
     uniforms = []
@@ -148,6 +149,21 @@ def sample_positions(
         else:
             tokens[mx.array(drawn)] = picked
     return tokens, chains
+
+
+def _processed(x: mx.array, row: RowState, draft: list[int]) -> mx.array:
+    """One row's logits [W, V] after its bias and, position by position, its penalties. The
+    history ends with position 0's token (`sample` appended it: the first draft, if it holds);
+    position k + 1 follows the drafts up to k."""
+    x = _biased(x, row.params)
+    if not row.history:
+        return x
+    hist = mx.concatenate(row.history)
+    penalized = []
+    for k in range(x.shape[0]):
+        tail = mx.array(draft[1 : k + 1], dtype=mx.int32)
+        penalized.append(_penalize(x[k], mx.concatenate([hist, tail]), row.params))
+    return mx.stack(penalized)
 
 
 def _biased(x: mx.array, p: SamplingParams) -> mx.array:
@@ -230,18 +246,21 @@ def _apply_processors(logits: mx.array, row: RowState) -> mx.array:
         for proc in p.logits_processors:
             logits = proc(every, logits[None])[0]
     if row.history:
-        hist = mx.concatenate(row.history)
-        if p.repeat_last_n > 0:
-            hist = hist[-p.repeat_last_n :]
-        if p.repetition_penalty != 1.0:
-            seen = logits[hist]
-            # a scatter *set*: an id seen many times is penalized once, as in HF and llama.cpp
-            logits[hist] = mx.where(
-                seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty
-            )
-        if p.presence_penalty or p.frequency_penalty:
-            counts = mx.zeros(logits.shape, mx.float32).at[hist].add(1.0)
-            logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        logits = _penalize(logits, mx.concatenate(row.history), p)
+    return logits
+
+
+def _penalize(logits: mx.array, hist: mx.array, p: SamplingParams) -> mx.array:
+    """Repetition, presence and frequency penalties on logits [V] for the tokens `hist`."""
+    if p.repeat_last_n > 0:
+        hist = hist[-p.repeat_last_n :]
+    if p.repetition_penalty != 1.0:
+        seen = logits[hist]
+        # a scatter *set*: an id seen many times is penalized once, as in HF and llama.cpp
+        logits[hist] = mx.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        counts = mx.zeros(logits.shape, mx.float32).at[hist].add(1.0)
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
     return logits
 
 

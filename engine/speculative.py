@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
+from engine.outputs import ScheduledSeq
 from engine.sampling import RowState, sample_positions
 from models import qkernels
 
@@ -160,19 +161,40 @@ def verify_rows(
     failed: Collection[int] = (),
 ) -> Verified:
     """`verify` for a batch whose rows sample as `states` say: the drafting rows that are not
-    plain greedy (sampled, or logit-biased) pick their later tokens as sample_positions does,
-    and each sampled row's key moves on by one draw per accepted draft (`sample` has made
-    position 0's draw)."""
+    plain greedy (sampled, logit-biased or penalized) pick their later tokens as
+    sample_positions does, and each sampled row's key moves on by one draw per accepted draft
+    (`sample` has made position 0's draw)."""
     rows = [
         i
         for i, (st, d) in enumerate(zip(states, drafts))
-        if d and i not in failed and not (st.params.greedy and not st.params.logit_bias)
+        if d and i not in failed and not (st.params.greedy and not picks_later(st))
     ]
     if not rows:
         return verify(logits, inputs, first, drafts)
-    later, chains = sample_positions(logits[mx.array(rows), 1:, :], [states[i] for i in rows])
+    later, chains = sample_positions(
+        logits[mx.array(rows), 1:, :], [states[i] for i in rows], [drafts[i] for i in rows]
+    )
     verified = verify(logits, inputs, first, drafts, (rows, later))
     for i, chain in zip(rows, chains):
         if chain is not None:
             states[i].key = mx.take(chain, verified.accepted[i], axis=0)
     return verified
+
+
+def picks_later(state: RowState) -> bool:
+    """A row's tokens at later positions are not the plain argmax: bias or penalties apply."""
+    return bool(state.params.logit_bias or state.history)
+
+
+def sync_history(
+    scheduled: list[ScheduledSeq], states: dict[str, RowState], stale: set[str]
+) -> set[str]:
+    """Penalized rows' token history, for this step: a drafting row's from its tokens (all
+    known: a row drafts only with no step in flight), and so a row's whose last step verified
+    drafts (its history lacks the accepted ones; that step was read before this one was
+    scheduled). Returns the rows whose history this step's drafts will leave stale."""
+    for sched in scheduled:
+        st = states.get(sched.seq.id)
+        if st is not None and st.history and (sched.draft or sched.seq.id in stale):
+            st.history = [mx.array(sched.seq.all_token_ids(), dtype=mx.int32)]
+    return {s.seq.id for s in scheduled if s.draft and states[s.seq.id].history}

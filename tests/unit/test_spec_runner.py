@@ -80,13 +80,15 @@ def test_speculation_changes_no_token(llama_model, pipelined):
 
 
 def sampled_requests() -> list[GenerateRequest]:
-    """Seeded sampled rows (and a logit-biased greedy one) on repetitive prompts; cool enough
+    """Seeded sampled rows (and logit-biased, penalized ones) on repetitive prompts; cool enough
     that a random model's output loops a little (so drafts hold and miss)."""
     kinds = [
         SamplingParams(temperature=0.05, seed=11),
         SamplingParams(temperature=0.1, top_k=20, top_p=0.9, seed=12),
         SamplingParams(temperature=0.4, min_p=0.1, logit_bias={7: 2.0}, seed=13),
         SamplingParams(temperature=0, logit_bias={5: 3.0, 9: -2.0}),
+        SamplingParams(temperature=0.05, repetition_penalty=1.3, repeat_last_n=6, seed=14),
+        SamplingParams(temperature=0, presence_penalty=0.4, frequency_penalty=0.3),
     ]
     rng = random.Random(5)
     out = []
@@ -97,8 +99,9 @@ def sampled_requests() -> list[GenerateRequest]:
     return out
 
 
+@pytest.mark.parametrize("every", [10, 50], ids=["together", "alone"])
 @pytest.mark.parametrize("fused", [False, True], ids=["mlx", "cpu-kernels"])
-def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused):
+def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused, every):
     from models import qkernels
 
     model = tiny_llama(seed=2)
@@ -113,11 +116,11 @@ def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused):
         quantize_for_cpu(model, "q8")
         fuse_mlps(model)
         fuse_for_cpu(model), fuse_blocks(model)
-    plain = Harness(model).run(sampled_requests(), every=10)
+    plain = Harness(model).run(sampled_requests(), every=every)
     h = Harness(model)
     h.scheduler.config.speculative = "on"
     h.scheduler.drafter.max_tokens = 4
-    assert h.run(sampled_requests(), every=10) == plain
+    assert h.run(sampled_requests(), every=every) == plain
     assert h.scheduler.accepted > 0 and h.scheduler.drafted > h.scheduler.accepted
     assert h.kv.used_bytes == 0 and h.runner.batch is None
 

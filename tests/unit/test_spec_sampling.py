@@ -27,15 +27,20 @@ CASES = [
     SamplingParams(temperature=1.3, top_k=4),
     SamplingParams(temperature=0.9, top_p=0.85, min_p=0.05),
     SamplingParams(temperature=1.0, logit_bias={5: 1.5, 1: -1.0}),
+    SamplingParams(temperature=0.8, repetition_penalty=1.8, frequency_penalty=0.5),
 ]
 
 
-def exact(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
-    """The sampler's distribution over `logits` (logit bias first, as the sampler applies it)."""
-    biased = logits.copy()
+def exact(logits: np.ndarray, p: SamplingParams, seen: tuple[int, ...] = ()) -> np.ndarray:
+    """The sampler's distribution over `logits` after the tokens `seen`: logit bias first,
+    then the penalties, as the sampler applies them."""
+    x = logits.astype(np.float64)
     for token, bias in p.logit_bias.items():
-        biased[token] += bias
-    return test_sampling_draw.exact(biased, p)
+        x[token] += bias
+    for t in set(seen):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        x[t] -= p.frequency_penalty * seen.count(t) + p.presence_penalty
+    return test_sampling_draw.exact(x, p)
 
 
 def logits_after(tokens: mx.array) -> mx.array:
@@ -75,7 +80,7 @@ def decode_with_draft(
 def pair_distribution(p: SamplingParams) -> np.ndarray:
     """[V, V]: the exact probability of the first two tokens."""
     first = exact(TABLE[START], p)
-    return first[:, None] * np.stack([exact(TABLE[t], p) for t in range(V)])
+    return first[:, None] * np.stack([exact(TABLE[t], p, (t,)) for t in range(V)])
 
 
 def chi_square(pairs: np.ndarray, want: np.ndarray) -> tuple[float, float]:
@@ -97,7 +102,7 @@ def chi_square(pairs: np.ndarray, want: np.ndarray) -> tuple[float, float]:
 
 @pytest.mark.parametrize(
     "case, draft",
-    [(c, d) for c in range(len(CASES)) for d in ([1, 2], [3, 0, 4])] + [(2, [5])],  # [5]: cut
+    [(c, d) for c in range(len(CASES)) for d in ([1, 2], [3, 0, 4])] + [(2, [5])],  # 5: cut
     ids=str,
 )
 def test_drafted_tokens_follow_the_sampler_distribution(case: int, draft: list[int]):

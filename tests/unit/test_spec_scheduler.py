@@ -160,18 +160,17 @@ def test_rows_whose_tokens_a_verify_pass_cannot_pick_exactly_never_draft():
     assert can_draft(SamplingParams(temperature=0.8, top_k=1))
     assert can_draft(SamplingParams(temperature=0.7, seed=1, top_k=40, top_p=0.9, min_p=0.05))
     assert can_draft(SamplingParams(temperature=0, logit_bias={3: 1.0}))
+    assert can_draft(SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1))
+    assert can_draft(SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.2))
     for kw in (
         {"temperature": 0, "logprobs": True},
         {"temperature": 0.7, "prompt_logprobs": True},
-        {"temperature": 0, "repetition_penalty": 1.1},
-        {"temperature": 0.8, "presence_penalty": 0.5},
-        {"temperature": 0.8, "frequency_penalty": 0.5},
         {"temperature": 0, "grammar": object()},
         {"temperature": 0.7, "logits_processors": [lambda ids, x: x]},
     ):
         assert not can_draft(SamplingParams(**kw)), kw
     core, runner, _ = make("on")
-    params = SamplingParams(temperature=0.7, repetition_penalty=1.1)
+    params = SamplingParams(temperature=0.7, logprobs=True)
     core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
     run(core)
     assert runner.widest == 0
@@ -191,10 +190,10 @@ def test_sampled_rows_draft_and_stream_their_tokens_like_greedy_ones():
 def test_only_rows_that_may_draft_keep_the_engine_from_overlapping_steps():
     """A step is read before the next is scheduled only while some row may draft."""
     core, _, _ = make("auto", overlap=True)
-    params = SamplingParams(temperature=0.7, repetition_penalty=1.1)
+    params = SamplingParams(temperature=0.7, logprobs=True)
     core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
     core.step()
-    assert not core.scheduler.speculating  # a penalized row alone: steps overlap
+    assert not core.scheduler.speculating  # a row reporting logprobs alone: steps overlap
     add(core, "g")
     core.step()
     assert core.scheduler.speculating  # a row that may draft joined: its drafts need its token
@@ -253,8 +252,8 @@ def test_a_draft_width_is_verified_only_while_the_drafts_pay_for_the_positions_i
 def test_one_drafting_row_among_rows_that_cannot_does_not_pad_the_batch_with_drafts():
     core, runner, sent = make("on")
     add(core, "greedy")
-    for i in range(3):  # penalized rows never draft; each would compute the greedy row's width
-        params = SamplingParams(max_tokens=30, temperature=0.7, seed=i, presence_penalty=0.5)
+    for i in range(3):  # logprobs rows never draft; each would compute the greedy row's width
+        params = SamplingParams(max_tokens=30, temperature=0.7, seed=i, logprobs=True)
         core.add(Sequence(GenerateRequest(f"s{i}", "m", list(PROMPT), params)))
     run(core)
     assert runner.widest == 0 and streamed(sent)["greedy"] == truth(30)
