@@ -116,8 +116,9 @@ soak: install
 	$(PY) scripts/soak.py $(ARGS)
 
 # Where a decode step's time goes, by op class, at 1, 4 and 16 rows (the model in-process).
-# Speculative decoding off against on (two mlxd servers, one greedy stream, requests alternating):
-# decode tok/s on the chat prompts above and on copying a ~300-token text; .bench/speculative.md.
+# Speculative decoding off against auto (two mlxd servers, one stream, greedy and T=0.7, requests
+# alternating): decode tok/s on the chat prompts above and on copying a ~300-token text;
+# .bench/speculative.md. ARGS narrows it, e.g. ARGS="--temperatures 0.7 --rounds 6".
 bench-spec: install
 	$(PY) scripts/bench_compare.py --speculative $(ARGS)
 

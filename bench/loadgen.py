@@ -80,6 +80,9 @@ class LoadConfig:
     # "chat": open-ended asks answered until max_tokens; "repeat": copy a ~300-token text (the
     # answer repeats the prompt: what prompt-lookup speculative decoding is for), until EOS.
     task: str = "chat"
+    # Sampled requests carry seed + their index (the same on every server for the same prompt),
+    # so two servers' answers can be compared text for text. None: no seed.
+    seed: int | None = None
 
     def is_constrained(self, index: int) -> bool:
         """Request `index` carries a response_format (spread evenly over the run)."""
@@ -313,6 +316,8 @@ class LoadGenerator:
             # honoured by servers that know it (ours, vLLM); ignored elsewhere. A copy ends itself.
             "ignore_eos": not repeat,
         }
+        if self.cfg.seed is not None:
+            body["seed"] = self.cfg.seed + self._counter
         if self.cfg.is_constrained(self._counter):
             body["response_format"] = {
                 "type": "json_schema",

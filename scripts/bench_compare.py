@@ -14,9 +14,9 @@ three. Results: .bench/results.json and .bench/results.md.
 send long system prompts and histories), mlxd and llama.cpp side by side, greedy, 1 and 4
 streams, 8 tokens each; results in .bench/long_prompts.md and .json.
 
-`make bench-spec` (--speculative): mlxd with speculative decoding off against on instead, one
-greedy stream, on the chat prompts and on a copy-this-text task (bench/spec.py); results in
-.bench/speculative.md.
+`make bench-spec` (--speculative): mlxd with speculative decoding off against auto instead, one
+stream, greedy and T=0.7 (--temperatures), on the chat prompts and on a copy-this-text task
+(bench/spec.py); results in .bench/speculative.md.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--speculative",
         action="store_true",
-        help="A/B mlxd with speculative decoding off and on (1 greedy stream) instead",
+        help="A/B mlxd with speculative decoding off and auto (1 stream, --temperatures) instead",
     )
     p.add_argument("--rounds", type=int, default=4, help="--speculative: requests per task each")
     p.add_argument("--llama-server", type=Path, help="use this llama-server binary (no build)")
@@ -226,10 +226,10 @@ def machine() -> str:
 
 
 def speculative_ab(name: str, args: argparse.Namespace) -> int:
-    """`make bench-spec`: two mlxd servers, speculation off and on, requests alternating."""
+    """`make bench-spec`: two mlxd servers, speculation off and auto, requests alternating."""
     with contextlib.ExitStack() as stack:
         peers = []
-        for mode in ("off", "on"):
+        for mode in ("off", "auto"):
             server = mlxd_server(
                 OUT / f"mlxd-spec-{mode}.log",
                 args=["--model", name],
@@ -243,13 +243,14 @@ def speculative_ab(name: str, args: argparse.Namespace) -> int:
         base = LoadConfig(base_url="", prompt_tokens=args.prompt_tokens, warmup=args.warmup)
         tokens = {"chat": args.max_tokens, "repeat": 400}
         load_before = os.getloadavg()
-        results = asyncio.run(run_ab(peers[0], peers[1], base, args.rounds, tokens))
+        temperatures = tuple(args.temperatures)
+        results = asyncio.run(run_ab(peers[0], peers[1], base, args.rounds, tokens, temperatures))
         load_after = os.getloadavg()
     load = (
         f"load average (1/5/15 min) before: {' / '.join(f'{x:.1f}' for x in load_before)}, "
         f"after: {' / '.join(f'{x:.1f}' for x in load_after)}"
     )
-    table = f"{machine()}\n\n{format_ab(results, 'spec off', 'spec on')}\n{load}"
+    table = f"{machine()}\n\n{format_ab(results, 'spec off', 'spec auto')}\n{load}"
     print(table, flush=True)
     (OUT / "speculative.md").write_text(table + "\n")
     failed = sum(r.errors(p.label) for r in results for p in peers)
