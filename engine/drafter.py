@@ -7,8 +7,8 @@ The index grows with the text (O(new tokens) a step, not a scan of the context).
 draft costs compute (every drafted position is computed), so a draft's length follows how much
 evidence backs it: a 4-gram match drafts up to k tokens, a 3-gram k / 2, a 2-gram one; and a
 per-row trust, halved by a draft that missed entirely and doubled by one that held, caps it.
-Each row's share of drafts accepted (a moving average) tells the step how many of its drafts
-will likely hold: greedy copies hold ~90%, sampled rows fewer the hotter they sample.
+Each row's estimated chance that a drafted token holds tells the step how many of its drafts
+will likely hold: greedy copies hold ~0.9 a token, sampled rows less the hotter they sample.
 """
 
 from __future__ import annotations
@@ -23,9 +23,27 @@ MIN_NGRAM = 2
 # speculative = "auto" drafts while at most this many sequences run: past that, the positions a
 # draft adds to every row of the batch cost more than its accepted tokens save.
 AUTO_MAX_ROWS = 4
-# A new row's expected share of drafts accepted, and how fast observed drafts move it.
-PRIOR_RATE = 0.5
-RATE_WEIGHT = 0.25
+# A draft's tokens hold one after another until the first miss: a row whose drafted tokens each
+# hold with probability a accepts a + a^2 + ... + a^m of a draft of m. Each row estimates a as
+# held / (held + first misses) over its verified drafts, old ones fading (EVIDENCE_DECAY a
+# draft), from PRIOR_WEIGHT pseudo-drafts at its kind's rate (greedy or sampled rows, learned
+# over all rows at LEARN_WEIGHT a draft; chat holds ~0.65 a token greedy, ~0.3 at T=0.7). A
+# row's drafts not worth verifying fade its evidence (SKIP_DECAY a step) and nudge its kind's
+# rate toward RETRY_RATE, so drafting resumes after a while where nothing held for long.
+PRIOR_RATE = {True: 0.65, False: 0.5}
+EVIDENCE_DECAY = 0.75
+PRIOR_WEIGHT = 2.0
+LEARN_WEIGHT = 0.05
+SKIP_DECAY = 0.9
+RETRY_RATE = 0.75
+RETRY_STEPS = 256
+# A verify pass's cost in units of c, one row-position's: a one-position step of B rows costs
+# STEP_BASE + B, a pass of width W adds VERIFY_FIXED (the layers' own sequence, not the fused
+# one-position block) + B * W. Measured on the CPU kernels (SmolLM2 Q4_1, one thread, CPU time,
+# 2026-11-30): 12.9 / 19.4 / 22.5 / 29.0 / 41.6 ms for 1 row at W = 0 / 1 / 2 / 4 / 8, 17.7 /
+# 27.7 / 86.1 for 2 rows at W = 0 / 1 / 8, 23.7 / 42.4 / 152.1 for 4: c ~ 3.2-4.2 ms.
+STEP_BASE = 3.0
+VERIFY_FIXED = 1.0
 
 
 def speculates(mode: str, running: int) -> bool:
@@ -36,24 +54,31 @@ def speculates(mode: str, running: int) -> bool:
 def fit_width(
     drafts: list[int], rows: int, positions: int = 0, rates: list[float] | None = None
 ) -> int:
-    """The widest draft a step verifies, given each drafting row's draft length (and share of
-    drafts it has seen accepted, `rates`, PRIOR_RATE if not given) and the rows of the decode
-    batch. Every row computes as many positions as the widest draft (filler where it drafted
-    less). A step of B rows costs base + c * positions and yields B tokens plus the accepted
-    drafts A; widening it by W pays while A > B^2 c W / (base + c B). With c ~ base / 3 (the
-    CPU kernels, SmolLM2: a fused one-position step against the positions of a verify pass),
-    the expected accepted drafts must reach B^2 / (B + 3) times the width. At half accepted
-    (chat; copying a text holds ~90%): a row drafting alone pays, among 2 rows both must
-    draft, among 3 all, among 4 never; a row alone stops drafting below a quarter accepted.
-    `positions` (0: none) caps B (1 + W), the runner's bound for exact verification."""
-    width = max(drafts, default=0)
+    """The draft width a step verifies (0: none), given each drafting row's draft length, the
+    chance each of its drafted tokens holds (`rates`; a greedy row's prior if not given) and
+    the rows of the decode batch. Every row computes as many positions as the widest draft
+    (filler where it drafted less). The width that yields most tokens per unit of time wins,
+    the narrowest on a tie: B rows yield B + their expected accepted drafts in STEP_BASE + B
+    (+ VERIFY_FIXED + B * W when W > 0). A row alone drafts from a = 0.5 a token (a 2-token
+    draft from 0.53, 4 from 0.6; at 0.9 all 8), 2 rows both drafting from ~0.7, 4 rows only
+    copying (0.9 and up). `positions` (0: none) caps B (1 + W), the runner's bound for exact
+    verification."""
+    top = max(drafts, default=0)
     if positions:
-        width = max(0, min(width, positions // max(1, rows) - 1))
-    rates = rates or [PRIOR_RATE] * len(drafts)
-    need = rows * rows / (rows + 3)
-    while width and sum(r * min(d, width) for d, r in zip(drafts, rates)) < need * width:
-        width -= 1
-    return width
+        top = max(0, min(top, positions // max(1, rows) - 1))
+    rates = rates or [PRIOR_RATE[True]] * len(drafts)
+
+    def tokens_per_cost(width: int) -> float:
+        accepted = sum(expected(r, min(d, width)) for d, r in zip(drafts, rates))
+        cost = STEP_BASE + rows + (VERIFY_FIXED + rows * width if width else 0.0)
+        return (rows + accepted) / cost
+
+    return max(range(top + 1), key=lambda w: (tokens_per_cost(w), -w))
+
+
+def expected(rate: float, drafted: int) -> float:
+    """Drafts expected to hold of `drafted`, each holding with `rate` once those before did."""
+    return sum(rate**j for j in range(1, drafted + 1))
 
 
 def can_draft(p: SamplingParams) -> bool:
@@ -76,19 +101,23 @@ class _Index:
     ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> continuation
     indexed: int = 0  # n-grams ending before this position are in `ngrams`
     trust: int = 1  # the longest draft this row makes now
-    rate: float = PRIOR_RATE  # moving average of the share of its drafts accepted
+    greedy: bool = True
+    held: float = 0.0  # drafted tokens that held, older ones fading
+    missed: float = 0.0  # drafts that missed somewhere
 
 
 class NgramDrafter:
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens  # k: the most tokens one row drafts in a step
         self._rows: dict[str, _Index] = {}
+        # How drafted tokens of greedy rows and of sampled rows held lately, over all rows.
+        self.learned = dict(PRIOR_RATE)
 
-    def propose(self, seq_id: str, tokens: list[int], limit: int) -> list[int]:
+    def propose(self, seq_id: str, tokens: list[int], limit: int, greedy: bool = True) -> list[int]:
         """Up to min(limit, the row's draft length) tokens likely to follow `tokens`."""
         row = self._rows.get(seq_id)
         if row is None:
-            row = self._rows[seq_id] = _Index(trust=self.max_tokens)
+            row = self._rows[seq_id] = _Index(trust=self.max_tokens, greedy=greedy)
         self._index(row, tokens)
         for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             start = row.ngrams.get(tuple(tokens[-n:]))
@@ -103,7 +132,11 @@ class NgramDrafter:
         row = self._rows.get(seq_id)
         if row is None or drafted <= 0:
             return
-        row.rate += RATE_WEIGHT * (accepted / drafted - row.rate)
+        missed = float(accepted < drafted)
+        row.held = EVIDENCE_DECAY * row.held + accepted
+        row.missed = EVIDENCE_DECAY * row.missed + missed
+        kind = self.learned[row.greedy]
+        self.learned[row.greedy] = kind + LEARN_WEIGHT * (accepted / (accepted + missed) - kind)
         if accepted >= drafted:
             row.trust = min(self.max_tokens, 2 * row.trust)
         elif accepted > 0:
@@ -111,17 +144,22 @@ class NgramDrafter:
         else:
             row.trust = max(1, row.trust // 2)
 
-    def rate(self, seq_id: str) -> float:
-        """The share of this row's drafts expected to hold."""
+    def rate(self, seq_id: str, greedy: bool = True) -> float:
+        """The chance each of this row's drafted tokens holds."""
         row = self._rows.get(seq_id)
-        return PRIOR_RATE if row is None else row.rate
+        if row is None:
+            return self.learned[greedy]
+        prior = self.learned[row.greedy]
+        return (row.held + PRIOR_WEIGHT * prior) / (row.held + row.missed + PRIOR_WEIGHT)
 
     def skipped(self, seq_id: str) -> None:
-        """A row's draft was not verified (not worth its width): its rate drifts back toward
-        the prior, so a row that stopped drafting tries again now and then."""
+        """A row's draft was not verified (not worth its width): its evidence fades toward its
+        kind's rate, which drifts toward RETRY_RATE, so drafting resumes after a while."""
         row = self._rows.get(seq_id)
         if row is not None:
-            row.rate += (PRIOR_RATE - row.rate) / 16
+            row.held, row.missed = SKIP_DECAY * row.held, SKIP_DECAY * row.missed
+            kind = self.learned[row.greedy]
+            self.learned[row.greedy] = kind + (RETRY_RATE - kind) / RETRY_STEPS
 
     def forget(self, seq_id: str) -> None:
         self._rows.pop(seq_id, None)

@@ -170,7 +170,10 @@ class Scheduler:
             seq.params.max_tokens - seq.num_generated - 1,
             self.config.context_length - seq.num_tokens - 1,
         )
-        draft = self.drafter.propose(seq.id, seq.all_token_ids(), limit) if limit > 0 else []
+        greedy = seq.params.greedy
+        draft = (
+            self.drafter.propose(seq.id, seq.all_token_ids(), limit, greedy) if limit > 0 else []
+        )
         if draft and not self._reserve(seq, seq.num_computed + 1 + len(draft)):
             return []
         return draft

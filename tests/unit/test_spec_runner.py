@@ -9,6 +9,7 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from engine import scheduler
 from engine.speculative import BatchKVCache, trimmable
 from engine.types import GenerateRequest, SamplingParams
 from tests.unit.engine_harness import EOS, Harness, tiny_gemma3, tiny_llama
@@ -50,6 +51,12 @@ def llama_model():
     return tiny_llama()
 
 
+@pytest.fixture
+def every_draft(monkeypatch):
+    """Verify every draft, whatever it costs: rows of a batch draft at once and widely."""
+    monkeypatch.setattr(scheduler, "fit_width", lambda drafts, *args, **kw: max(drafts, default=0))
+
+
 def requests() -> list[GenerateRequest]:
     """Greedy rows with repetitive prompts (a random model's greedy output loops too, so drafts
     hold and miss), one plain greedy row, and seeded sampled rows."""
@@ -67,7 +74,7 @@ def requests() -> list[GenerateRequest]:
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["read-now", "read-a-step-late"])
-def test_speculation_changes_no_token(llama_model, pipelined):
+def test_speculation_changes_no_token(llama_model, pipelined, every_draft):
     plain = Harness(llama_model, pipelined=pipelined).run(requests(), every=2)
     h = Harness(llama_model, pipelined=pipelined)
     h.scheduler.config.speculative = "on"
@@ -101,7 +108,7 @@ def sampled_requests() -> list[GenerateRequest]:
 
 @pytest.mark.parametrize("every", [10, 50], ids=["together", "alone"])
 @pytest.mark.parametrize("fused", [False, True], ids=["mlx", "cpu-kernels"])
-def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused, every):
+def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused, every, every_draft):
     from models import qkernels
 
     model = tiny_llama(seed=2)
@@ -132,7 +139,7 @@ def test_sliding_window_models_do_not_speculate():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits):
+def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits, every_draft):
     """Drafts verified on the kernels as the loader sets them up (a few query positions through
     the layers' own sequence) give the tokens of decoding one at a time (fused blocks)."""
     from models import qkernels

@@ -129,7 +129,7 @@ def test_accepted_drafts_stream_like_single_steps_and_rejected_ones_are_taken_ba
     assert streamed(spec_sent) == streamed(plain_sent) == {"a": truth(30), "b": truth(23)}
     s = spec.scheduler
     assert s.accepted > 0 and s.drafted > s.accepted  # the slips were drafted past, and rejected
-    assert spec_steps < plain_steps * 0.6 and runner.widest == 4
+    assert spec_steps < plain_steps * 0.6 and runner.widest >= 3
     assert s.kv.used_bytes == 0 and not runner.kv
 
 
@@ -184,7 +184,7 @@ def test_sampled_rows_draft_and_stream_their_tokens_like_greedy_ones():
         core.add(Sequence(GenerateRequest("s", "m", list(PROMPT), params)))
     run(plain), run(spec)
     assert streamed(spec_sent) == streamed(plain_sent) == {"s": truth(30)}
-    assert runner.widest == 4 and spec.scheduler.accepted > 0
+    assert runner.widest >= 3 and spec.scheduler.accepted > 0
 
 
 def test_only_rows_that_may_draft_keep_the_engine_from_overlapping_steps():
@@ -240,13 +240,18 @@ def test_ngram_drafts_come_from_the_most_recent_longest_match():
 
 
 def test_a_draft_width_is_verified_only_while_the_drafts_pay_for_the_positions_it_adds():
-    assert fit_width([4], 1) == 4 and fit_width([4], 2) == 0  # the other row pads to 4
-    assert fit_width([4, 4], 2) == 4 and fit_width([4, 1], 2) == 1
-    assert fit_width([4, 4, 4], 3) == 4 and fit_width([4, 4], 3) == 0
-    assert fit_width([4] * 4, 4) == 0 and fit_width([], 1) == 0
+    """Rates are the chance each drafted token holds (once those before it did)."""
+    assert fit_width([8], 1, rates=[0.5]) == 0 and fit_width([8], 1, rates=[0.55]) == 2
+    assert fit_width([8], 1, rates=[0.9]) == 7 and fit_width([8], 1, rates=[0.99]) == 8
+    assert fit_width([4], 2, rates=[0.9]) == 0  # the other row would compute 4 positions too
+    assert (
+        fit_width([4, 4], 2, rates=[0.7, 0.7]) == 2 and fit_width([4, 1], 2, rates=[0.55] * 2) == 0
+    )
+    assert fit_width([4] * 3, 3) == 0 and fit_width([8] * 4, 4, rates=[0.9] * 4) == 3
+    assert fit_width([], 1) == 0
     # The runner's bound for exact verification (its kernels' row limit): rows x (1 + width).
-    assert fit_width([8, 8], 2, positions=63) == 8 and fit_width([8, 8], 2, positions=15) == 6
-    assert fit_width([8] * 40, 40, 63) == 0
+    assert fit_width([8, 8], 2, 63, [0.99] * 2) == 8 and fit_width([8, 8], 2, 15, [0.99] * 2) == 6
+    assert fit_width([8] * 40, 40, 63, [0.99] * 40) == 0
 
 
 def test_one_drafting_row_among_rows_that_cannot_does_not_pad_the_batch_with_drafts():
@@ -260,22 +265,23 @@ def test_one_drafting_row_among_rows_that_cannot_does_not_pad_the_batch_with_dra
 
 
 def test_a_row_whose_drafts_mostly_miss_stops_drafting_and_tries_again_later():
-    """The width follows each row's observed share of drafts accepted (sampled rows at a high
-    temperature hold fewer): a row alone drafts while a quarter of its drafts hold."""
-    assert fit_width([4], 1, rates=[0.3]) == 4 and fit_width([4], 1, rates=[0.2]) == 0
-    assert fit_width([4, 4], 2, rates=[0.9, 0.9]) == 4 and fit_width([4, 4], 2) == 4
-    assert fit_width([4] * 4, 4, rates=[0.9] * 4) == 4  # copying rows pay even among 4
+    """Each row's rate follows what its drafts did (sampled rows at a high temperature hold
+    fewer), from its kind's rate; drafts not worth verifying let it drift back up."""
     d = NgramDrafter(4)
     text = [1, 2, 3, 4, 5, 1, 2, 3, 4]
-    assert d.propose("x", text, 4) == [5, 1, 2, 3] and d.rate("x") == 0.5
-    for _ in range(4):
-        d.observe("x", 1, 0)
-    assert d.rate("x") < 0.25  # alone, its drafts are no longer verified ...
+    assert d.propose("x", text, 4, greedy=False) == [5, 1, 2, 3]
+    assert d.rate("x") == d.learned[False] == 0.5
+    for _ in range(3):
+        d.observe("x", 2, 0)
+    assert d.rate("x") < 0.25 and fit_width([4], 1, rates=[d.rate("x")]) == 0
+    assert d.learned[False] < 0.5 and d.learned[True] == 0.65  # sampled rows' rate fell
     low = d.rate("x")
-    d.skipped("x")
-    assert low < d.rate("x") < 0.5  # ... and its rate drifts back until it drafts again
+    for _ in range(40):
+        d.skipped("x")
+    assert 0.5 > d.rate("x") > low  # the evidence faded: back near its kind's rate
     d.observe("x", 4, 4)
-    assert d.rate("x") > low
+    d.observe("x", 4, 4)
+    assert d.rate("x") > 0.75 and fit_width([4], 1, rates=[d.rate("x")]) == 4
 
 
 def never_as_before(n: int) -> list[int]:
@@ -292,4 +298,4 @@ def test_a_row_whose_drafts_always_miss_drafts_less_and_less():
     run(core)
     assert streamed(sent)["s"] == never_as_before(240)
     s = core.scheduler
-    assert s.accepted == 0 and 4 <= s.drafted < 30  # 79 chances to draft after "1, 2"
+    assert s.accepted == 0 and 0 < s.drafted <= 10  # 79 chances to draft after "1, 2"
