@@ -246,7 +246,7 @@ class EngineConfig:
     max_context: int  # 0: the model's own context length
     prefix_cache_bytes: int
     kv_fraction: float
-    speculative: str  # "off", "on" or "auto": n-gram drafts verified in the batch (greedy rows)
+    speculative: str  # "off", "on" or "auto": n-gram drafts verified in the batch
     speculative_tokens: int  # the most tokens one row drafts a step
     kv_chunk: int  # tokens of KV a sequence reserves at a time as it grows
     mlx_cache_limit: int  # bytes of freed buffers MLX keeps for reuse; 0: what a step needs
