@@ -192,9 +192,13 @@ def sync_history(
     """Penalized rows' token history, for this step: a drafting row's from its tokens (all
     known: a row drafts only with no step in flight), and so a row's whose last step verified
     drafts (its history lacks the accepted ones; that step was read before this one was
-    scheduled). Returns the rows whose history this step's drafts will leave stale."""
+    scheduled). Returns the rows whose history is stale after this step: those it leaves
+    stale with drafts, and stale ones not scheduled (preempted: synced when they decode)."""
+    synced = set()
     for sched in scheduled:
         st = states.get(sched.seq.id)
         if st is not None and st.history and (sched.draft or sched.seq.id in stale):
             st.history = [mx.array(sched.seq.all_token_ids(), dtype=mx.int32)]
-    return {s.seq.id for s in scheduled if s.draft and states[s.seq.id].history}
+            synced.add(sched.seq.id)
+    left = {sid for sid in stale - synced if sid in states}
+    return left | {s.seq.id for s in scheduled if s.draft and states[s.seq.id].history}

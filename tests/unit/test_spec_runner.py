@@ -10,7 +10,10 @@ import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from engine import scheduler
-from engine.speculative import BatchKVCache, trimmable
+from engine.outputs import ScheduledSeq
+from engine.sampling import RowState
+from engine.sequence import Sequence
+from engine.speculative import BatchKVCache, sync_history, trimmable
 from engine.types import GenerateRequest, SamplingParams
 from tests.unit.engine_harness import EOS, Harness, tiny_gemma3, tiny_llama
 
@@ -130,6 +133,20 @@ def test_sampled_rows_draft_and_draw_the_tokens_they_draw_without(fused, every, 
     assert h.run(sampled_requests(), every=every) == plain
     assert h.scheduler.accepted > 0 and h.scheduler.drafted > h.scheduler.accepted
     assert h.kv.used_bytes == 0 and h.runner.batch is None
+
+
+def test_a_penalized_rows_history_is_rebuilt_from_its_tokens_after_its_drafts():
+    params = SamplingParams(temperature=0.7, repetition_penalty=1.2, seed=1)
+    seq = Sequence(GenerateRequest("p", "m", [1, 2, 3], params))
+    states = {"p": RowState.create(params, seq.prompt_ids)}
+    drafting = ScheduledSeq(seq, 3, 3, True, draft=[4, 5])
+    assert sync_history([drafting], states, set()) == {"p"}  # its drafts leave it stale
+    seq.output_ids += [4, 5, 6]
+    assert sync_history([], states, {"p"}) == {"p"}  # not scheduled (preempted): still stale
+    plain = ScheduledSeq(seq, 1, 5, True)
+    assert sync_history([plain], states, {"p"}) == set()
+    assert mx.concatenate(states["p"].history).tolist() == [1, 2, 3, 4, 5, 6]
+    assert sync_history([], {}, {"p"}) == set()  # gone
 
 
 def test_sliding_window_models_do_not_speculate():
