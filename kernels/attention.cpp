@@ -9,6 +9,7 @@
 #include "attention_job.h"
 #include "attention_prefill.h"
 #include "packed.h"
+#include "parts.h"
 #include "pool.h"
 #include "simd.h"
 #include "vexp.h"
@@ -208,7 +209,9 @@ AttendFn pick(int D, int Dv) {
   return attend<0>;
 }
 
-void run(const Job& j) {
+} // namespace
+
+void attention_rows(const Job& j) {
   if (prefill_attention(j)) {
     return;
   }
@@ -227,6 +230,8 @@ void run(const Job& j) {
     }
   });
 }
+
+namespace {
 
 View view_of(const mx::array& a, std::vector<char>& tmp) {
   if (a.strides()[3] == 1 || a.shape(3) == 1) {
@@ -309,7 +314,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       j.msl = m.shape(2) == 1 ? 0 : m.strides()[2];
       j.mst = m.strides()[3];
     }
-    run(j);
+    attention_rows(j);
   });
 }
 

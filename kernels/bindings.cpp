@@ -4,6 +4,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "decoder.h"
 #include "embed.h"
 #include "fused.h"
 #include "kv_cache.h"
@@ -184,6 +185,32 @@ NB_MODULE(_kernels, m) {
       "idx"_a,
       "A batch KV cache's update in one op: [keys and values with k, v written at positions"
       " [idx, idx + L), offset + L, views of their first idx + L positions] (CPU).");
+  m.def(
+      "decoder_layer",
+      &mlxd::decoder_layer,
+      "x"_a,
+      "weights"_a,
+      "bits"_a,
+      "keys"_a,
+      "values"_a,
+      "offset"_a,
+      "idx"_a,
+      "mask"_a.none(),
+      "eps1"_a,
+      "eps2"_a,
+      "n_heads"_a,
+      "dims"_a,
+      "traditional"_a,
+      "base"_a,
+      "rope_scale"_a,
+      "attn_scale"_a,
+      "q_norm_w"_a = nb::none(),
+      "k_norm_w"_a = nb::none(),
+      "q_bias"_a = nb::none(),
+      "k_bias"_a = nb::none(),
+      "v_bias"_a = nb::none(),
+      "A decoder layer's decode step in one op: [y, keys and values with the new k, v written"
+      " at idx, offset + 1] (CPU; see kernels/decoder.h).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

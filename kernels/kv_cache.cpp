@@ -1,5 +1,6 @@
 #include "kv_cache.h"
 #include "packed.h"
+#include "parts.h"
 
 #include <cstdint>
 #include <cstring>
@@ -11,8 +12,6 @@
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mlxd {
-
-namespace {
 
 // Rows [t0, t0 + src.shape(2)) of the row-major 4-d buffer dst (T positions) from src (any
 // strides, last axis contiguous or not), element by element of `sz` bytes.
@@ -37,6 +36,8 @@ void write_rows(const mx::array& src, char* dst, int64_t T, int64_t t0) {
     }
   }
 }
+
+namespace {
 
 // out (idx + L positions) as a view of the buffer buf's first positions.
 void view_of_buffer(const mx::array& buf, mx::array& out) {

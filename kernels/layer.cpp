@@ -1,5 +1,6 @@
 #include "layer.h"
 #include "packed.h"
+#include "parts.h"
 #include "pool.h"
 #include "qdot_i8.h"
 #include "qmm.h"
@@ -40,6 +41,61 @@ void project(const QWeight* W, const Acts& a, float* const* y) {
 }
 
 } // namespace
+
+void attn_in_rows(
+    const QWeight* W,
+    const float* x,
+    const float* nw,
+    float eps,
+    int B,
+    int Hq,
+    int Hk,
+    const int32_t* off,
+    bool per_row,
+    const float* qn,
+    const float* kn,
+    const float* const* bias,
+    const RopeArgs& rope,
+    float* const* ys) {
+  const int K = W[0].K, D = W[0].N / Hq, dims = rope.dims;
+  const bool trad = rope.traditional;
+  std::vector<float> xn(static_cast<size_t>(B) * K);
+  for (int b = 0; b < B; ++b) {
+    rms_norm_row(x + static_cast<size_t>(b) * K, nw, xn.data() + static_cast<size_t>(b) * K, K, eps);
+  }
+  Acts a;
+  quantize_acts(xn.data(), B, K, W[0].bits, a);
+  project(W, a, ys);
+  if (bias != nullptr) { // the unfused layer's `qmm(x) + bias`, the same float adds
+    for (int i = 0; i < 3; ++i) {
+      for (int b = 0; b < B; ++b) {
+        float* y = ys[i] + static_cast<size_t>(b) * W[i].N;
+        for (int n = 0; n < W[i].N; ++n) {
+          y[n] += bias[i][n];
+        }
+      }
+    }
+  }
+  const std::vector<float> inv = rope_inv_freqs(rope.base, dims);
+  std::vector<float> cs(inv.size()), sn(inv.size());
+  for (int b = 0; b < B; ++b) {
+    rope_angles(static_cast<float>(off[per_row ? b : 0]) * rope.scale, inv, cs.data(), sn.data());
+    for (int h = 0; h < Hq; ++h) {
+      float* r = ys[0] + (static_cast<size_t>(b) * Hq + h) * D;
+      if (qn) {
+        rms_norm_row(r, qn, r, D, eps);
+      }
+      rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
+    }
+    for (int h = 0; h < Hk; ++h) {
+      float* r = ys[1] + (static_cast<size_t>(b) * Hk + h) * D;
+      if (kn) {
+        rms_norm_row(r, kn, r, D, eps);
+      }
+      rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
+    }
+  }
+}
 
 std::vector<mx::array> attn_in(
     const mx::array& x,
@@ -137,7 +193,7 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     W[i] = weight_of(inputs[2 + 3 * i], inputs[3 + 3 * i], bits_);
   }
   const int B = outputs[0].shape(0), Hq = outputs[0].shape(1), Hk = outputs[1].shape(1);
-  const int D = outputs[0].shape(3), bits = bits_, dims = dims_;
+  const int dims = dims_;
   const bool trad = traditional_;
   const float eps = eps_, base = base_, scale = scale_;
   enc.dispatch([=, arrs = weak_copies(inputs)]() mutable {
@@ -148,54 +204,23 @@ void AttnIn::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
       W[i].scales = p[3 + 3 * i];
       W[i].biases = p[4 + 3 * i];
     }
-    const int K = W[0].K;
     const float* x = static_cast<const float*>(p[0]);
     const float* nw = static_cast<const float*>(p[1]);
     const int32_t* off = static_cast<const int32_t*>(p[11]);
-    const bool per_row = arrs[11].size() > 1;
     // After the 12 fixed inputs: the q/k norm weights (2), the q/k/v biases (3), or both (5).
     const size_t extra = arrs.size() - 12;
     const bool norms = extra == 2 || extra == 5;
-    const float* qn = norms ? static_cast<const float*>(p[12]) : nullptr;
-    const float* kn = norms ? static_cast<const float*>(p[13]) : nullptr;
-    std::vector<float> xn(static_cast<size_t>(B) * K);
-    for (int b = 0; b < B; ++b) {
-      rms_norm_row(x + static_cast<size_t>(b) * K, nw, xn.data() + static_cast<size_t>(b) * K, K, eps);
-    }
-    Acts a;
-    quantize_acts(xn.data(), B, K, bits, a);
-    project(W, a, ys);
-    if (extra >= 3) { // the unfused layer's `qmm(x) + bias`, the same float adds
-      const size_t first = norms ? 14 : 12;
+    const float* bias[3] = {};
+    if (extra >= 3) {
       for (int i = 0; i < 3; ++i) {
-        const float* bias = static_cast<const float*>(p[first + i]);
-        for (int b = 0; b < B; ++b) {
-          float* y = ys[i] + static_cast<size_t>(b) * W[i].N;
-          for (int n = 0; n < W[i].N; ++n) {
-            y[n] += bias[n];
-          }
-        }
+        bias[i] = static_cast<const float*>(p[(norms ? 14 : 12) + i]);
       }
     }
-    const std::vector<float> inv = rope_inv_freqs(base, dims);
-    std::vector<float> cs(inv.size()), sn(inv.size());
-    for (int b = 0; b < B; ++b) {
-      rope_angles(static_cast<float>(off[per_row ? b : 0]) * scale, inv, cs.data(), sn.data());
-      for (int h = 0; h < Hq; ++h) {
-        float* r = ys[0] + (static_cast<size_t>(b) * Hq + h) * D;
-        if (qn) {
-          rms_norm_row(r, qn, r, D, eps);
-        }
-        rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
-      }
-      for (int h = 0; h < Hk; ++h) {
-        float* r = ys[1] + (static_cast<size_t>(b) * Hk + h) * D;
-        if (kn) {
-          rms_norm_row(r, kn, r, D, eps);
-        }
-        rope_head(r, r, cs.data(), sn.data(), dims, D, trad);
-      }
-    }
+    attn_in_rows(
+        W, x, nw, eps, B, Hq, Hk, off, arrs[11].size() > 1,
+        norms ? static_cast<const float*>(p[12]) : nullptr,
+        norms ? static_cast<const float*>(p[13]) : nullptr, extra >= 3 ? bias : nullptr,
+        {dims, trad, base, scale}, ys);
   });
 }
 

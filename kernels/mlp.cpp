@@ -1,5 +1,6 @@
 #include "mlp.h"
 #include "packed.h"
+#include "parts.h"
 #include "pool.h"
 #include "qdot_i8.h"
 #include "qmm.h"
@@ -48,6 +49,38 @@ void run(
   quantize_acts(h.data(), M, F, Dn.bits, ah);
   matmul_chunks(Dn, ah, [&](int n0, int n1) { qdot_rows(Dn, ah, y + n0, Dn.N, n0, n1); });
 }
+
+} // namespace
+
+void mlp_residual_rows(
+    const QWeight& G,
+    const QWeight& U,
+    const QWeight& Dn,
+    bool gelu,
+    const float* x,
+    const float* nw,
+    const float* post_nw,
+    float eps,
+    int M,
+    float* y) {
+  const int K = G.K;
+  std::vector<float> xn(static_cast<size_t>(M) * K);
+  for (int m = 0; m < M; ++m) {
+    rms_norm_row(x + static_cast<size_t>(m) * K, nw, xn.data() + static_cast<size_t>(m) * K, K, eps);
+  }
+  run(G, U, Dn, gelu, xn.data(), M, y);
+  if (post_nw != nullptr) {
+    for (int m = 0; m < M; ++m) {
+      float* r = y + static_cast<size_t>(m) * K;
+      rms_norm_row(r, post_nw, r, K, eps);
+    }
+  }
+  for (size_t i = 0; i < xn.size(); ++i) {
+    y[i] = x[i] + y[i];
+  }
+}
+
+namespace {
 
 // The Mlp primitive's inputs after checking them: x as float32, then the three weights' arrays.
 std::vector<mx::array> mlp_inputs(
@@ -169,22 +202,9 @@ void Mlp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       run(G, U, Dn, gelu, x, M, y);
       return;
     }
-    const int K = G.K;
-    std::vector<float> xn(static_cast<size_t>(M) * K);
-    for (int m = 0; m < M; ++m) {
-      rms_norm_row(x + static_cast<size_t>(m) * K, static_cast<const float*>(p[10]),
-                   xn.data() + static_cast<size_t>(m) * K, K, eps);
-    }
-    run(G, U, Dn, gelu, xn.data(), M, y);
-    if (post_norm) {
-      for (int m = 0; m < M; ++m) {
-        float* r = y + static_cast<size_t>(m) * K;
-        rms_norm_row(r, static_cast<const float*>(p[11]), r, K, eps);
-      }
-    }
-    for (size_t i = 0; i < xn.size(); ++i) {
-      y[i] = x[i] + y[i];
-    }
+    mlp_residual_rows(
+        G, U, Dn, gelu, x, static_cast<const float*>(p[10]),
+        post_norm ? static_cast<const float*>(p[11]) : nullptr, eps, M, y);
   });
 }
 

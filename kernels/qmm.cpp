@@ -1,6 +1,7 @@
 // Block-quantized matmul on the CPU as an MLX primitive (the kernels are in qdot.cpp).
 #include "qmm.h"
 #include "packed.h"
+#include "parts.h"
 #include "pool.h"
 #include "qdot.h"
 #include "qdot_i8.h"
@@ -16,9 +17,7 @@
 
 namespace mlxd {
 
-namespace {
-
-void run(const QWeight& W, const float* x, int M, float* y) {
+void qmm_rows(const QWeight& W, const float* x, int M, float* y) {
   Acts a;
   quantize_acts(x, M, W.K, W.bits, a);
   // Below ~256k multiply-adds a second thread costs more than it saves.
@@ -29,6 +28,8 @@ void run(const QWeight& W, const float* x, int M, float* y) {
     qdot_rows(W, a, y + n0, W.N, n0, n1);
   });
 }
+
+namespace {
 
 void run_dequant(const QWeight& W, float* out) {
   // On the calling thread only: the BLAS call that follows runs its own threads, and a worker of
@@ -172,7 +173,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     if (o == 0) {
       run_dequant(W, y);
     } else {
-      run(W, static_cast<const float*>(ptrs[0]), M, y);
+      qmm_rows(W, static_cast<const float*>(ptrs[0]), M, y);
     }
     if (norm) {
       for (int m = 0; m < M; ++m) {

@@ -1,4 +1,4 @@
-"""Decoder layers whose decode step is four kernel ops around the KV cache's own update.
+"""Decoder layers whose decode step is one kernel op, or four around the KV cache's own update.
 
 With every op of a layer on mlxd's kernels, a SmolLM2 decode step was still ~20 graph nodes per
 layer (RMSNorm, three projections, three reshapes, two RoPEs, the cache's update, attention,
@@ -13,8 +13,11 @@ and runs one query position per row as
     h = x + o_proj(attention(q, k, v))   decode attention, then the projection with the add
     out = h + mlp(rms_norm(h))           the MLP with its norm and residual add
 
-with the arithmetic of the unfused kernels, so it gives their bits. Prefill, other devices and
-layers the kernels cannot take run the layer's own sequence.
+with the arithmetic of the unfused kernels, so it gives their bits. A cache that offers
+`fused_update(op)` (mlxd's batch cache: engine/speculative.py) hands `op` its buffers, offset and
+write position and adopts the buffers `op` returns: then the whole sequence above is one op
+(qkernels.decoder_layer), ~5x fewer graph nodes and kernel calls a step. Prefill, other devices
+and layers the kernels cannot take run the layer's own sequence.
 """
 
 from __future__ import annotations
@@ -69,8 +72,19 @@ class FusedBlock(nn.Module):
         projs = _projections(attn, mlp)
         if projs is None:
             return None
-        q, k, v, o, gate, up, down = projs
         rope, n1, n2 = attn["rope"], self["input_layernorm"], self["post_attention_layernorm"]
+        qk_norm = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if "q_norm" in attn else None
+        fused = getattr(cache, "fused_update", None)
+        if fused is not None:
+            norms = ((n1["weight"], n1.eps), (n2["weight"], n2.eps))
+            spec = (attn.n_heads, attn.scale, (rope.dims, rope.traditional, rope.base, rope.scale))
+            bias = _qkv_bias(attn)
+            y = fused(
+                lambda kv: qkernels.decoder_layer(x, norms, projs, kv, mask, spec, qk_norm, bias)
+            )
+            if y is not None:
+                return y
+        q, k, v, o, gate, up, down = projs
         qkv = qkernels.attn_in(
             x,
             (n1["weight"], n1.eps),
@@ -80,7 +94,7 @@ class FusedBlock(nn.Module):
             cache.offset,
             (attn.n_heads, attn.n_kv_heads),
             (rope.dims, rope.traditional, rope.base, rope.scale),
-            (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if "q_norm" in attn else None,
+            qk_norm,
             _qkv_bias(attn),
         )
         if qkv is None:

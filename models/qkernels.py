@@ -180,6 +180,59 @@ def attn_in(
     )
 
 
+def decoder_layer(
+    x: mx.array,
+    norms: tuple[tuple[mx.array, float], tuple[mx.array, float]],
+    projs: list[Packed],
+    kv: tuple[mx.array, mx.array, mx.array, int],
+    mask: mx.array | str | None,
+    attn: tuple[int, float, tuple[int, bool, float, float]],
+    qk_norm: tuple[mx.array, mx.array] | None = None,
+    qkv_bias: tuple[mx.array, mx.array, mx.array] | None = None,
+) -> list[mx.array] | None:
+    """A decoder layer's decode step in one op on the CPU: from x [B, 1, K], with `norms` the
+    input and post-attention RMSNorms (weight, eps), `projs` q, k, v, o, gate, up, down,
+    `kv` a cache's (keys, values, offset, idx) (float32 buffers [B, Hk, C, D], int32 offset [B],
+    position idx < C), `mask` None or a bool key mask [B or 1, 1, 1, idx + 1], `attn` (query
+    heads, attention scale, RoPE's (dims, traditional, base, scale)) and qk_norm / qkv_bias as
+    attn_in's: [y, keys and values with the new position written, offset + 1], as attn_in,
+    the cache's kv_update, decode_attention, qmm_add and mlp_residual give them. None where
+    the extension cannot run it (the caller runs those)."""
+    keys, values, offset, idx = kv
+    if isinstance(mask, str) and mask == "causal":
+        mask = None  # one query position: the last one sees every key
+    f32 = mx.float32
+    if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
+        return None
+    if keys.dtype != f32 or values.dtype != f32 or offset.dtype != mx.int32 or offset.ndim != 1:
+        return None
+    if keys.ndim != 4 or not 0 <= idx < keys.shape[2]:
+        return None
+    if mask is not None and not (
+        isinstance(mask, mx.array)
+        and mask.dtype == mx.bool_
+        and mask.shape[1:] == (1, 1, idx + 1)
+        and mask.shape[0] in (1, x.shape[0])
+    ):
+        return None
+    (n1, eps1), (n2, eps2) = norms
+    if n1.dtype != f32 or n2.dtype != f32:
+        return None
+    if (qk_norm or qkv_bias) and any(a.dtype != f32 for a in (*(qk_norm or ()), *(qkv_bias or ()))):
+        return None
+    q, k, v, o, gate, up, down = projs
+    if not q[3] == k[3] == v[3] or gate[3] != up[3]:
+        return None
+    weights = [n1, *q[:3], *k[:3], *v[:3], *o[:3], n2, *gate[:3], *up[:3], *down[:3]]
+    heads, scale, rope = attn
+    qn, kn = qk_norm if qk_norm is not None else (None, None)
+    qb, kb, vb = qkv_bias if qkv_bias is not None else (None, None, None)
+    return _ext.decoder_layer(
+        x, weights, [q[3], o[3], gate[3], down[3]], keys, values, offset, idx, mask, eps1, eps2,
+        heads, *rope, scale, qn, kn, qb, kb, vb,
+    )  # fmt: skip
+
+
 def embed_rows(
     ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int
 ) -> mx.array | None:
