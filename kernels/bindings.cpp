@@ -185,17 +185,12 @@ NB_MODULE(_kernels, m) {
       "idx"_a,
       "A batch KV cache's update in one op: [keys and values with k, v written at positions"
       " [idx, idx + L), offset + L, views of their first idx + L positions] (CPU).");
+  nb::class_<mlxd::LayerPlan>(m, "LayerPlan", "A decoder layer's checked weights and settings.");
   m.def(
-      "decoder_layer",
-      &mlxd::decoder_layer,
-      "x"_a,
+      "layer_plan",
+      &mlxd::layer_plan,
       "weights"_a,
       "bits"_a,
-      "keys"_a,
-      "values"_a,
-      "offset"_a,
-      "idx"_a,
-      "mask"_a.none(),
       "eps1"_a,
       "eps2"_a,
       "n_heads"_a,
@@ -209,6 +204,18 @@ NB_MODULE(_kernels, m) {
       "q_bias"_a = nb::none(),
       "k_bias"_a = nb::none(),
       "v_bias"_a = nb::none(),
+      "A decoder layer's weights and settings for decoder_layer, checked once (see"
+      " kernels/decoder.h).");
+  m.def(
+      "decoder_layer",
+      &mlxd::decoder_layer,
+      "plan"_a,
+      "x"_a,
+      "keys"_a,
+      "values"_a,
+      "offset"_a,
+      "idx"_a,
+      "mask"_a.none(),
       "A decoder layer's decode step in one op: [y, keys and values with the new k, v written"
       " at idx, offset + 1] (CPU; see kernels/decoder.h).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");

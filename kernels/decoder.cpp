@@ -18,8 +18,8 @@ namespace {
 // Where the inputs sit: x, the 23 weight arrays, the cache's keys, values and offset, then the
 // optional ones (mask, q/k norm weights, q/k/v biases) of those present.
 constexpr int kW = 1, kKeys = 24, kValues = 25, kOffset = 26, kFixed = 27;
-// Weight groups (weight, scales, biases) by their first array's index in `weights`.
-constexpr int kQ = 1, kK = 4, kV = 7, kO = 10, kGate = 14, kUp = 17, kDown = 20;
+// The weight groups (weight, scales, biases) and the second norm by their index in `weights`.
+constexpr int kQ = 1, kK = 4, kV = 7, kO = 10, kN2 = 13, kGate = 14, kUp = 17, kDown = 20;
 
 void require(bool ok, const char* what) {
   if (!ok) {
@@ -33,15 +33,9 @@ bool vec_f32(const mx::array& a, int n) {
 
 } // namespace
 
-std::vector<mx::array> decoder_layer(
-    const mx::array& x,
+LayerPlan layer_plan(
     const std::vector<mx::array>& weights,
     const std::vector<int>& bits,
-    const mx::array& keys,
-    const mx::array& values,
-    const mx::array& offset,
-    int idx,
-    const std::optional<mx::array>& mask,
     float eps1,
     float eps2,
     int n_heads,
@@ -61,34 +55,73 @@ std::vector<mx::array> decoder_layer(
   };
   const int K = group("decoder_layer (q)", kQ, bits[0]);
   require(
-      group("decoder_layer (k)", kK, bits[0]) == K && group("decoder_layer (v)", kV, bits[0]) == K,
+      group("decoder_layer (k)", kK, bits[0]) == K &&
+          group("decoder_layer (v)", kV, bits[0]) == K,
       "q, k and v weights of one input size K");
-  require(x.dtype() == mx::float32 && x.ndim() == 3 && x.shape(1) == 1 && x.shape(2) == K,
-          "float32 x [B, 1, K]");
-  require(vec_f32(weights[0], K) && vec_f32(weights[13], K), "float32 norm weights [K]");
-  const int B = x.shape(0);
-  require(keys.dtype() == mx::float32 && values.dtype() == mx::float32 && keys.ndim() == 4 &&
-              values.ndim() == 4 && keys.shape(0) == B && values.shape(0) == B &&
-              values.shape(1) == keys.shape(1) && values.shape(2) == keys.shape(2),
-          "float32 keys [B, Hk, C, D] and values [B, Hk, C, Dv]");
-  const int Hk = keys.shape(1), C = keys.shape(2), D = keys.shape(3), Dv = values.shape(3);
-  require(n_heads >= 1 && n_heads % Hk == 0 && n_heads / Hk <= 64, "Hq a multiple of Hk");
-  require(weights[kQ].shape(0) == n_heads * D && weights[kK].shape(0) == Hk * D &&
-              weights[kV].shape(0) == Hk * Dv,
-          "q [Hq * D, K], k [Hk * D, K], v [Hk * Dv, K]");
-  require(group("decoder_layer (o)", kO, bits[1]) == n_heads * Dv && weights[kO].shape(0) == K,
+  require(vec_f32(weights[0], K) && vec_f32(weights[kN2], K), "float32 norm weights [K]");
+  require(n_heads >= 1 && weights[kQ].shape(0) % n_heads == 0, "q [Hq * D, K]");
+  const int D = weights[kQ].shape(0) / n_heads;
+  require(weights[kK].shape(0) % D == 0, "k [Hk * D, K]");
+  const int Hk = weights[kK].shape(0) / D;
+  require(Hk >= 1 && n_heads % Hk == 0 && n_heads / Hk <= 64 &&
+              weights[kV].shape(0) % Hk == 0,
+          "Hq a multiple of Hk (at most 64 times), v [Hk * Dv, K]");
+  const int Dv = weights[kV].shape(0) / Hk;
+  require(group("decoder_layer (o)", kO, bits[1]) == n_heads * Dv &&
+              weights[kO].shape(0) == K,
           "o [K, Hq * Dv]");
   const int F = weights[kGate].shape(0);
   require(group("decoder_layer (gate)", kGate, bits[2]) == K &&
-              group("decoder_layer (up)", kUp, bits[2]) == K && weights[kUp].shape(0) == F &&
-              group("decoder_layer (down)", kDown, bits[3]) == F && weights[kDown].shape(0) == K,
+              group("decoder_layer (up)", kUp, bits[2]) == K &&
+              weights[kUp].shape(0) == F &&
+              group("decoder_layer (down)", kDown, bits[3]) == F &&
+              weights[kDown].shape(0) == K,
           "gate and up [F, K], down [K, F]");
   require(dims % 2 == 0 && dims <= D, "even RoPE dims <= D");
+  LayerPlan plan{weights, {},
+                 DecoderParams{{bits[0], bits[1], bits[2], bits[3]}, eps1, eps2, dims,
+                               traditional, base, rope_scale, attn_scale, 0, false,
+                               q_norm_w.has_value(), q_bias.has_value()},
+                 K, Hk, D, Dv};
+  require(q_norm_w.has_value() == k_norm_w.has_value(), "q and k norm weights both or neither");
+  if (q_norm_w) {
+    require(vec_f32(*q_norm_w, D) && vec_f32(*k_norm_w, D), "float32 q and k norm weights [D]");
+    plan.extras.insert(plan.extras.end(), {*q_norm_w, *k_norm_w});
+  }
+  require(q_bias.has_value() == k_bias.has_value() && q_bias.has_value() == v_bias.has_value(),
+          "q, k and v biases all or none");
+  if (q_bias) {
+    require(vec_f32(*q_bias, n_heads * D) && vec_f32(*k_bias, Hk * D) && vec_f32(*v_bias, Hk * Dv),
+            "float32 biases of the q, k and v output sizes");
+    plan.extras.insert(plan.extras.end(), {*q_bias, *k_bias, *v_bias});
+  }
+  return plan;
+}
+
+std::vector<mx::array> decoder_layer(
+    const LayerPlan& plan,
+    const mx::array& x,
+    const mx::array& keys,
+    const mx::array& values,
+    const mx::array& offset,
+    int idx,
+    const std::optional<mx::array>& mask) {
+  const int K = plan.K, Hk = plan.Hk;
+  require(x.dtype() == mx::float32 && x.ndim() == 3 && x.shape(1) == 1 && x.shape(2) == K,
+          "float32 x [B, 1, K]");
+  const int B = x.shape(0);
+  require(keys.dtype() == mx::float32 && values.dtype() == mx::float32 && keys.ndim() == 4 &&
+              values.ndim() == 4 && keys.shape(0) == B && values.shape(0) == B &&
+              keys.shape(1) == Hk && values.shape(1) == Hk && keys.shape(3) == plan.D &&
+              values.shape(3) == plan.Dv && values.shape(2) == keys.shape(2),
+          "float32 keys [B, Hk, C, D] and values [B, Hk, C, Dv] of the layer's heads");
   require(offset.dtype() == mx::int32 && offset.ndim() == 1 && offset.shape(0) == B,
           "int32 offset [B]");
-  require(idx >= 0 && idx < C, "the position written inside the buffers");
-  std::vector<mx::array> inputs = {x};
-  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  require(idx >= 0 && idx < keys.shape(2), "the position written inside the buffers");
+  std::vector<mx::array> inputs;
+  inputs.reserve(kFixed + 1 + plan.extras.size());
+  inputs.push_back(x);
+  inputs.insert(inputs.end(), plan.weights.begin(), plan.weights.end());
   inputs.insert(inputs.end(), {keys, values, offset});
   if (mask) {
     const auto& m = *mask;
@@ -97,21 +130,10 @@ std::vector<mx::array> decoder_layer(
             "mask bool [B or 1, 1, 1, idx + 1]");
     inputs.push_back(m);
   }
-  require(q_norm_w.has_value() == k_norm_w.has_value(), "q and k norm weights both or neither");
-  if (q_norm_w) {
-    require(vec_f32(*q_norm_w, D) && vec_f32(*k_norm_w, D), "float32 q and k norm weights [D]");
-    inputs.insert(inputs.end(), {*q_norm_w, *k_norm_w});
-  }
-  require(q_bias.has_value() == k_bias.has_value() && q_bias.has_value() == v_bias.has_value(),
-          "q, k and v biases all or none");
-  if (q_bias) {
-    require(vec_f32(*q_bias, n_heads * D) && vec_f32(*k_bias, Hk * D) && vec_f32(*v_bias, Hk * Dv),
-            "float32 biases of the q, k and v output sizes");
-    inputs.insert(inputs.end(), {*q_bias, *k_bias, *v_bias});
-  }
-  DecoderParams p{{bits[0], bits[1], bits[2], bits[3]}, eps1, eps2, dims, traditional, base,
-                  rope_scale, attn_scale, idx, mask.has_value(), q_norm_w.has_value(),
-                  q_bias.has_value()};
+  inputs.insert(inputs.end(), plan.extras.begin(), plan.extras.end());
+  DecoderParams p = plan.params;
+  p.idx = idx;
+  p.mask = mask.has_value();
   auto s = mx::default_stream(mx::Device::cpu);
   return mx::array::make_arrays(
       {x.shape(), keys.shape(), values.shape(), offset.shape()},
@@ -223,7 +245,7 @@ void DecoderLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
       h[i] = x[i] + h[i];
     }
     mlp_residual_rows(
-        W[4], W[5], W[6], false, h.data(), static_cast<const float*>(p[kW + 13]), nullptr,
+        W[4], W[5], W[6], false, h.data(), static_cast<const float*>(p[kW + kN2]), nullptr,
         prm.eps2, B, y);
   });
 }

@@ -22,6 +22,7 @@ and layers the kernels cannot take run the layer's own sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -56,6 +57,7 @@ class FusedBlock(nn.Module):
                 setattr(self, key, value)
         for name, child in block.children().items():
             setattr(self, name, child)
+        self._plan_cache: _Plan | None = None
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         if x.shape[1] == 1 and cache is not None and not hasattr(cache, "bits"):
@@ -65,25 +67,31 @@ class FusedBlock(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def _plan(self) -> Any | None:
+        """The one-op decode's LayerPlan (qkernels.layer_plan), made again when a module or
+        array it was made of has been replaced since (weights loaded, a projection sharded)."""
+        c = self._plan_cache
+        if c is not None and all(parent.get(key) is obj for parent, key, obj in c.parts):
+            return c.plan
+        self._plan_cache = c = _make_plan(self)
+        return c.plan if c is not None else None
+
     def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
         # Children and parameters read from the modules' dicts: nn.Module's __getattr__ costs
         # ~0.3 us a lookup, and a step makes ~30 per layer.
+        fused = getattr(cache, "fused_update", None)
+        if fused is not None:
+            plan = self._plan()
+            if plan is not None:
+                y = fused(lambda kv: qkernels.decoder_layer(plan, x, kv, mask))
+                if y is not None:
+                    return y
         attn, mlp = self["self_attn"], self["mlp"]
         projs = _projections(attn, mlp)
         if projs is None:
             return None
         rope, n1, n2 = attn["rope"], self["input_layernorm"], self["post_attention_layernorm"]
         qk_norm = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if "q_norm" in attn else None
-        fused = getattr(cache, "fused_update", None)
-        if fused is not None:
-            norms = ((n1["weight"], n1.eps), (n2["weight"], n2.eps))
-            spec = (attn.n_heads, attn.scale, (rope.dims, rope.traditional, rope.base, rope.scale))
-            bias = _qkv_bias(attn)
-            y = fused(
-                lambda kv: qkernels.decoder_layer(x, norms, projs, kv, mask, spec, qk_norm, bias)
-            )
-            if y is not None:
-                return y
         q, k, v, o, gate, up, down = projs
         qkv = qkernels.attn_in(
             x,
@@ -104,6 +112,38 @@ class FusedBlock(nn.Module):
         h = qkernels.qmm_add(out, o, x)
         y = qkernels.mlp_residual(h, (n2["weight"], n2.eps), gate, up, down)
         return y if y is not None else h + mlp(n2(h))
+
+
+@dataclass
+class _Plan:
+    plan: Any  # qkernels.layer_plan's
+    parts: list[tuple[dict, str, Any]]  # (parent, key, what it held) for all it was made of
+
+
+def _make_plan(block: FusedBlock) -> _Plan | None:
+    attn, mlp = block["self_attn"], block["mlp"]
+    projs = _projections(attn, mlp)
+    if projs is None:
+        return None
+    rope, n1, n2 = attn["rope"], block["input_layernorm"], block["post_attention_layernorm"]
+    norms = ((n1["weight"], n1.eps), (n2["weight"], n2.eps))
+    spec = (attn.n_heads, attn.scale, (rope.dims, rope.traditional, rope.base, rope.scale))
+    qk = ("q_norm", "k_norm") if "q_norm" in attn else ()
+    qk_norm = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if qk else None
+    plan = qkernels.layer_plan(norms, projs, spec, qk_norm, _qkv_bias(attn))
+    if plan is None:
+        return None
+    parts: list[tuple[dict, str, Any]] = []
+    for parent, names in (
+        (block, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+        (attn, (*_ATTN_PROJ, "rope", *qk)),
+        (mlp, _MLP_PROJ),
+    ):
+        for name in names:
+            child = parent[name]
+            parts.append((parent, name, child))
+            parts += [(child, k, child[k]) for k in ("weight", "scales", "biases", "bias") if k in child]
+    return _Plan(plan, parts)
 
 
 def _projections(attn: nn.Module, mlp: nn.Module) -> list[qkernels.Packed] | None:

@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import mlx.core as mx
 
@@ -180,45 +181,21 @@ def attn_in(
     )
 
 
-def decoder_layer(
-    x: mx.array,
+def layer_plan(
     norms: tuple[tuple[mx.array, float], tuple[mx.array, float]],
     projs: list[Packed],
-    kv: tuple[mx.array, mx.array, mx.array, int],
-    mask: mx.array | str | None,
     attn: tuple[int, float, tuple[int, bool, float, float]],
     qk_norm: tuple[mx.array, mx.array] | None = None,
     qkv_bias: tuple[mx.array, mx.array, mx.array] | None = None,
-) -> list[mx.array] | None:
-    """A decoder layer's decode step in one op on the CPU: from x [B, 1, K], with `norms` the
-    input and post-attention RMSNorms (weight, eps), `projs` q, k, v, o, gate, up, down,
-    `kv` a cache's (keys, values, offset, idx) (float32 buffers [B, Hk, C, D], int32 offset [B],
-    position idx < C), `mask` None or a bool key mask [B or 1, 1, 1, idx + 1], `attn` (query
-    heads, attention scale, RoPE's (dims, traditional, base, scale)) and qk_norm / qkv_bias as
-    attn_in's: [y, keys and values with the new position written, offset + 1], as attn_in,
-    the cache's kv_update, decode_attention, qmm_add and mlp_residual give them. None where
-    the extension cannot run it (the caller runs those)."""
-    keys, values, offset, idx = kv
-    if isinstance(mask, str) and mask == "causal":
-        mask = None  # one query position: the last one sees every key
-    f32 = mx.float32
-    if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
-        return None
-    if keys.dtype != f32 or values.dtype != f32 or offset.dtype != mx.int32 or offset.ndim != 1:
-        return None
-    if keys.ndim != 4 or not 0 <= idx < keys.shape[2]:
-        return None
-    if mask is not None and not (
-        isinstance(mask, mx.array)
-        and mask.dtype == mx.bool_
-        and mask.shape[1:] == (1, 1, idx + 1)
-        and mask.shape[0] in (1, x.shape[0])
-    ):
-        return None
+) -> Any | None:
+    """A decoder layer's weights and settings for `decoder_layer`, checked once: `norms` the
+    input and post-attention RMSNorms (weight, eps), `projs` q, k, v, o, gate, up, down, `attn`
+    (query heads, attention scale, RoPE's (dims, traditional, base, scale)), qk_norm and
+    qkv_bias as attn_in's. None where the extension cannot run such a layer."""
+    ext = _cpu_ext()
     (n1, eps1), (n2, eps2) = norms
-    if n1.dtype != f32 or n2.dtype != f32:
-        return None
-    if (qk_norm or qkv_bias) and any(a.dtype != f32 for a in (*(qk_norm or ()), *(qkv_bias or ()))):
+    extras = (n1, n2, *(qk_norm or ()), *(qkv_bias or ()))
+    if ext is None or any(a.dtype != mx.float32 for a in extras):
         return None
     q, k, v, o, gate, up, down = projs
     if not q[3] == k[3] == v[3] or gate[3] != up[3]:
@@ -227,10 +204,36 @@ def decoder_layer(
     heads, scale, rope = attn
     qn, kn = qk_norm if qk_norm is not None else (None, None)
     qb, kb, vb = qkv_bias if qkv_bias is not None else (None, None, None)
-    return _ext.decoder_layer(
-        x, weights, [q[3], o[3], gate[3], down[3]], keys, values, offset, idx, mask, eps1, eps2,
-        heads, *rope, scale, qn, kn, qb, kb, vb,
-    )  # fmt: skip
+    bits = [q[3], o[3], gate[3], down[3]]
+    return ext.layer_plan(weights, bits, eps1, eps2, heads, *rope, scale, qn, kn, qb, kb, vb)
+
+
+def decoder_layer(
+    plan: Any, x: mx.array, kv: tuple[mx.array, mx.array, mx.array, int], mask: Any
+) -> list[mx.array] | None:
+    """A decoder layer's decode step in one op on the CPU from x [B, 1, K] (`plan` from
+    layer_plan), with `kv` a cache's (keys, values, offset, idx) (float32 buffers [B, Hk, C, D],
+    int32 offset [B], position idx < C) and `mask` None or a bool key mask [B or 1, 1, 1,
+    idx + 1]: [y, keys and values with the new position written, offset + 1], as attn_in, the
+    cache's kv_update, decode_attention, qmm_add and mlp_residual give them. None where the
+    extension cannot run it (the caller runs those)."""
+    keys, values, offset, idx = kv
+    if isinstance(mask, str) and mask == "causal":
+        mask = None  # one query position: the last one sees every key
+    if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
+        return None
+    if keys.dtype != mx.float32 or values.dtype != mx.float32 or offset.dtype != mx.int32:
+        return None
+    if keys.ndim != 4 or offset.ndim != 1 or not 0 <= idx < keys.shape[2]:
+        return None
+    if mask is not None and not (
+        isinstance(mask, mx.array)
+        and mask.dtype == mx.bool_
+        and mask.shape[1:] == (1, 1, idx + 1)
+        and mask.shape[0] in (1, x.shape[0])
+    ):
+        return None
+    return _ext.decoder_layer(plan, x, keys, values, offset, idx, mask)
 
 
 def embed_rows(

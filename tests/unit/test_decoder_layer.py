@@ -64,7 +64,8 @@ def test_decoder_layer_gives_the_five_ops_bits(B, K, F, hq, hk, d, dv, C, idx, b
     )
     mx.eval(x, keys, values, offset, projs, opts)
     kv = (keys, values, offset, idx)
-    got = qkernels.decoder_layer(x, norms, projs, kv, mask, attn, *opts)
+    plan = qkernels.layer_plan(norms, projs, attn, *opts)
+    got = qkernels.decoder_layer(plan, x, kv, mask)
     assert got is not None
     want = _five_ops(x, norms, projs, kv, mask, attn, *opts)
     for g, w in zip(got, want, strict=True):
@@ -83,17 +84,26 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
     off = mx.array([2], dtype=mx.int32)
     attn = (4, 0.25, (16, False, 1e4, 1.0))
     x = mx.ones((1, 1, K))
-    layer = qkernels.decoder_layer
-    assert layer(x, norms, projs, (keys, keys, off, 4), None, attn) is None  # no room
-    assert layer(x, norms, projs, (keys, keys, off.astype(mx.int64), 2), None, attn) is None
+    plan = qkernels.layer_plan(norms, projs, attn)
+
+    def layer(x, kv, mask=None):
+        return qkernels.decoder_layer(plan, x, kv, mask)
+
+    assert layer(x, (keys, keys, off, 4)) is None  # no room: the cache grows
+    assert layer(x, (keys, keys, off.astype(mx.int64), 2)) is None
     half = keys.astype(mx.float16)
-    assert layer(x, norms, projs, (half, half, off, 2), None, attn) is None
-    assert layer(mx.ones((1, 2, K)), norms, projs, (keys, keys, off, 2), None, attn) is None
+    assert layer(x, (half, half, off, 2)) is None
+    assert layer(mx.ones((1, 2, K)), (keys, keys, off, 2)) is None  # two positions
     window = mx.ones((1, 1, 1, 2), dtype=mx.bool_)  # not idx + 1 keys
-    assert layer(x, norms, projs, (keys, keys, off, 2), window, attn) is None
-    assert layer(x, norms, projs, (keys, keys, off, 2), "causal", attn) is not None
+    assert layer(x, (keys, keys, off, 2), window) is None
+    assert layer(x, (keys, keys, off, 2), "causal") is not None
+    with pytest.raises(ValueError):  # the cache's heads are not the layer's
+        layer(x, (mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 4, 16)), off, 2))
+    with pytest.raises(ValueError):  # 3 heads do not divide q's 64 rows
+        qkernels.layer_plan(norms, projs, (3, 0.25, (16, False, 1e4, 1.0)))
     with pytest.raises(ValueError):  # o's input size is not Hq * Dv
-        layer(x, norms, projs, (keys, keys, off, 2), None, (2, 0.25, (16, False, 1e4, 1.0)))
+        qkernels.layer_plan(norms, [*projs[:3], _weight(K, 96, 4), *projs[4:]], attn)
+    assert qkernels.layer_plan(((mx.ones((K,), mx.float16), 1e-5), norms[1]), projs, attn) is None
 
 
 class _FourOps(BatchKVCache):
@@ -158,3 +168,20 @@ def test_fused_layers_give_the_four_op_bits(kind, bits, fmt, monkeypatch) -> Non
 def test_runner_merge_gives_the_fused_cache() -> None:
     assert type(merge([mlx_cache.KVCache()])) is BatchKVCache
     assert not hasattr(mlx_cache.BatchRotatingKVCache, "fused_update")  # rotating: four ops
+
+
+def test_the_plan_follows_replaced_weights() -> None:
+    """A weight replaced after decoding began (weights loaded into the model) is the one the
+    next step uses: the layer's plan is made again."""
+    model = _on_kernels(_tiny(4, "llama"), "as_stored")
+    fuse_blocks(model)
+    ref = _on_kernels(_tiny(4, "llama"), "as_stored")
+    fuse_blocks(ref)
+    _decode(model, BatchKVCache, PROMPTS, 2)  # plans made
+    proj = model.layers[1].mlp.down_proj
+    proj.scales = proj.scales * 1.5
+    ref.layers[1].mlp.down_proj.scales = proj.scales
+    got = _decode(model, BatchKVCache, PROMPTS, 3)
+    want = _decode(ref, _FourOps, PROMPTS, 3)
+    for a, b in zip(got, want, strict=True):
+        assert mx.array_equal(a, b).item()
