@@ -22,7 +22,7 @@ with them do not speculate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -32,8 +32,6 @@ from engine.outputs import ScheduledSeq
 from engine.sampling import RowState, sample_positions
 from models import qkernels
 
-KV = tuple[mx.array, mx.array, mx.array, int]  # keys, values, offset, idx
-FusedOut = Sequence[mx.array]  # output, keys, values, offset
 FILLER = 0  # any id: filler positions are computed, never read, and cut from the KV
 
 
@@ -59,20 +57,19 @@ class BatchKVCache(mlx_cache.BatchKVCache):
                 return k, v
         return super().update_and_fetch(keys, values)
 
-    def fused_update(self, op: Callable[[KV], FusedOut | None]) -> mx.array | None:
-        """A fused decoder layer's step with this cache (models/fused_block.py): `op` gets
-        (keys, values, offset, idx) and returns the buffers with one new position written at
-        idx, the new offset and its own output, which is returned; the cache adopts the rest.
-        None, the cache unchanged, where there is no room for the position (mlx-lm's update
-        grows the buffers) or `op` cannot run."""
+    def decode_slot(self) -> tuple[mx.array, mx.array, mx.array, int] | None:
+        """For an op that writes one decode position itself (models/fused_block.py): the
+        buffers, offset and position (keys, values, offset, idx) to write at; None where there
+        is no room (mlx-lm's update grows the buffers). The cache then takes the op's results
+        with `adopt_slot`."""
         if self.keys is None or self._idx >= self.keys.shape[2]:
             return None
-        out = op((self.keys, self.values, self.offset, self._idx))
-        if out is None:
-            return None
-        y, self.keys, self.values, self.offset = out
+        return self.keys, self.values, self.offset, self._idx
+
+    def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
+        """The buffers with the position `decode_slot` gave written, and the offset after it."""
+        self.keys, self.values, self.offset = keys, values, offset
         self._idx += 1
-        return y
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
         # A decode step's one query position sees every key but its row's left padding: the

@@ -1,6 +1,7 @@
 // Python bindings: mlxd's CPU kernels as the `models._kernels` module.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
@@ -207,17 +208,17 @@ NB_MODULE(_kernels, m) {
       "A decoder layer's weights and settings for decoder_layer, checked once (see"
       " kernels/decoder.h).");
   m.def(
-      "decoder_layer",
-      &mlxd::decoder_layer,
-      "plan"_a,
+      "decoder_stack",
+      &mlxd::decoder_stack,
+      "plans"_a,
       "x"_a,
       "keys"_a,
       "values"_a,
       "offset"_a,
       "idx"_a,
       "mask"_a.none(),
-      "A decoder layer's decode step in one op: [y, keys and values with the new k, v written"
-      " at idx, offset + 1] (CPU; see kernels/decoder.h).");
+      "Decoder layers' decode step in one op: [y, offset + 1, then each layer's keys and values"
+      " with the new k, v written at idx] (CPU; see kernels/decoder.h).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

@@ -1,6 +1,5 @@
 #include "decoder.h"
 #include "packed.h"
-#include "parts.h"
 #include "qmm.h"
 
 #include <cstring>
@@ -10,16 +9,16 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/transforms.h"
 
 namespace mlxd {
 
 namespace {
 
-// Where the inputs sit: x, the 23 weight arrays, the cache's keys, values and offset, then the
-// optional ones (mask, q/k norm weights, q/k/v biases) of those present.
-constexpr int kW = 1, kKeys = 24, kValues = 25, kOffset = 26, kFixed = 27;
 // The weight groups (weight, scales, biases) and the second norm by their index in `weights`.
 constexpr int kQ = 1, kK = 4, kV = 7, kO = 10, kN2 = 13, kGate = 14, kUp = 17, kDown = 20;
+// The stack's inputs: x, offset, the mask when given, then each layer's keys and values.
+constexpr int kX = 0, kOffset = 1;
 
 void require(bool ok, const char* what) {
   if (!ok) {
@@ -31,9 +30,49 @@ bool vec_f32(const mx::array& a, int n) {
   return a.dtype() == mx::float32 && a.ndim() == 1 && a.shape(0) == n;
 }
 
+// One layer of one decode step from x into y ([B, K] each), its cache's buffers (C positions)
+// taking the new keys and values at idx: attn_in, the write, attention, o_proj and the MLP,
+// with the unfused ops' sums (parts.h).
+void run_layer(
+    const LayerPlan& L, const float* x, float* y, float* const* bufs, int B, int C, int idx,
+    const int32_t* off, const Job& masked) {
+  const int K = L.K, Hq = L.Hq, Hk = L.Hk, D = L.D, Dv = L.Dv;
+  std::vector<float> q(static_cast<size_t>(B) * Hq * D), k(static_cast<size_t>(B) * Hk * D),
+      v(static_cast<size_t>(B) * Hk * Dv);
+  float* ys[3] = {q.data(), k.data(), v.data()};
+  attn_in_rows(
+      L.W, x, L.n1, L.eps1, B, Hq, Hk, off, B > 1, L.qn, L.kn, L.bias[0] ? L.bias : nullptr,
+      L.rope, ys);
+  const int dk[2] = {D, Dv};
+  for (int i = 0; i < 2; ++i) {
+    for (int r = 0; r < B * Hk; ++r) {
+      std::memcpy(bufs[i] + (static_cast<size_t>(r) * C + idx) * dk[i],
+                  ys[1 + i] + static_cast<size_t>(r) * dk[i], sizeof(float) * dk[i]);
+    }
+  }
+  // Attention over the buffers' first idx + 1 positions, as decode_attention reads the views.
+  std::vector<float> attn(static_cast<size_t>(B) * Hq * Dv);
+  const int64_t cs = C;
+  Job j = masked;
+  j.q = {q.data(), static_cast<int64_t>(Hq) * D, D, D};
+  j.k = {bufs[0], Hk * cs * D, cs * D, D};
+  j.v = {bufs[1], Hk * cs * Dv, cs * Dv, Dv};
+  j.out = attn.data();
+  j.B = B, j.Hq = Hq, j.Hk = Hk, j.L = 1, j.T = idx + 1, j.D = D, j.Dv = Dv;
+  j.scale = L.attn_scale, j.causal = false;
+  attention_rows(j);
+  // h = x + o_proj(attn), then y = h + mlp(rms_norm(h)): qmm_add's and mlp_residual's sums.
+  std::vector<float> h(static_cast<size_t>(B) * K);
+  qmm_rows(L.W[3], attn.data(), B, h.data());
+  for (size_t i = 0; i < h.size(); ++i) {
+    h[i] = x[i] + h[i];
+  }
+  mlp_residual_rows(L.W[4], L.W[5], L.W[6], false, h.data(), L.n2, nullptr, L.eps2, B, y);
+}
+
 } // namespace
 
-LayerPlan layer_plan(
+std::shared_ptr<LayerPlan> layer_plan(
     const std::vector<mx::array>& weights,
     const std::vector<int>& bits,
     float eps1,
@@ -54,75 +93,92 @@ LayerPlan layer_plan(
     return check_weight(what, weights[i], weights[i + 1], weights[i + 2], b);
   };
   const int K = group("decoder_layer (q)", kQ, bits[0]);
-  require(
-      group("decoder_layer (k)", kK, bits[0]) == K &&
-          group("decoder_layer (v)", kV, bits[0]) == K,
-      "q, k and v weights of one input size K");
+  require(group("decoder_layer (k)", kK, bits[0]) == K && group("decoder_layer (v)", kV, bits[0]) == K,
+          "q, k and v weights of one input size K");
   require(vec_f32(weights[0], K) && vec_f32(weights[kN2], K), "float32 norm weights [K]");
   require(n_heads >= 1 && weights[kQ].shape(0) % n_heads == 0, "q [Hq * D, K]");
   const int D = weights[kQ].shape(0) / n_heads;
   require(weights[kK].shape(0) % D == 0, "k [Hk * D, K]");
   const int Hk = weights[kK].shape(0) / D;
-  require(Hk >= 1 && n_heads % Hk == 0 && n_heads / Hk <= 64 &&
-              weights[kV].shape(0) % Hk == 0,
+  require(Hk >= 1 && n_heads % Hk == 0 && n_heads / Hk <= 64 && weights[kV].shape(0) % Hk == 0,
           "Hq a multiple of Hk (at most 64 times), v [Hk * Dv, K]");
   const int Dv = weights[kV].shape(0) / Hk;
-  require(group("decoder_layer (o)", kO, bits[1]) == n_heads * Dv &&
-              weights[kO].shape(0) == K,
+  require(group("decoder_layer (o)", kO, bits[1]) == n_heads * Dv && weights[kO].shape(0) == K,
           "o [K, Hq * Dv]");
   const int F = weights[kGate].shape(0);
   require(group("decoder_layer (gate)", kGate, bits[2]) == K &&
-              group("decoder_layer (up)", kUp, bits[2]) == K &&
-              weights[kUp].shape(0) == F &&
-              group("decoder_layer (down)", kDown, bits[3]) == F &&
-              weights[kDown].shape(0) == K,
+              group("decoder_layer (up)", kUp, bits[2]) == K && weights[kUp].shape(0) == F &&
+              group("decoder_layer (down)", kDown, bits[3]) == F && weights[kDown].shape(0) == K,
           "gate and up [F, K], down [K, F]");
   require(dims % 2 == 0 && dims <= D, "even RoPE dims <= D");
-  LayerPlan plan{weights, {},
-                 DecoderParams{{bits[0], bits[1], bits[2], bits[3]}, eps1, eps2, dims,
-                               traditional, base, rope_scale, attn_scale, 0, false,
-                               q_norm_w.has_value(), q_bias.has_value()},
-                 K, Hk, D, Dv};
   require(q_norm_w.has_value() == k_norm_w.has_value(), "q and k norm weights both or neither");
-  if (q_norm_w) {
-    require(vec_f32(*q_norm_w, D) && vec_f32(*k_norm_w, D), "float32 q and k norm weights [D]");
-    plan.extras.insert(plan.extras.end(), {*q_norm_w, *k_norm_w});
-  }
   require(q_bias.has_value() == k_bias.has_value() && q_bias.has_value() == v_bias.has_value(),
           "q, k and v biases all or none");
+  auto plan = std::make_shared<LayerPlan>();
+  auto& P = *plan;
+  auto s = mx::default_stream(mx::Device::cpu);
+  for (const auto& w : weights) {
+    P.arrays.push_back(w.flags().row_contiguous ? w : mx::contiguous(w, false, s));
+  }
+  if (q_norm_w) {
+    require(vec_f32(*q_norm_w, D) && vec_f32(*k_norm_w, D), "float32 q and k norm weights [D]");
+    P.arrays.insert(P.arrays.end(), {*q_norm_w, *k_norm_w});
+  }
   if (q_bias) {
     require(vec_f32(*q_bias, n_heads * D) && vec_f32(*k_bias, Hk * D) && vec_f32(*v_bias, Hk * Dv),
             "float32 biases of the q, k and v output sizes");
-    plan.extras.insert(plan.extras.end(), {*q_bias, *k_bias, *v_bias});
+    P.arrays.insert(P.arrays.end(), {*q_bias, *k_bias, *v_bias});
   }
+  mx::eval(P.arrays);
+  for (auto& a : P.arrays) { // contiguous() may hand back a strided array as it is
+    if (!a.flags().row_contiguous) {
+      a = mx::copy(a, s);
+      mx::eval(a);
+    }
+  }
+  const int groups[7] = {kQ, kK, kV, kO, kGate, kUp, kDown};
+  const int wbits[7] = {bits[0], bits[0], bits[0], bits[1], bits[2], bits[2], bits[3]};
+  for (int i = 0; i < 7; ++i) {
+    const auto& w = P.arrays[groups[i]];
+    P.W[i] = weight_of(w, P.arrays[groups[i] + 1], wbits[i]);
+    P.W[i].w = w.data<uint8_t>();
+    P.W[i].scales = P.arrays[groups[i] + 1].data<void>();
+    P.W[i].biases = P.arrays[groups[i] + 2].data<void>();
+  }
+  P.n1 = P.arrays[0].data<float>();
+  P.n2 = P.arrays[kN2].data<float>();
+  const size_t extra = 23 + (q_norm_w ? 2 : 0);
+  P.qn = q_norm_w ? P.arrays[23].data<float>() : nullptr;
+  P.kn = q_norm_w ? P.arrays[24].data<float>() : nullptr;
+  for (int i = 0; i < 3; ++i) {
+    P.bias[i] = q_bias ? P.arrays[extra + i].data<float>() : nullptr;
+  }
+  P.eps1 = eps1, P.eps2 = eps2, P.attn_scale = attn_scale;
+  P.rope = {dims, traditional, base, rope_scale};
+  P.K = K, P.Hq = n_heads, P.Hk = Hk, P.D = D, P.Dv = Dv;
   return plan;
 }
 
-std::vector<mx::array> decoder_layer(
-    const LayerPlan& plan,
+std::vector<mx::array> decoder_stack(
+    const std::vector<std::shared_ptr<LayerPlan>>& plans,
     const mx::array& x,
-    const mx::array& keys,
-    const mx::array& values,
+    const std::vector<mx::array>& keys,
+    const std::vector<mx::array>& values,
     const mx::array& offset,
     int idx,
     const std::optional<mx::array>& mask) {
-  const int K = plan.K, Hk = plan.Hk;
+  const size_t n = plans.size();
+  require(n >= 1 && keys.size() == n && values.size() == n, "a cache's keys and values a layer");
+  const int K = plans[0]->K;
   require(x.dtype() == mx::float32 && x.ndim() == 3 && x.shape(1) == 1 && x.shape(2) == K,
           "float32 x [B, 1, K]");
-  const int B = x.shape(0);
-  require(keys.dtype() == mx::float32 && values.dtype() == mx::float32 && keys.ndim() == 4 &&
-              values.ndim() == 4 && keys.shape(0) == B && values.shape(0) == B &&
-              keys.shape(1) == Hk && values.shape(1) == Hk && keys.shape(3) == plan.D &&
-              values.shape(3) == plan.Dv && values.shape(2) == keys.shape(2),
-          "float32 keys [B, Hk, C, D] and values [B, Hk, C, Dv] of the layer's heads");
+  const int B = x.shape(0), C = keys[0].ndim() == 4 ? keys[0].shape(2) : 0;
   require(offset.dtype() == mx::int32 && offset.ndim() == 1 && offset.shape(0) == B,
           "int32 offset [B]");
-  require(idx >= 0 && idx < keys.shape(2), "the position written inside the buffers");
-  std::vector<mx::array> inputs;
-  inputs.reserve(kFixed + 1 + plan.extras.size());
-  inputs.push_back(x);
-  inputs.insert(inputs.end(), plan.weights.begin(), plan.weights.end());
-  inputs.insert(inputs.end(), {keys, values, offset});
+  require(idx >= 0 && idx < C, "the position written inside the buffers");
+  std::vector<mx::Shape> shapes = {x.shape(), offset.shape()};
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::int32};
+  std::vector<mx::array> inputs = {x, offset};
   if (mask) {
     const auto& m = *mask;
     require(m.dtype() == mx::bool_ && m.ndim() == 4 && (m.shape(0) == 1 || m.shape(0) == B) &&
@@ -130,19 +186,24 @@ std::vector<mx::array> decoder_layer(
             "mask bool [B or 1, 1, 1, idx + 1]");
     inputs.push_back(m);
   }
-  inputs.insert(inputs.end(), plan.extras.begin(), plan.extras.end());
-  DecoderParams p = plan.params;
-  p.idx = idx;
-  p.mask = mask.has_value();
+  for (size_t i = 0; i < n; ++i) {
+    const auto& P = *plans[i];
+    const auto &kb = keys[i], &vb = values[i];
+    require(P.K == K && kb.dtype() == mx::float32 && vb.dtype() == mx::float32 &&
+                kb.shape() == mx::Shape({B, P.Hk, C, P.D}) &&
+                vb.shape() == mx::Shape({B, P.Hk, C, P.Dv}),
+            "float32 keys [B, Hk, C, D] and values [B, Hk, C, Dv] of each layer's heads");
+    inputs.insert(inputs.end(), {kb, vb});
+    shapes.insert(shapes.end(), {kb.shape(), vb.shape()});
+    dtypes.insert(dtypes.end(), {mx::float32, mx::float32});
+  }
   auto s = mx::default_stream(mx::Device::cpu);
   return mx::array::make_arrays(
-      {x.shape(), keys.shape(), values.shape(), offset.shape()},
-      {mx::float32, mx::float32, mx::float32, mx::int32},
-      std::make_shared<DecoderLayer>(s, p),
+      std::move(shapes), dtypes, std::make_shared<DecoderStack>(s, plans, idx, mask.has_value()),
       std::move(inputs));
 }
 
-void DecoderLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void DecoderStack::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (const auto& a : inputs) {
     enc.set_input_array(a);
@@ -153,105 +214,70 @@ void DecoderLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
       o.inputs().clear();
     }
   }
-  bool copy[2];
-  for (int i = 0; i < 2; ++i) {
-    const auto& in = inputs[kKeys + i];
+  const size_t first = mask_ ? 3 : 2; // the first layer's keys
+  std::vector<char> copy(outputs.size() - 2);
+  for (size_t i = 0; i < copy.size(); ++i) {
+    const auto& in = inputs[first + i];
     copy[i] = !(in.is_donatable() && in.flags().row_contiguous);
     if (copy[i]) {
-      outputs[1 + i].set_data(mx::allocator::malloc(outputs[1 + i].nbytes()));
+      outputs[2 + i].set_data(mx::allocator::malloc(outputs[2 + i].nbytes()));
     } else {
-      outputs[1 + i].copy_shared_buffer(in);
+      outputs[2 + i].copy_shared_buffer(in);
     }
   }
-  for (int i : {0, 3}) {
+  for (int i : {0, 1}) {
     outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
+  }
+  std::vector<float*> bufs;
+  for (size_t i = 2; i < outputs.size(); ++i) {
+    bufs.push_back(outputs[i].data<float>());
   }
   for (auto& o : outputs) {
     enc.set_output_array(o);
   }
-  const DecoderParams prm = p_;
-  QWeight W[7];
-  const int groups[7] = {kQ, kK, kV, kO, kGate, kUp, kDown};
-  const int wbits[7] = {prm.bits[0], prm.bits[0], prm.bits[0], prm.bits[1],
-                        prm.bits[2], prm.bits[2], prm.bits[3]};
-  for (int i = 0; i < 7; ++i) {
-    W[i] = weight_of(inputs[kW + groups[i]], inputs[kW + groups[i] + 1], wbits[i]);
-  }
-  float* y = outputs[0].data<float>();
-  float* bufs[2] = {outputs[1].data<float>(), outputs[2].data<float>()};
-  int32_t* off_out = outputs[3].data<int32_t>();
-  enc.dispatch([=, arrs = weak_copies(inputs)]() mutable {
-    std::vector<std::vector<char>> tmp;
-    const auto p = row_major(arrs, tmp);
-    for (int i = 0; i < 7; ++i) {
-      const int at = kW + groups[i];
-      W[i].w = static_cast<const uint8_t*>(p[at]);
-      W[i].scales = p[at + 1];
-      W[i].biases = p[at + 2];
+  enc.dispatch([plans = plans_, idx = idx_, mask = mask_, first, copy, bufs,
+                y = outputs[0].data<float>(), off_out = outputs[1].data<int32_t>(),
+                arrs = weak_copies(inputs)]() {
+    const auto& x0 = arrs[kX];
+    const int B = x0.shape(0), K = plans[0]->K, C = arrs[first].shape(2);
+    std::vector<char> xt, ot;
+    const float* x = x0.flags().row_contiguous ? x0.data<float>()
+                                                : reinterpret_cast<const float*>((xt = packed_copy(x0)).data());
+    const auto& o = arrs[kOffset];
+    const int32_t* off = o.flags().row_contiguous
+        ? o.data<int32_t>()
+        : reinterpret_cast<const int32_t*>((ot = packed_copy(o)).data());
+    Job masked{};
+    if (mask) {
+      const auto& m = arrs[2];
+      masked.mask = m.data<bool>();
+      masked.msb = m.shape(0) == 1 ? 0 : m.strides()[0];
+      masked.msl = 0;
+      masked.mst = m.strides()[3];
     }
-    const auto& kb = arrs[kKeys];
-    const int B = arrs[0].shape(0), K = W[0].K, Hk = kb.shape(1), C = kb.shape(2);
-    const int D = kb.shape(3), Dv = arrs[kValues].shape(3), Hq = W[0].N / D, idx = prm.idx;
-    const float* x = static_cast<const float*>(p[0]);
-    const int32_t* off = static_cast<const int32_t*>(p[kOffset]);
-    size_t next = kFixed + (prm.mask ? 1 : 0);
-    const float* qn = prm.norms ? static_cast<const float*>(p[next]) : nullptr;
-    const float* kn = prm.norms ? static_cast<const float*>(p[next + 1]) : nullptr;
-    next += prm.norms ? 2 : 0;
-    const float* bias[3] = {};
-    for (int i = 0; prm.bias && i < 3; ++i) {
-      bias[i] = static_cast<const float*>(p[next + i]);
-    }
-    // attn_in: q [B, Hq, D], k [B, Hk, D], v [B, Hk, Dv].
-    std::vector<float> q(static_cast<size_t>(B) * Hq * D), k(static_cast<size_t>(B) * Hk * D),
-        v(static_cast<size_t>(B) * Hk * Dv);
-    float* ys[3] = {q.data(), k.data(), v.data()};
-    attn_in_rows(
-        W, x, static_cast<const float*>(p[kW]), prm.eps1, B, Hq, Hk, off, B > 1, qn, kn,
-        prm.bias ? bias : nullptr, {prm.dims, prm.traditional, prm.base, prm.rope_scale}, ys);
-    // The cache's write: position idx of every (row, kv head).
-    const int dk[2] = {D, Dv};
-    for (int i = 0; i < 2; ++i) {
+    for (size_t i = 0; i < copy.size(); ++i) {
       if (copy[i]) {
-        write_rows(arrs[kKeys + i], reinterpret_cast<char*>(bufs[i]), C, 0);
+        write_rows(arrs[first + i], reinterpret_cast<char*>(bufs[i]), C, 0);
       }
-      for (int r = 0; r < B * Hk; ++r) {
-        std::memcpy(bufs[i] + (static_cast<size_t>(r) * C + idx) * dk[i],
-                    ys[1 + i] + static_cast<size_t>(r) * dk[i], sizeof(float) * dk[i]);
-      }
+    }
+    // Layer by layer through two scratch rows; the last writes y.
+    std::vector<float> h[2] = {std::vector<float>(static_cast<size_t>(B) * K),
+                               std::vector<float>(static_cast<size_t>(B) * K)};
+    const float* in = x;
+    for (size_t l = 0; l < plans.size(); ++l) {
+      float* out = l + 1 == plans.size() ? y : h[l % 2].data();
+      float* kv[2] = {bufs[2 * l], bufs[2 * l + 1]};
+      run_layer(*plans[l], in, out, kv, B, C, idx, off, masked);
+      in = out;
     }
     for (int b = 0; b < B; ++b) {
       off_out[b] = off[b] + 1;
     }
-    // Attention over the buffers' first idx + 1 positions, as decode_attention reads the views.
-    std::vector<float> attn(static_cast<size_t>(B) * Hq * Dv);
-    const int64_t cs = C;
-    Job j{{q.data(), static_cast<int64_t>(Hq) * D, D, D},
-          {bufs[0], Hk * cs * D, cs * D, D},
-          {bufs[1], Hk * cs * Dv, cs * Dv, Dv},
-          nullptr, 0, 0, 0, attn.data(), B, Hq, Hk, 1, idx + 1, D, Dv, prm.attn_scale, false};
-    if (prm.mask) {
-      const auto& m = arrs[kFixed];
-      j.mask = m.data<bool>();
-      j.msb = m.shape(0) == 1 ? 0 : m.strides()[0];
-      j.msl = 0;
-      j.mst = m.strides()[3];
-    }
-    attention_rows(j);
-    // h = x + o_proj(attn), then y = h + mlp(rms_norm(h)): qmm_add's and mlp_residual's sums.
-    std::vector<float> h(static_cast<size_t>(B) * K);
-    qmm_rows(W[3], attn.data(), B, h.data());
-    for (size_t i = 0; i < h.size(); ++i) {
-      h[i] = x[i] + h[i];
-    }
-    mlp_residual_rows(
-        W[4], W[5], W[6], false, h.data(), static_cast<const float*>(p[kW + kN2]), nullptr,
-        prm.eps2, B, y);
   });
 }
 
-void DecoderLayer::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxdDecoderLayer runs on the CPU only");
+void DecoderStack::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("MlxdDecoderStack runs on the CPU only");
 }
 
 } // namespace mlxd

@@ -14,15 +14,17 @@ and runs one query position per row as
     out = h + mlp(rms_norm(h))           the MLP with its norm and residual add
 
 with the arithmetic of the unfused kernels, so it gives their bits. A cache that offers
-`fused_update(op)` (mlxd's batch cache: engine/speculative.py) hands `op` its buffers, offset and
-write position and adopts the buffers `op` returns: then the whole sequence above is one op
-(qkernels.decoder_layer), ~5x fewer graph nodes and kernel calls a step. Prefill, other devices
+`decode_slot()` and `adopt_slot(...)` (mlxd's batch cache: engine/speculative.py) hands over its
+buffers, offset and write position and takes the op's results: then the whole sequence above is
+one op (qkernels.decoder_stack over this layer's LayerPlan), ~5x fewer graph nodes and kernel
+calls a step (models/fused_stack.py runs a model's whole stack of them as one). Prefill, other devices
 and layers the kernels cannot take run the layer's own sequence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import is_
 from typing import Any
 
 import mlx.core as mx
@@ -45,6 +47,7 @@ SUPPORTED: tuple[type[nn.Module], ...] = (
 _QKV = ("q_proj", "k_proj", "v_proj")  # qwen2's carry biases
 _ATTN_PROJ = (*_QKV, "o_proj")
 _MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+_ARRAYS = ("weight", "scales", "biases", "bias")
 
 
 class FusedBlock(nn.Module):
@@ -71,7 +74,7 @@ class FusedBlock(nn.Module):
         """The one-op decode's LayerPlan (qkernels.layer_plan), made again when a module or
         array it was made of has been replaced since (weights loaded, a projection sharded)."""
         c = self._plan_cache
-        if c is not None and all(parent.get(key) is obj for parent, key, obj in c.parts):
+        if c is not None and all(map(is_, map(dict.get, c.parents, c.keys), c.held)):
             return c.plan
         self._plan_cache = c = _make_plan(self)
         return c.plan if c is not None else None
@@ -79,13 +82,13 @@ class FusedBlock(nn.Module):
     def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
         # Children and parameters read from the modules' dicts: nn.Module's __getattr__ costs
         # ~0.3 us a lookup, and a step makes ~30 per layer.
-        fused = getattr(cache, "fused_update", None)
-        if fused is not None:
-            plan = self._plan()
-            if plan is not None:
-                y = fused(lambda kv: qkernels.decoder_layer(plan, x, kv, mask))
-                if y is not None:
-                    return y
+        slot = getattr(cache, "decode_slot", None)
+        plan = self._plan() if slot is not None else None
+        if plan is not None and (kv := slot()) is not None:
+            out = qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
+            if out is not None:
+                cache.adopt_slot(out[2], out[3], out[1])
+                return out[0]
         attn, mlp = self["self_attn"], self["mlp"]
         projs = _projections(attn, mlp)
         if projs is None:
@@ -117,7 +120,9 @@ class FusedBlock(nn.Module):
 @dataclass
 class _Plan:
     plan: Any  # qkernels.layer_plan's
-    parts: list[tuple[dict, str, Any]]  # (parent, key, what it held) for all it was made of
+    parents: list[dict]  # parents[i][keys[i]] held held[i] for all the plan was made of
+    keys: list[str]
+    held: list[Any]
 
 
 def _make_plan(block: FusedBlock) -> _Plan | None:
@@ -133,7 +138,7 @@ def _make_plan(block: FusedBlock) -> _Plan | None:
     plan = qkernels.layer_plan(norms, projs, spec, qk_norm, _qkv_bias(attn))
     if plan is None:
         return None
-    parts: list[tuple[dict, str, Any]] = []
+    made = _Plan(plan, [], [], [])
     for parent, names in (
         (block, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
         (attn, (*_ATTN_PROJ, "rope", *qk)),
@@ -141,9 +146,11 @@ def _make_plan(block: FusedBlock) -> _Plan | None:
     ):
         for name in names:
             child = parent[name]
-            parts.append((parent, name, child))
-            parts += [(child, k, child[k]) for k in ("weight", "scales", "biases", "bias") if k in child]
-    return _Plan(plan, parts)
+            for p, k in ((parent, name), *((child, k) for k in _ARRAYS if k in child)):
+                made.parents.append(p)
+                made.keys.append(k)
+                made.held.append(p[k])
+    return made
 
 
 def _projections(attn: nn.Module, mlp: nn.Module) -> list[qkernels.Packed] | None:

@@ -38,6 +38,7 @@ from models.fused_block import fuse_blocks
 from models.fused_gemma import fuse_gemma_blocks
 from models.fused_layers import fuse_for_cpu
 from models.fused_mlp import fuse_mlps
+from models.fused_stack import fuse_stacks
 from models.memory import (
     backend,
     kv_bytes_per_token,
@@ -227,7 +228,8 @@ def load_model(
             fast_activations(model)  # MLPs left unfused
         if (dequant or on_kernels) and qkernels.available():
             fuse_for_cpu(model)  # one-pass RMSNorm / RoPE, decode attention: fused_layers.py
-            fuse_blocks(model)  # a decode step's layer as four kernel ops: fused_block.py
+            fuse_blocks(model)  # a decode step's layer as one kernel op: fused_block.py
+            fuse_stacks(model)  # and all of them as one: fused_stack.py
             fuse_gemma_blocks(model)  # gemma3's layers likewise: fused_gemma.py
         mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a bad tensor surfaces at eval

@@ -188,7 +188,7 @@ def layer_plan(
     qk_norm: tuple[mx.array, mx.array] | None = None,
     qkv_bias: tuple[mx.array, mx.array, mx.array] | None = None,
 ) -> Any | None:
-    """A decoder layer's weights and settings for `decoder_layer`, checked once: `norms` the
+    """A decoder layer's weights and settings for `decoder_stack`, checked once: `norms` the
     input and post-attention RMSNorms (weight, eps), `projs` q, k, v, o, gate, up, down, `attn`
     (query heads, attention scale, RoPE's (dims, traditional, base, scale)), qk_norm and
     qkv_bias as attn_in's. None where the extension cannot run such a layer."""
@@ -208,23 +208,31 @@ def layer_plan(
     return ext.layer_plan(weights, bits, eps1, eps2, heads, *rope, scale, qn, kn, qb, kb, vb)
 
 
-def decoder_layer(
-    plan: Any, x: mx.array, kv: tuple[mx.array, mx.array, mx.array, int], mask: Any
+def decoder_stack(
+    plans: list[Any],
+    x: mx.array,
+    kv: list[tuple[mx.array, mx.array]],
+    offset: mx.array,
+    idx: int,
+    mask: Any,
 ) -> list[mx.array] | None:
-    """A decoder layer's decode step in one op on the CPU from x [B, 1, K] (`plan` from
-    layer_plan), with `kv` a cache's (keys, values, offset, idx) (float32 buffers [B, Hk, C, D],
-    int32 offset [B], position idx < C) and `mask` None or a bool key mask [B or 1, 1, 1,
-    idx + 1]: [y, keys and values with the new position written, offset + 1], as attn_in, the
-    cache's kv_update, decode_attention, qmm_add and mlp_residual give them. None where the
-    extension cannot run it (the caller runs those)."""
-    keys, values, offset, idx = kv
+    """Decoder layers' decode step in one op on the CPU from x [B, 1, K]: layer i (`plans[i]`
+    from layer_plan) with its cache's float32 buffers kv[i] (keys [B, Hk, C, D], values
+    [B, Hk, C, Dv]), the rows' positions `offset` (int32 [B]: one batch, every layer's cache
+    holds the same ones), the position idx < C written and `mask` None or a bool key mask
+    [B or 1, 1, 1, idx + 1]. Returns [y, offset + 1, then each layer's keys and values with the
+    new position written], as attn_in, the cache's kv_update, decode_attention, qmm_add and
+    mlp_residual give them layer by layer. None where the extension cannot run it."""
     if isinstance(mask, str) and mask == "causal":
         mask = None  # one query position: the last one sees every key
     if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
         return None
-    if keys.dtype != mx.float32 or values.dtype != mx.float32 or offset.dtype != mx.int32:
+    if offset.dtype != mx.int32 or offset.ndim != 1:
         return None
-    if keys.ndim != 4 or offset.ndim != 1 or not 0 <= idx < keys.shape[2]:
+    keys, values = [k for k, _ in kv], [v for _, v in kv]
+    if any(a.dtype != mx.float32 or a.ndim != 4 for a in keys + values):
+        return None
+    if not 0 <= idx < keys[0].shape[2]:
         return None
     if mask is not None and not (
         isinstance(mask, mx.array)
@@ -233,7 +241,7 @@ def decoder_layer(
         and mask.shape[0] in (1, x.shape[0])
     ):
         return None
-    return _ext.decoder_layer(plan, x, keys, values, offset, idx, mask)
+    return _ext.decoder_stack(plans, x, keys, values, offset, idx, mask)
 
 
 def embed_rows(

@@ -13,6 +13,7 @@ import models  # noqa: F401  (BLAS before mlx)
 from engine.speculative import BatchKVCache, merge
 from models import qkernels
 from models.fused_block import fuse_blocks
+from models.fused_stack import FusedStack, fuse_stacks
 from tests.unit.test_fused_block import _on_kernels, _tiny, _weight
 
 pytestmark = pytest.mark.skipif(
@@ -65,8 +66,9 @@ def test_decoder_layer_gives_the_five_ops_bits(B, K, F, hq, hk, d, dv, C, idx, b
     mx.eval(x, keys, values, offset, projs, opts)
     kv = (keys, values, offset, idx)
     plan = qkernels.layer_plan(norms, projs, attn, *opts)
-    got = qkernels.decoder_layer(plan, x, kv, mask)
-    assert got is not None
+    out = qkernels.decoder_stack([plan], x, [(keys, values)], offset, idx, mask)
+    assert out is not None
+    got = [out[0], out[2], out[3], out[1]]
     want = _five_ops(x, norms, projs, kv, mask, attn, *opts)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
@@ -87,7 +89,7 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
     plan = qkernels.layer_plan(norms, projs, attn)
 
     def layer(x, kv, mask=None):
-        return qkernels.decoder_layer(plan, x, kv, mask)
+        return qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
 
     assert layer(x, (keys, keys, off, 4)) is None  # no room: the cache grows
     assert layer(x, (keys, keys, off.astype(mx.int64), 2)) is None
@@ -107,7 +109,7 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
 
 
 class _FourOps(BatchKVCache):
-    fused_update = None  # FusedBlock's four-op path with the same cache otherwise
+    decode_slot = None  # FusedBlock's four-op path with the same cache otherwise
 
 
 def _decode(model, cls, prompts, steps: int, first: int = 1) -> list[mx.array]:
@@ -134,10 +136,12 @@ PROMPTS = ([5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77])
     "kind,bits,fmt",
     [("llama", 4, "as_stored"), ("llama", None, "q8"), ("qwen3", 4, "as_stored"), ("qwen2", 8, "as_stored")],
 )
-def test_fused_layers_give_the_four_op_bits(kind, bits, fmt, monkeypatch) -> None:
+@pytest.mark.parametrize("stack", [False, True])
+def test_fused_layers_give_the_four_op_bits(kind, bits, fmt, stack, monkeypatch) -> None:
     """Left-padded rows in mlxd's batch cache, 70 greedy steps (the buffers grow past 64
-    positions on the way: those steps run the four ops): the one-op layers' logits are the
-    four-op layers' bit for bit, and each row's are what it gets decoded alone."""
+    positions on the way: those steps run the four ops): the one-op layers' (or the one-op
+    stack's) logits are the four-op layers' bit for bit, and each row's are what it gets
+    decoded alone."""
     calls = []
     ext = qkernels._ext
 
@@ -145,20 +149,23 @@ def test_fused_layers_give_the_four_op_bits(kind, bits, fmt, monkeypatch) -> Non
         def __getattr__(self, name: str):
             return getattr(ext, name)
 
-        def decoder_layer(self, *args):
-            calls.append(1)
-            return ext.decoder_layer(*args)
+        def decoder_stack(self, plans, *args):
+            calls.append(len(plans))
+            return ext.decoder_stack(plans, *args)
 
     monkeypatch.setattr(qkernels, "_ext", Counting())
     model = _on_kernels(_tiny(bits, kind), fmt)
     assert fuse_blocks(model) == len(model.layers)
+    if stack:
+        assert fuse_stacks(model) == 1 and isinstance(model.model, FusedStack)
     steps = 70
     ref = _decode(model, _FourOps, PROMPTS, steps)
     assert not calls
     got = _decode(model, BatchKVCache, PROMPTS, steps)
     for a, b in zip(ref, got, strict=True):
         assert mx.array_equal(a, b).item()
-    assert len(calls) >= (steps - 2) * len(model.layers)
+    assert sum(calls) >= (steps - 2) * len(model.layers)
+    assert set(calls) == {len(model.layers) if stack else 1}
     for i, p in enumerate(PROMPTS[:2]):
         alone = _decode(model, BatchKVCache, (p,), 8, first=1 + i)
         for a, b in zip(alone, got, strict=False):
@@ -175,6 +182,7 @@ def test_the_plan_follows_replaced_weights() -> None:
     next step uses: the layer's plan is made again."""
     model = _on_kernels(_tiny(4, "llama"), "as_stored")
     fuse_blocks(model)
+    assert fuse_stacks(model) == 1
     ref = _on_kernels(_tiny(4, "llama"), "as_stored")
     fuse_blocks(ref)
     _decode(model, BatchKVCache, PROMPTS, 2)  # plans made
