@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from engine.sampling import RowState, sample
 from engine.speculative import merge
 from engine.types import SamplingParams
+from models.fused_stack import FusedStack
 
 # Op classes, in print order.
 PROJ = "matmul: q/k/v/o, MLP projections"
@@ -44,7 +45,7 @@ ATTN = "attention: SDPA + KV-cache update"
 ROPE = "RoPE"
 NORM = "norms (RMSNorm)"
 ELEM = "other elementwise: SwiGLU, residuals, embedding, mask"
-LAYER = "fused decode layers: all of the above in 4 ops + KV update"
+LAYER = "fused decode layers: all of the above, one op a layer or stack"
 SAMPLE = "sampling"
 PYTHON = "Python: graph building / dispatch"
 CLASSES = [PROJ, HEAD, ATTN, ROPE, NORM, ELEM, LAYER, SAMPLE, PYTHON]
@@ -123,8 +124,10 @@ def op_class(name: str, module: nn.Module) -> str | None:
         return PROJ
     if kind == "FusedMLP":
         return PROJ  # gate/up/down and SwiGLU in one kernel op: mostly its matmuls
-    if kind in ("FusedBlock", "FusedGemmaBlock"):
-        return LAYER  # a decode step's layer in four kernel ops (models/fused_block.py)
+    if kind in ("FusedBlock", "FusedGemmaBlock") or isinstance(module, FusedStack):
+        # A decode step's layer in one kernel op (models/fused_block.py), or all of them with
+        # the embedding and final norm (models/fused_stack.py).
+        return LAYER
     if "Norm" in kind:
         return NORM
     if "RoPE" in kind or leaf == "rope":
@@ -143,7 +146,11 @@ def instrument(model: nn.Module, clock: Clock, decode: bool = True) -> Timed:
     fused = tuple(
         f"{n}."
         for n, m in named
-        if decode and type(m).__name__ in ("FusedMLP", "FusedBlock", "FusedGemmaBlock")
+        if decode
+        and (
+            type(m).__name__ in ("FusedMLP", "FusedBlock", "FusedGemmaBlock")
+            or isinstance(m, FusedStack)
+        )
     )
     for name, module in sorted(named, key=lambda nm: -nm[0].count(".")):
         if fused and name.startswith(fused):

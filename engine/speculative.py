@@ -68,7 +68,8 @@ class BatchKVCache(mlx_cache.BatchKVCache):
 
     def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
         """The buffers with the position `decode_slot` gave written, and the offset after it."""
-        self.keys, self.values, self.offset = keys, values, offset
+        self.keys, self.values = keys, values  # type: ignore[assignment]  # mlx-lm's None-typed
+        self.offset = offset
         self._idx += 1
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):

@@ -82,13 +82,13 @@ class FusedBlock(nn.Module):
     def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
         # Children and parameters read from the modules' dicts: nn.Module's __getattr__ costs
         # ~0.3 us a lookup, and a step makes ~30 per layer.
-        slot = getattr(cache, "decode_slot", None)
+        slot: Any = getattr(cache, "decode_slot", None)
         plan = self._plan() if slot is not None else None
         if plan is not None and (kv := slot()) is not None:
-            out = qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
-            if out is not None:
-                cache.adopt_slot(out[2], out[3], out[1])
-                return out[0]
+            one = qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
+            if one is not None:
+                cache.adopt_slot(one[2], one[3], one[1])
+                return one[0]
         attn, mlp = self["self_attn"], self["mlp"]
         projs = _projections(attn, mlp)
         if projs is None:

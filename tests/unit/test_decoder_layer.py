@@ -45,7 +45,9 @@ def _five_ops(x, norms, projs, kv, mask, attn, qk_norm, bias):
         (5, 32, 64, 4, 4, 8, 8, 4, 3, (8, 8, 8, 8), "both", True),  # last position of the buffer
     ],
 )
-def test_decoder_layer_gives_the_five_ops_bits(B, K, F, hq, hk, d, dv, C, idx, bits, extras, masked):
+def test_decoder_layer_gives_the_five_ops_bits(
+    B, K, F, hq, hk, d, dv, C, idx, bits, extras, masked
+):
     mx.random.seed(B * K + idx)
     x = mx.random.normal((B, 1, K))
     norms = ((1 + 0.3 * mx.random.normal((K,)), 1e-5), (1 + 0.3 * mx.random.normal((K,)), 1e-6))
@@ -134,7 +136,12 @@ PROMPTS = ([5, 9, 30, 2, 7], [11, 3, 250, 4, 8, 60, 1, 99, 42, 17, 6], [77])
 
 @pytest.mark.parametrize(
     "kind,bits,fmt",
-    [("llama", 4, "as_stored"), ("llama", None, "q8"), ("qwen3", 4, "as_stored"), ("qwen2", 8, "as_stored")],
+    [
+        ("llama", 4, "as_stored"),
+        ("llama", None, "q8"),
+        ("qwen3", 4, "as_stored"),
+        ("qwen2", 8, "as_stored"),
+    ],
 )
 @pytest.mark.parametrize("stack", [False, True])
 def test_fused_layers_give_the_four_op_bits(kind, bits, fmt, stack, monkeypatch) -> None:
