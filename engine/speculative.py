@@ -67,7 +67,9 @@ class BatchKVCache(mlx_cache.BatchKVCache):
         return self.keys, self.values, self.offset, self._idx
 
     def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
-        """The buffers with the position `decode_slot` gave written, and the offset after it."""
+        """The buffers with the position `decode_slot` gave written, and the offset after it
+        (one array for every layer's cache of a fused stack: replaced, never changed in place,
+        as mlx-lm's batch cache does)."""
         self.keys, self.values = keys, values  # type: ignore[assignment]  # mlx-lm's None-typed
         self.offset = offset
         self._idx += 1
