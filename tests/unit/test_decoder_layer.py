@@ -200,3 +200,26 @@ def test_the_plan_follows_replaced_weights() -> None:
     want = _decode(ref, _FourOps, PROMPTS, 3)
     for a, b in zip(got, want, strict=True):
         assert mx.array_equal(a, b).item()
+
+
+def test_the_stack_writes_the_caches_in_place() -> None:
+    """Nothing else holds a cache's buffers between steps: the stack writes them where they
+    are (a copy a step would cost more than the layers' weights are worth at one row)."""
+    from tests.unit.test_step_kernels import _address
+
+    model = _on_kernels(_tiny(4, "llama"), "as_stored")
+    fuse_blocks(model)
+    assert fuse_stacks(model) == 1
+    per_row = []
+    for p in PROMPTS:
+        c = [mlx_cache.KVCache() for _ in model.layers]
+        model(mx.array([p]), cache=c)
+        per_row.append(c)
+    batch = [BatchKVCache.merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    x, seen = mx.array([[1], [2], [3]]), []
+    for _ in range(5):
+        x = mx.argmax(model(x, cache=batch)[:, -1], axis=-1)[:, None]
+        mx.eval(x)
+        seen.append([(_address(c.keys), _address(c.values)) for c in batch])
+    # The first steps may copy or grow (the merge's buffers); later ones write where they are.
+    assert seen[2] == seen[3] == seen[4]
