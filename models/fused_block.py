@@ -85,7 +85,7 @@ class FusedBlock(nn.Module):
         slot: Any = getattr(cache, "decode_slot", None)
         plan = self._plan() if slot is not None else None
         if plan is not None and (kv := slot()) is not None:
-            one = qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
+            one = qkernels.decoder_stack([plan], x, [kv[0]], [kv[1]], kv[2], kv[3], mask)
             if one is not None:
                 cache.adopt_slot(one[2], one[3], one[1])
                 return one[0]

@@ -67,9 +67,8 @@ class FusedStack(nn.Module):
             return None
         h = self["embed_tokens"](inputs)
         mask = create_attention_mask(h, cache[0])
-        out = qkernels.decoder_stack(
-            plans, h, [s[:2] for s in slots], slots[0][2], slots[0][3], mask
-        )
+        keys, values = [s[0] for s in slots], [s[1] for s in slots]
+        out = qkernels.decoder_stack(plans, h, keys, values, slots[0][2], slots[0][3], mask)
         if out is None:
             return None
         for i, c in enumerate(cache):

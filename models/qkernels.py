@@ -211,14 +211,15 @@ def layer_plan(
 def decoder_stack(
     plans: list[Any],
     x: mx.array,
-    kv: list[tuple[mx.array, mx.array]],
+    keys: list[mx.array],
+    values: list[mx.array],
     offset: mx.array,
     idx: int,
     mask: Any,
 ) -> list[mx.array] | None:
     """Decoder layers' decode step in one op on the CPU from x [B, 1, K]: layer i (`plans[i]`
-    from layer_plan) with its cache's float32 buffers kv[i] (keys [B, Hk, C, D], values
-    [B, Hk, C, Dv]), the rows' positions `offset` (int32 [B]: one batch, every layer's cache
+    from layer_plan) with its cache's float32 buffers keys[i] [B, Hk, C, D] and values[i]
+    [B, Hk, C, Dv] (one dtype for all: the first layer's is checked here), the rows' positions `offset` (int32 [B]: one batch, every layer's cache
     holds the same ones), the position idx < C written and `mask` None or a bool key mask
     [B or 1, 1, 1, idx + 1]. Returns [y, offset + 1, then each layer's keys and values with the
     new position written], as attn_in, the cache's kv_update, decode_attention, qmm_add and
@@ -229,10 +230,10 @@ def decoder_stack(
         return None
     if offset.dtype != mx.int32 or offset.ndim != 1:
         return None
-    keys, values = [k for k, _ in kv], [v for _, v in kv]
-    if any(a.dtype != mx.float32 or a.ndim != 4 for a in keys + values):
+    k0, v0 = keys[0], values[0]
+    if k0.dtype != mx.float32 or v0.dtype != mx.float32 or k0.ndim != 4:
         return None
-    if not 0 <= idx < keys[0].shape[2]:
+    if not 0 <= idx < k0.shape[2]:
         return None
     if mask is not None and not (
         isinstance(mask, mx.array)

@@ -68,7 +68,7 @@ def test_decoder_layer_gives_the_five_ops_bits(
     mx.eval(x, keys, values, offset, projs, opts)
     kv = (keys, values, offset, idx)
     plan = qkernels.layer_plan(norms, projs, attn, *opts)
-    out = qkernels.decoder_stack([plan], x, [(keys, values)], offset, idx, mask)
+    out = qkernels.decoder_stack([plan], x, [keys], [values], offset, idx, mask)
     assert out is not None
     got = [out[0], out[2], out[3], out[1]]
     want = _five_ops(x, norms, projs, kv, mask, attn, *opts)
@@ -91,7 +91,7 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
     plan = qkernels.layer_plan(norms, projs, attn)
 
     def layer(x, kv, mask=None):
-        return qkernels.decoder_stack([plan], x, [kv[:2]], kv[2], kv[3], mask)
+        return qkernels.decoder_stack([plan], x, [kv[0]], [kv[1]], kv[2], kv[3], mask)
 
     assert layer(x, (keys, keys, off, 4)) is None  # no room: the cache grows
     assert layer(x, (keys, keys, off.astype(mx.int64), 2)) is None
