@@ -77,7 +77,7 @@ class FusedBlock(nn.Module):
         if c is not None and all(map(is_, map(dict.get, c.parents, c.keys), c.held)):
             return c.plan
         self._plan_cache = c = _make_plan(self)
-        return c.plan if c is not None else None
+        return c.plan
 
     def _decode(self, x: mx.array, mask: Any, cache: Any) -> mx.array | None:
         # Children and parameters read from the modules' dicts: nn.Module's __getattr__ costs
@@ -125,20 +125,12 @@ class _Plan:
     held: list[Any]
 
 
-def _make_plan(block: FusedBlock) -> _Plan | None:
+def _make_plan(block: FusedBlock) -> _Plan:
+    """The block's plan (None where the kernels cannot take it, remembered all the same: the
+    check that nothing changed is cheaper than trying again) and what it was made of."""
     attn, mlp = block["self_attn"], block["mlp"]
-    projs = _projections(attn, mlp)
-    if projs is None:
-        return None
-    rope, n1, n2 = attn["rope"], block["input_layernorm"], block["post_attention_layernorm"]
-    norms = ((n1["weight"], n1.eps), (n2["weight"], n2.eps))
-    spec = (attn.n_heads, attn.scale, (rope.dims, rope.traditional, rope.base, rope.scale))
     qk = ("q_norm", "k_norm") if "q_norm" in attn else ()
-    qk_norm = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if qk else None
-    plan = qkernels.layer_plan(norms, projs, spec, qk_norm, _qkv_bias(attn))
-    if plan is None:
-        return None
-    made = _Plan(plan, [], [], [])
+    made = _Plan(None, [], [], [])
     for parent, names in (
         (block, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
         (attn, (*_ATTN_PROJ, "rope", *qk)),
@@ -150,6 +142,13 @@ def _make_plan(block: FusedBlock) -> _Plan | None:
                 made.parents.append(p)
                 made.keys.append(k)
                 made.held.append(p[k])
+    projs = _projections(attn, mlp)
+    if projs is not None:
+        rope, n1, n2 = attn["rope"], block["input_layernorm"], block["post_attention_layernorm"]
+        norms = ((n1["weight"], n1.eps), (n2["weight"], n2.eps))
+        spec = (attn.n_heads, attn.scale, (rope.dims, rope.traditional, rope.base, rope.scale))
+        qk_norm = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if qk else None
+        made.plan = qkernels.layer_plan(norms, projs, spec, qk_norm, _qkv_bias(attn))
     return made
 
 

@@ -205,7 +205,10 @@ def layer_plan(
     qn, kn = qk_norm if qk_norm is not None else (None, None)
     qb, kb, vb = qkv_bias if qkv_bias is not None else (None, None, None)
     bits = [q[3], o[3], gate[3], down[3]]
-    return ext.layer_plan(weights, bits, eps1, eps2, heads, *rope, scale, qn, kn, qb, kb, vb)
+    try:
+        return ext.layer_plan(weights, bits, eps1, eps2, heads, *rope, scale, qn, kn, qb, kb, vb)
+    except ValueError:  # shapes the kernel does not take (say more than 64 q heads a kv head)
+        return None
 
 
 def decoder_stack(

@@ -103,10 +103,11 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
     assert layer(x, (keys, keys, off, 2), "causal") is not None
     with pytest.raises(ValueError):  # the cache's heads are not the layer's
         layer(x, (mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 4, 16)), off, 2))
-    with pytest.raises(ValueError):  # 3 heads do not divide q's 64 rows
-        qkernels.layer_plan(norms, projs, (3, 0.25, (16, False, 1e4, 1.0)))
-    with pytest.raises(ValueError):  # o's input size is not Hq * Dv
-        qkernels.layer_plan(norms, [*projs[:3], _weight(K, 96, 4), *projs[4:]], attn)
+    # 3 heads do not divide q's 64 rows; o's input size is not Hq * Dv
+    assert qkernels.layer_plan(norms, projs, (3, 0.25, (16, False, 1e4, 1.0))) is None
+    assert qkernels.layer_plan(norms, [*projs[:3], _weight(K, 96, 4), *projs[4:]], attn) is None
+    with pytest.raises(ValueError):
+        qkernels._ext.layer_plan([], [4, 4, 4, 4], 1e-5, 1e-5, 4, 16, False, 1e4, 1.0, 0.25)
     assert qkernels.layer_plan(((mx.ones((K,), mx.float16), 1e-5), norms[1]), projs, attn) is None
 
 
