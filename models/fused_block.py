@@ -17,8 +17,8 @@ with the arithmetic of the unfused kernels, so it gives their bits. A cache that
 `decode_slot()` and `adopt_slot(...)` (mlxd's batch cache: engine/speculative.py) hands over its
 buffers, offset and write position and takes the op's results: then the whole sequence above is
 one op (qkernels.decoder_stack over this layer's LayerPlan), ~5x fewer graph nodes and kernel
-calls a step (models/fused_stack.py runs a model's whole stack of them as one). Prefill, other devices
-and layers the kernels cannot take run the layer's own sequence.
+calls a step (models/fused_stack.py runs a model's whole stack of them as one). Prefill, other
+devices and layers the kernels cannot take run the layer's own sequence.
 """
 
 from __future__ import annotations

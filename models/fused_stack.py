@@ -36,7 +36,8 @@ SUPPORTED: tuple[type[nn.Module], ...] = (llama.LlamaModel, qwen2.Qwen2Model, qw
 
 class FusedStack(nn.Module):
     """The decode step of an mlx-lm decoder body (see SUPPORTED) as one kernel op: mixed into
-    a subclass of the body's own class (`fused_stack_of`), whose __call__ runs the rest."""
+    a subclass of the body's own class (fuse_stacks makes one a class), whose __call__ runs
+    everything else."""
 
     def __init__(self, body: nn.Module):
         nn.Module.__init__(self)  # the body's own __init__ builds from args: its parts are copied
