@@ -60,7 +60,7 @@ void check_case(const Case& c) {
     }
   }
   std::vector<float> out(static_cast<size_t>(c.B) * c.Hq * c.L * c.D);
-  mlxd::run(job_of(c, d, 0, c.B, out.data()));
+  mlxd::attention_rows(job_of(c, d, 0, c.B, out.data()));
   std::vector<double> ref(out.size()), tol(out.size());
   const int R = c.Hq / c.Hk;
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
@@ -105,7 +105,7 @@ void check_case(const Case& c) {
   const size_t per_row = out.size() / c.B;
   for (int b = 0; b < c.B; ++b) {
     std::vector<float> one(per_row);
-    mlxd::run(job_of(c, d, b, 1, one.data()));
+    mlxd::attention_rows(job_of(c, d, b, 1, one.data()));
     expect(same_bits(one.data(), out.data() + b * per_row, per_row), name_of(c) + " row alone",
            std::to_string(b));
   }
