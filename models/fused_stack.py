@@ -58,6 +58,10 @@ class FusedStack(nn.Module):
         layers = self["layers"]
         if getattr(self, "pipeline_size", 1) != 1 or len(cache) != len(layers):
             return None
+        # Layers wrapped after the swap (a pipeline rank's first layer receives its input from
+        # the rank before) must run their wrapper: the stack would skip it.
+        if not all(type(layer) is FusedBlock for layer in layers):
+            return None
         if not all(getattr(c, "decode_slot", None) for c in cache):
             return None
         plans = [layer._plan() for layer in layers]

@@ -224,3 +224,31 @@ def test_the_stack_writes_the_caches_in_place() -> None:
         seen.append([(_address(c.keys), _address(c.values)) for c in batch])
     # The first steps may copy or grow (the merge's buffers); later ones write where they are.
     assert seen[2] == seen[3] == seen[4]
+
+
+def test_a_layer_wrapped_after_the_swap_runs_its_wrapper() -> None:
+    """A pipeline rank wraps its first layer (models/pipeline.py's receive) after the stack was
+    made: the stack must leave such a step to the body's own loop, or the wrapper never runs
+    (the two-rank SmolLM2 pipeline hung up on a rank that never received)."""
+    import mlx.nn as nn
+
+    class Wrapped(nn.Module):
+        def __init__(self, layer: nn.Module):
+            super().__init__()
+            self.layer, self.calls = layer, 0
+            self.use_sliding = False  # what the body's own loop reads of a layer
+
+        def __call__(self, x, *args, **kwargs):
+            self.calls += 1
+            return self.layer(x, *args, **kwargs)
+
+        def _plan(self):  # forwarded, as _Receive forwards every attribute
+            return self.layer._plan()
+
+    model = _on_kernels(_tiny(4, "llama"), "as_stored")
+    fuse_blocks(model)
+    assert fuse_stacks(model) == 1
+    wrapper = Wrapped(model.model.layers[0])
+    model.model.layers[0] = wrapper
+    _decode(model, BatchKVCache, PROMPTS, 3)
+    assert wrapper.calls == 1 + 1 + 1 + 3  # three prefills and three decode steps
