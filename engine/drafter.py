@@ -25,8 +25,8 @@ MIN_NGRAM = 2
 AUTO_MAX_ROWS = 4
 # A draft's tokens hold one after another until the first miss: a row whose drafted tokens each
 # hold with probability a accepts a + a^2 + ... + a^m of a draft of m. Each row estimates a as
-# held / (held + first misses) over its verified drafts, old ones fading (EVIDENCE_DECAY a
-# draft), from PRIOR_WEIGHT pseudo-drafts at its kind's rate (greedy or sampled rows, learned
+# held / (held + first misses) over its verified drafts backed by as long an n-gram (a copy's
+# 4-gram drafts hold where its 2-gram ones miss), old ones fading (EVIDENCE_DECAY a draft), from PRIOR_WEIGHT pseudo-drafts at its kind's rate (greedy or sampled rows, learned
 # over all rows at LEARN_WEIGHT a draft; chat holds ~0.65 a token greedy, ~0.3 at T=0.7). A
 # row's drafts not worth verifying fade its evidence (SKIP_DECAY a step) and nudge its kind's
 # rate toward RETRY_RATE, so drafting resumes after a while where nothing held for long.
@@ -102,8 +102,10 @@ class _Index:
     indexed: int = 0  # n-grams ending before this position are in `ngrams`
     trust: int = 1  # the longest draft this row makes now
     greedy: bool = True
-    held: float = 0.0  # drafted tokens that held, older ones fading
-    missed: float = 0.0  # drafts that missed somewhere
+    order: int = MAX_NGRAM  # the n-gram length backing the row's latest draft
+    # By n-gram length: drafted tokens that held and drafts that missed somewhere, old ones fading.
+    held: dict[int, float] = field(default_factory=dict)
+    missed: dict[int, float] = field(default_factory=dict)
 
 
 class NgramDrafter:
@@ -122,6 +124,7 @@ class NgramDrafter:
         for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             start = row.ngrams.get(tuple(tokens[-n:]))
             if start is not None:
+                row.order = n
                 backed = self.max_tokens >> (MAX_NGRAM - n) if n > MIN_NGRAM else 1
                 return tokens[start : start + max(0, min(limit, row.trust, max(1, backed)))]
         return []
@@ -132,9 +135,9 @@ class NgramDrafter:
         row = self._rows.get(seq_id)
         if row is None or drafted <= 0:
             return
-        missed = float(accepted < drafted)
-        row.held = EVIDENCE_DECAY * row.held + accepted
-        row.missed = EVIDENCE_DECAY * row.missed + missed
+        missed, n = float(accepted < drafted), row.order
+        row.held[n] = EVIDENCE_DECAY * row.held.get(n, 0.0) + accepted
+        row.missed[n] = EVIDENCE_DECAY * row.missed.get(n, 0.0) + missed
         kind = self.learned[row.greedy]
         self.learned[row.greedy] = kind + LEARN_WEIGHT * (accepted / (accepted + missed) - kind)
         if accepted >= drafted:
@@ -145,19 +148,22 @@ class NgramDrafter:
             row.trust = max(1, row.trust // 2)
 
     def rate(self, seq_id: str, greedy: bool = True) -> float:
-        """The chance each of this row's drafted tokens holds."""
+        """The chance each token of this row's latest draft holds."""
         row = self._rows.get(seq_id)
         if row is None:
             return self.learned[greedy]
         prior = self.learned[row.greedy]
-        return (row.held + PRIOR_WEIGHT * prior) / (row.held + row.missed + PRIOR_WEIGHT)
+        held, missed = row.held.get(row.order, 0.0), row.missed.get(row.order, 0.0)
+        return (held + PRIOR_WEIGHT * prior) / (held + missed + PRIOR_WEIGHT)
 
     def skipped(self, seq_id: str) -> None:
         """A row's draft was not verified (not worth its width): its evidence fades toward its
         kind's rate, which drifts toward RETRY_RATE, so drafting resumes after a while."""
         row = self._rows.get(seq_id)
         if row is not None:
-            row.held, row.missed = SKIP_DECAY * row.held, SKIP_DECAY * row.missed
+            n = row.order
+            row.held[n] = SKIP_DECAY * row.held.get(n, 0.0)
+            row.missed[n] = SKIP_DECAY * row.missed.get(n, 0.0)
             kind = self.learned[row.greedy]
             self.learned[row.greedy] = kind + (RETRY_RATE - kind) / RETRY_STEPS
 
