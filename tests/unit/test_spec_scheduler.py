@@ -299,3 +299,20 @@ def test_a_row_whose_drafts_always_miss_drafts_less_and_less():
     assert streamed(sent)["s"] == never_as_before(240)
     s = core.scheduler
     assert s.accepted == 0 and 0 < s.drafted <= 10  # 79 chances to draft after "1, 2"
+
+
+def test_a_row_rates_its_drafts_by_the_ngram_backing_them():
+    """A copy's 2-gram drafts miss where its 4-gram ones hold: misses of the first don't hold
+    back the second (a trust-capped 1-token draft of a copy stayed under the verify threshold)."""
+    d = NgramDrafter(4)
+    copy = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4]
+    assert d.propose("x", copy, 4) == [5, 6, 1, 2]
+    for _ in range(4):
+        d.observe("x", 4, 4)
+    text = [*copy, 9, 3, 4]
+    assert d.propose("x", text, 4) == [9]  # 2-gram backed: [3, 4] was followed by 9
+    for _ in range(4):
+        d.observe("x", 1, 0)
+    assert d.rate("x") < 0.5 and fit_width([1], 1, rates=[d.rate("x")]) == 0
+    assert d.propose("x", [*text, 5, 6, 1, 2, 3, 4], 1) == [9]  # 4-gram backed, trust 1
+    assert d.rate("x") > 0.85 and fit_width([1], 1, rates=[d.rate("x")]) == 1
