@@ -70,7 +70,7 @@ def keep_head_and_tail(ids: list[int], context: int, num_keep: int, bos: int | N
     """`ids` cut to fit `context` with room to answer: the first num_keep tokens (after a BOS;
     -1: as many as fit) and the most recent ones, about half the context in all (Ollama's
     contextShiftPromptLimit)."""
-    if len(ids) < context:
+    if len(ids) < context or context < 2:  # no room for a prompt token and an answer: a 400
         return ids
     keep = len(ids) if num_keep < 0 else max(num_keep, 0)
     if ids and bos is not None and ids[0] == bos:

@@ -145,6 +145,12 @@ def test_chat_drops_old_turns_to_fit_num_ctx(client, eng):
     assert prompt_text(eng) == "<system>be brief\n<user>final question\n<assistant>"
 
 
+def test_a_context_of_one_token_is_400_not_an_empty_prompt(client):
+    body = {"model": "small:latest", "prompt": "hello", "options": {"num_ctx": 1}}
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 400 and "context length" in r.json()["error"]
+
+
 def test_truncate_false_refuses_with_400(client):
     body = {"model": "small:latest", "messages": history(20), "truncate": False}
     r = client.post("/api/chat", json=body)
