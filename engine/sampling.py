@@ -167,12 +167,12 @@ def _processed(x: mx.array, row: RowState, draft: list[int]) -> mx.array:
 
 
 def _biased(x: mx.array, p: SamplingParams) -> mx.array:
-    """Logits [..., V] plus the request's logit bias (`_apply_processors`'s, on every row)."""
+    """Logits [..., V] plus the request's logit bias, at every position."""
     if not p.logit_bias:
         return x
     ids = mx.array(list(p.logit_bias.keys()), dtype=mx.int32)
     bias = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
-    return x + mx.zeros((x.shape[-1],), mx.float32).at[ids].add(bias)
+    return x.at[..., ids].add(bias)
 
 
 def _draw(logits: mx.array, rows: list[RowState], u: mx.array | None = None) -> mx.array:
@@ -237,10 +237,7 @@ def _draw_mlx(logits: mx.array, rows: list[RowState], u: mx.array) -> mx.array:
 
 def _apply_processors(logits: mx.array, row: RowState) -> mx.array:
     p = row.params
-    if p.logit_bias:
-        ids = mx.array(list(p.logit_bias.keys()), dtype=mx.int32)
-        bias = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
-        logits = logits.at[ids].add(bias)
+    logits = _biased(logits, p)
     if p.logits_processors:
         every = mx.concatenate(row.history)
         for proc in p.logits_processors:
