@@ -53,24 +53,27 @@ def default_memory_limit(fraction: float = DEFAULT_FRACTION) -> int:
 
 def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 4) -> int:
     """Keys plus values of one token over all layers: layers x kv heads x head dim x 2 x dtype size."""
-    cfg = text_config(config)
-    layers = int(cfg.get("num_hidden_layers", 0))
-    heads = int(cfg.get("num_attention_heads", 1))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // max(heads, 1)))
+    layers = int(text_config(config).get("num_hidden_layers", 0))
+    _, _, kv_heads, head_dim, _ = _shape(config)
     return layers * kv_heads * head_dim * 2 * dtype_bytes
 
 
-def _dims(config: dict[str, Any]) -> tuple[int, int, int]:
-    """(bytes a token's activations take in one layer / dtype size, query heads, vocab size)."""
+def _shape(config: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """A layer's sizes: (hidden, query heads, kv heads, head dim, MLP intermediate)."""
     cfg = text_config(config)
     hidden = int(cfg.get("hidden_size", 0))
     heads = int(cfg.get("num_attention_heads", 1))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
     inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    return hidden, heads, kv_heads, head_dim, inter
+
+
+def _dims(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(bytes a token's activations take in one layer / dtype size, query heads, vocab size)."""
+    hidden, heads, kv_heads, head_dim, inter = _shape(config)
     per_token = 4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim
-    return per_token, heads, int(cfg.get("vocab_size", 0))
+    return per_token, heads, int(text_config(config).get("vocab_size", 0))
 
 
 def step_activation_bytes(
@@ -88,12 +91,7 @@ def step_activation_bytes(
 
 def layer_weight_floats(config: dict[str, Any]) -> int:
     """Matmul weights of one layer, in numbers (attention projections and the MLP)."""
-    cfg = text_config(config)
-    hidden = int(cfg.get("hidden_size", 0))
-    heads = int(cfg.get("num_attention_heads", 1))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
-    inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    hidden, heads, kv_heads, head_dim, inter = _shape(config)
     return hidden * (2 * heads + 2 * kv_heads) * head_dim + 3 * hidden * inter
 
 
