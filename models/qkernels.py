@@ -224,9 +224,10 @@ def decoder_stack(
     from layer_plan) with its cache's float32 buffers keys[i] [B, Hk, C, D] and values[i]
     [B, Hk, C, Dv] (one dtype for all: the first layer's is checked here), the rows' positions
     `offset` (int32 [B]: one batch, every layer's cache holds the same ones), the position
-    idx < C written and `mask` None or a bool key mask [B or 1, 1, 1, idx + 1]. Returns [y, offset + 1, then each layer's keys and values with the
-    new position written], as attn_in, the cache's kv_update, decode_attention, qmm_add and
-    mlp_residual give them layer by layer. None where the extension cannot run it."""
+    idx < C written and `mask` None or a bool key mask [B or 1, 1, 1, idx + 1]. Returns [y,
+    offset + 1, then each layer's keys and values with the new position written], as attn_in,
+    the cache's kv_update, decode_attention, qmm_add and mlp_residual give them layer by layer.
+    None where the extension cannot run it."""
     if isinstance(mask, str) and mask == "causal":
         mask = None  # one query position: the last one sees every key
     if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
