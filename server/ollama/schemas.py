@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from server.errors import APIError
 from server.errors import parse_body as parse_json_body
@@ -13,6 +13,14 @@ from server.errors import parse_body as parse_json_body
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_unset(cls, data: Any) -> Any:
+        # Ollama's Go decoder leaves a field at its default on a JSON null.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class _Named(_Body):
@@ -85,15 +93,15 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Generative(_Named):
-    stream: bool = True
+    stream: StrictBool = True  # "false" as a string is Go's unmarshal error, not false
     format: Any = None
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: float | str | None = None
     think: bool | str | None = None
     # A prompt past num_ctx is cut to fit unless truncate is false (then 400). Ollama's shift
     # (slide the context when the answer reaches its end) is accepted; the answer stops there.
-    truncate: bool | None = None
-    shift: bool | None = None
+    truncate: StrictBool | None = None
+    shift: StrictBool | None = None
 
     @field_validator("options")
     @classmethod
@@ -112,13 +120,13 @@ class GenerateBody(_Generative):
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
-    raw: bool = False
+    raw: StrictBool = False
     images: list[str] | None = None
 
 
 class EmbedBody(_Named):
     input: str | list[str] = ""
-    truncate: bool = True
+    truncate: StrictBool = True
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: float | str | None = None
     dimensions: int | None = None
@@ -135,12 +143,12 @@ class ShowBody(_Named):
 
 
 class PullBody(_Named):
-    stream: bool = True
+    stream: StrictBool = True  # "false" as a string is Go's unmarshal error, not false
     insecure: bool = False
 
 
 class CreateBody(_Named):
-    stream: bool = True
+    stream: StrictBool = True  # "false" as a string is Go's unmarshal error, not false
     from_: str | None = Field(default=None, alias="from")
     files: dict[str, str] | None = None
     modelfile: str | None = None

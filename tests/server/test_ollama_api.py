@@ -172,12 +172,30 @@ def test_bad_structured_input_is_400(client, extra, fragment):
         ({"model": FAKE_MODEL, "messages": "x"}, 400),
         ({"model": FAKE_MODEL, "messages": [{"content": "x"}]}, 400),
         ({**user("x"), "options": {"temperature": -2}}, 400),
+        ({**user("x"), "stream": "false"}, 400),  # Go's decoder refuses a string for a bool
+        ({**user("x"), "truncate": "yes"}, 400),
+        ({**user("x"), "shift": 1}, 400),
     ],
 )
 def test_request_errors_have_ollama_shape(client, body, status):
     r = client.post("/api/chat", json=body)
     assert r.status_code == status
     assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+
+
+def test_null_fields_keep_their_defaults(client):
+    # As Go's decoder: a JSON null leaves the field unset (stream stays true, content empty).
+    body = {**user("x"), "stream": None, "truncate": None, "options": None, "format": None}
+    assert (
+        client.post("/api/chat", json=body)
+        .headers["content-type"]
+        .startswith("application/x-ndjson")
+    )
+    msgs = [{"role": "user", "content": None}]
+    r = client.post("/api/chat", json={"model": FAKE_MODEL, "messages": msgs, "stream": False})
+    assert r.status_code == 200, r.text
+    r = client.post("/api/generate", json={"model": FAKE_MODEL, "prompt": "x", "raw": None})
+    assert r.status_code == 200, r.text
 
 
 def test_bad_json_and_empty_body(client):
