@@ -57,22 +57,23 @@ class BatchKVCache(mlx_cache.BatchKVCache):
                 return k, v
         return super().update_and_fetch(keys, values)
 
-    def decode_slot(self) -> tuple[mx.array, mx.array, mx.array, int] | None:
-        """For an op that writes one decode position itself (models/fused_block.py): the
-        buffers, offset and position (keys, values, offset, idx) to write at; None where there
-        is no room (mlx-lm's update grows the buffers). The cache then takes the op's results
-        with `adopt_slot`."""
-        if self.keys is None or self._idx >= self.keys.shape[2]:
+    def decode_slot(self, n: int = 1) -> tuple[mx.array, mx.array, mx.array, int] | None:
+        """For an op that writes `n` positions a row itself (a decode step's one, a verify
+        pass's token and drafts: models/fused_block.py, fused_stack.py): the buffers, offset
+        and first position (keys, values, offset, idx) to write at; None where there is no room
+        (mlx-lm's update grows the buffers). The cache then takes the op's results with
+        `adopt_slot`."""
+        if self.keys is None or self._idx + n > self.keys.shape[2]:
             return None
         return self.keys, self.values, self.offset, self._idx
 
-    def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
-        """The buffers with the position `decode_slot` gave written, and the offset after it
-        (one array for every layer's cache of a fused stack: replaced, never changed in place,
-        as mlx-lm's batch cache does)."""
+    def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array, n: int = 1) -> None:
+        """The buffers with the `n` positions `decode_slot` gave written, and the offset after
+        them (one array for every layer's cache of a fused stack: replaced, never changed in
+        place, as mlx-lm's batch cache does)."""
         self.keys, self.values = keys, values  # type: ignore[assignment]  # mlx-lm's None-typed
         self.offset = offset
-        self._idx += 1
+        self._idx += n
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
         # A decode step's one query position sees every key but its row's left padding: the

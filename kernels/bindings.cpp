@@ -217,8 +217,8 @@ NB_MODULE(_kernels, m) {
       "offset"_a,
       "idx"_a,
       "mask"_a.none(),
-      "Decoder layers' decode step in one op: [y, offset + 1, then each layer's keys and values"
-      " with the new k, v written at idx] (CPU; see kernels/decoder.h).");
+      "Decoder layers' step over T positions a row in one op: [y, offset + T, then each layer's"
+      " keys and values with the new k, v written from idx] (CPU; see kernels/decoder.h).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");

@@ -30,44 +30,64 @@ bool vec_f32(const mx::array& a, int n) {
   return a.dtype() == mx::float32 && a.ndim() == 1 && a.shape(0) == n;
 }
 
-// One layer of one decode step from x into y ([B, K] each), its cache's buffers (C positions)
-// taking the new keys and values at idx: attn_in, the write, attention, o_proj and the MLP,
-// with the unfused ops' sums (parts.h).
+// One layer of one step from x into y ([B, T, K] each: T query positions a row, a decode step's
+// one or a verify pass's drafts), its cache's buffers (C positions) taking the new keys and values
+// at idx .. idx + T - 1: attn_in, the write, attention, o_proj and the MLP over the B * T rows,
+// with the unfused ops' sums (parts.h). Each row's sums do not depend on the other rows, so a
+// position gives the bits a one-position step there gives.
 void run_layer(
-    const LayerPlan& L, const float* x, float* y, float* const* bufs, int B, int C, int idx,
-    const int32_t* off, const Job& masked) {
-  const int K = L.K, Hq = L.Hq, Hk = L.Hk, D = L.D, Dv = L.Dv;
-  std::vector<float> q(static_cast<size_t>(B) * Hq * D), k(static_cast<size_t>(B) * Hk * D),
-      v(static_cast<size_t>(B) * Hk * Dv);
+    const LayerPlan& L, const float* x, float* y, float* const* bufs, int B, int T, int C, int idx,
+    const int32_t* pos, const Job& masked) {
+  const int K = L.K, Hq = L.Hq, Hk = L.Hk, D = L.D, Dv = L.Dv, M = B * T;
+  std::vector<float> q(static_cast<size_t>(M) * Hq * D), k(static_cast<size_t>(M) * Hk * D),
+      v(static_cast<size_t>(M) * Hk * Dv);
   float* ys[3] = {q.data(), k.data(), v.data()};
   attn_in_rows(
-      L.W, x, L.n1, L.eps1, B, Hq, Hk, off, B > 1, L.qn, L.kn, L.bias[0] ? L.bias : nullptr,
+      L.W, x, L.n1, L.eps1, M, Hq, Hk, pos, M > 1, L.qn, L.kn, L.bias[0] ? L.bias : nullptr,
       L.rope, ys);
   const int dk[2] = {D, Dv};
-  for (int i = 0; i < 2; ++i) {
-    for (int r = 0; r < B * Hk; ++r) {
-      std::memcpy(bufs[i] + (static_cast<size_t>(r) * C + idx) * dk[i],
-                  ys[1 + i] + static_cast<size_t>(r) * dk[i], sizeof(float) * dk[i]);
+  for (int i = 0; i < 2; ++i) { // [B, T, Hk, d] into [B, Hk, C, d] at idx + t
+    for (int b = 0; b < B; ++b) {
+      for (int t = 0; t < T; ++t) {
+        for (int g = 0; g < Hk; ++g) {
+          std::memcpy(bufs[i] + ((static_cast<size_t>(b) * Hk + g) * C + idx + t) * dk[i],
+                      ys[1 + i] + ((static_cast<size_t>(b) * T + t) * Hk + g) * dk[i],
+                      sizeof(float) * dk[i]);
+        }
+      }
     }
   }
-  // Attention over the buffers' first idx + 1 positions, as decode_attention reads the views.
-  std::vector<float> attn(static_cast<size_t>(B) * Hq * Dv);
+  // Attention over the buffers' first idx + T positions, as decode_attention reads the views.
+  std::vector<float> attn(static_cast<size_t>(M) * Hq * Dv);
   const int64_t cs = C;
   Job j = masked;
-  j.q = {q.data(), static_cast<int64_t>(Hq) * D, D, D};
+  j.q = {q.data(), static_cast<int64_t>(T) * Hq * D, D, static_cast<int64_t>(Hq) * D};
   j.k = {bufs[0], Hk * cs * D, cs * D, D};
   j.v = {bufs[1], Hk * cs * Dv, cs * Dv, Dv};
   j.out = attn.data();
-  j.B = B, j.Hq = Hq, j.Hk = Hk, j.L = 1, j.T = idx + 1, j.D = D, j.Dv = Dv;
+  j.B = B, j.Hq = Hq, j.Hk = Hk, j.L = T, j.T = idx + T, j.D = D, j.Dv = Dv;
   j.scale = L.attn_scale, j.causal = false;
   attention_rows(j);
+  if (T > 1) { // [B, Hq, T, Dv] as [B, T, Hq * Dv], the rows o_proj reads
+    std::vector<float> rows(attn.size());
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < Hq; ++h) {
+        for (int t = 0; t < T; ++t) {
+          std::memcpy(rows.data() + ((static_cast<size_t>(b) * T + t) * Hq + h) * Dv,
+                      attn.data() + ((static_cast<size_t>(b) * Hq + h) * T + t) * Dv,
+                      sizeof(float) * Dv);
+        }
+      }
+    }
+    attn.swap(rows);
+  }
   // h = x + o_proj(attn), then y = h + mlp(rms_norm(h)): qmm_add's and mlp_residual's sums.
-  std::vector<float> h(static_cast<size_t>(B) * K);
-  qmm_rows(L.W[3], attn.data(), B, h.data());
+  std::vector<float> h(static_cast<size_t>(M) * K);
+  qmm_rows(L.W[3], attn.data(), M, h.data());
   for (size_t i = 0; i < h.size(); ++i) {
     h[i] = x[i] + h[i];
   }
-  mlp_residual_rows(L.W[4], L.W[5], L.W[6], false, h.data(), L.n2, nullptr, L.eps2, B, y);
+  mlp_residual_rows(L.W[4], L.W[5], L.W[6], false, h.data(), L.n2, nullptr, L.eps2, M, y);
 }
 
 } // namespace
@@ -170,20 +190,20 @@ std::vector<mx::array> decoder_stack(
   const size_t n = plans.size();
   require(n >= 1 && keys.size() == n && values.size() == n, "a cache's keys and values a layer");
   const int K = plans[0]->K;
-  require(x.dtype() == mx::float32 && x.ndim() == 3 && x.shape(1) == 1 && x.shape(2) == K,
-          "float32 x [B, 1, K]");
-  const int B = x.shape(0), C = keys[0].ndim() == 4 ? keys[0].shape(2) : 0;
+  require(x.dtype() == mx::float32 && x.ndim() == 3 && x.shape(1) >= 1 && x.shape(2) == K,
+          "float32 x [B, T, K]");
+  const int B = x.shape(0), T = x.shape(1), C = keys[0].ndim() == 4 ? keys[0].shape(2) : 0;
   require(offset.dtype() == mx::int32 && offset.ndim() == 1 && offset.shape(0) == B,
           "int32 offset [B]");
-  require(idx >= 0 && idx < C, "the position written inside the buffers");
+  require(idx >= 0 && idx + T <= C, "the positions written inside the buffers");
   std::vector<mx::Shape> shapes = {x.shape(), offset.shape()};
   std::vector<mx::Dtype> dtypes = {mx::float32, mx::int32};
   std::vector<mx::array> inputs = {x, offset};
   if (mask) {
     const auto& m = *mask;
     require(m.dtype() == mx::bool_ && m.ndim() == 4 && (m.shape(0) == 1 || m.shape(0) == B) &&
-                m.shape(1) == 1 && m.shape(2) == 1 && m.shape(3) == idx + 1,
-            "mask bool [B or 1, 1, 1, idx + 1]");
+                m.shape(1) == 1 && m.shape(2) == T && m.shape(3) == idx + T,
+            "mask bool [B or 1, 1, T, idx + T]");
     inputs.push_back(m);
   }
   for (size_t i = 0; i < n; ++i) {
@@ -239,7 +259,7 @@ void DecoderStack::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
                 y = outputs[0].data<float>(), off_out = outputs[1].data<int32_t>(),
                 arrs = weak_copies(inputs)]() {
     const auto& x0 = arrs[kX];
-    const int B = x0.shape(0), K = plans[0]->K, C = arrs[first].shape(2);
+    const int B = x0.shape(0), T = x0.shape(1), K = plans[0]->K, C = arrs[first].shape(2);
     std::vector<char> xt, ot;
     const float* x = x0.flags().row_contiguous ? x0.data<float>()
                                                 : reinterpret_cast<const float*>((xt = packed_copy(x0)).data());
@@ -252,7 +272,7 @@ void DecoderStack::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
       const auto& m = arrs[2];
       masked.mask = m.data<bool>();
       masked.msb = m.shape(0) == 1 ? 0 : m.strides()[0];
-      masked.msl = 0;
+      masked.msl = T == 1 ? 0 : m.strides()[2];
       masked.mst = m.strides()[3];
     }
     for (size_t i = 0; i < copy.size(); ++i) {
@@ -260,18 +280,25 @@ void DecoderStack::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
         write_rows(arrs[first + i], reinterpret_cast<char*>(bufs[i]), C, 0);
       }
     }
+    // Position t of row b at off[b] + t (rows of a left-padded batch start apart).
+    std::vector<int32_t> pos(static_cast<size_t>(B) * T);
+    for (int b = 0; b < B; ++b) {
+      for (int t = 0; t < T; ++t) {
+        pos[static_cast<size_t>(b) * T + t] = off[b] + t;
+      }
+    }
     // Layer by layer through two scratch rows; the last writes y.
-    std::vector<float> h[2] = {std::vector<float>(static_cast<size_t>(B) * K),
-                               std::vector<float>(static_cast<size_t>(B) * K)};
+    std::vector<float> h[2] = {std::vector<float>(static_cast<size_t>(B) * T * K),
+                               std::vector<float>(static_cast<size_t>(B) * T * K)};
     const float* in = x;
     for (size_t l = 0; l < plans.size(); ++l) {
       float* out = l + 1 == plans.size() ? y : h[l % 2].data();
       float* kv[2] = {bufs[2 * l], bufs[2 * l + 1]};
-      run_layer(*plans[l], in, out, kv, B, C, idx, off, masked);
+      run_layer(*plans[l], in, out, kv, B, T, C, idx, pos.data(), masked);
       in = out;
     }
     for (int b = 0; b < B; ++b) {
-      off_out[b] = off[b] + 1;
+      off_out[b] = off[b] + T;
     }
   });
 }

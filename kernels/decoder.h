@@ -52,13 +52,14 @@ std::shared_ptr<LayerPlan> layer_plan(
     const std::optional<mx::array>& k_bias = std::nullopt,
     const std::optional<mx::array>& v_bias = std::nullopt);
 
-// The layers of `plans` in turn from x [B, 1, K] float32. keys[i] [B, Hk, C, D] and values[i]
-// [B, Hk, C, Dv]: layer i's cache's float32 buffers (one C for all); offset int32 [B] the rows'
-// positions and idx < C the position written (one batch: every layer's cache holds the same
-// positions). mask: bool [B or 1, 1, 1, idx + 1] (false: a key not attended) or none.
-// Returns [y [B, 1, K], offset + 1, then per layer its keys and values with the new k, v at
-// position idx]; a buffer is written in place when MLX may donate it (as kv_update does), else
-// copied.
+// The layers of `plans` in turn from x [B, T, K] float32: T query positions a row (a decode
+// step's one, or a verify pass's token and drafts), each computed as a one-position step there
+// computes it. keys[i] [B, Hk, C, D] and values[i] [B, Hk, C, Dv]: layer i's cache's float32
+// buffers (one C for all); offset int32 [B] the rows' positions and idx (idx + T <= C) the first
+// position written (one batch: every layer's cache holds the same positions). mask: bool
+// [B or 1, 1, T, idx + T] (false: a key not attended) or none. Returns [y [B, T, K], offset + T,
+// then per layer its keys and values with the new k, v at positions idx .. idx + T - 1]; a buffer
+// is written in place when MLX may donate it (as kv_update does), else copied.
 std::vector<mx::array> decoder_stack(
     const std::vector<std::shared_ptr<LayerPlan>>& plans,
     const mx::array& x,

@@ -220,29 +220,32 @@ def decoder_stack(
     idx: int,
     mask: Any,
 ) -> list[mx.array] | None:
-    """Decoder layers' decode step in one op on the CPU from x [B, 1, K]: layer i (`plans[i]`
-    from layer_plan) with its cache's float32 buffers keys[i] [B, Hk, C, D] and values[i]
-    [B, Hk, C, Dv] (one dtype for all: the first layer's is checked here), the rows' positions
-    `offset` (int32 [B]: one batch, every layer's cache holds the same ones), the position
-    idx < C written and `mask` None or a bool key mask [B or 1, 1, 1, idx + 1]. Returns [y,
-    offset + 1, then each layer's keys and values with the new position written], as attn_in,
-    the cache's kv_update, decode_attention, qmm_add and mlp_residual give them layer by layer.
-    None where the extension cannot run it."""
-    if isinstance(mask, str) and mask == "causal":
+    """Decoder layers' step in one op on the CPU from x [B, T, K] (a decode step's one position
+    a row, or a verify pass's T, each computed as a one-position step there computes it): layer
+    i (`plans[i]` from layer_plan) with its cache's float32 buffers keys[i] [B, Hk, C, D] and
+    values[i] [B, Hk, C, Dv] (one dtype for all: the first layer's is checked here), the rows'
+    positions `offset` (int32 [B]: one batch, every layer's cache holds the same ones), the
+    first position idx written (idx + T <= C) and `mask` None or a bool key mask [B or 1, 1, T,
+    idx + T]. Returns [y, offset + T, then each layer's keys and values with the new positions
+    written], as attn_in, the cache's kv_update, decode_attention, qmm_add and mlp_residual give
+    them layer by layer. None where the extension cannot run it, and from BLAS_ROWS rows B * T
+    on (those matmuls go to the BLAS)."""
+    if isinstance(mask, str) and mask == "causal" and x.ndim == 3 and x.shape[1] == 1:
         mask = None  # one query position: the last one sees every key
-    if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[1] == 1):
+    if not (_fast(x) and _ext is not None and x.ndim == 3 and x.shape[0] * x.shape[1] < BLAS_ROWS):
         return None
     if offset.dtype != mx.int32 or offset.ndim != 1:
         return None
     k0, v0 = keys[0], values[0]
     if k0.dtype != mx.float32 or v0.dtype != mx.float32 or k0.ndim != 4:
         return None
-    if not 0 <= idx < k0.shape[2]:
+    T = x.shape[1]
+    if not 0 <= idx <= k0.shape[2] - T:
         return None
     if mask is not None and not (
         isinstance(mask, mx.array)
         and mask.dtype == mx.bool_
-        and mask.shape[1:] == (1, 1, idx + 1)
+        and mask.shape[1:] == (1, T, idx + T)
         and mask.shape[0] in (1, x.shape[0])
     ):
         return None

@@ -97,7 +97,7 @@ def test_decoder_layer_leaves_what_it_cannot_take() -> None:
     assert layer(x, (keys, keys, off.astype(mx.int64), 2)) is None
     half = keys.astype(mx.float16)
     assert layer(x, (half, half, off, 2)) is None
-    assert layer(mx.ones((1, 2, K)), (keys, keys, off, 2)) is None  # two positions
+    assert layer(mx.ones((1, 2, K)), (keys, keys, off, 3)) is None  # no room for the second
     window = mx.ones((1, 1, 1, 2), dtype=mx.bool_)  # not idx + 1 keys
     assert layer(x, (keys, keys, off, 2), window) is None
     assert layer(x, (keys, keys, off, 2), "causal") is not None

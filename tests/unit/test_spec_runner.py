@@ -156,13 +156,16 @@ def test_sliding_window_models_do_not_speculate():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits, every_draft):
+@pytest.mark.parametrize("stack", [False, True])
+def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits, stack, every_draft):
     """Drafts verified on the kernels as the loader sets them up (a few query positions through
-    the layers' own sequence) give the tokens of decoding one at a time (fused blocks)."""
+    the layers' own sequence, or with the fused stack as its one op over them) give the tokens
+    of decoding one at a time (fused blocks, fused stack)."""
     from models import qkernels
     from models.fused_block import fuse_blocks
     from models.fused_layers import fuse_for_cpu
     from models.fused_mlp import fuse_mlps
+    from models.fused_stack import fuse_stacks
     from models.quant_layers import quantize_for_cpu
 
     if not qkernels.available():
@@ -173,6 +176,7 @@ def test_speculation_changes_no_token_on_the_fused_cpu_layers(bits, every_draft)
     quantize_for_cpu(model, "as_stored")
     fuse_mlps(model)
     assert fuse_for_cpu(model) > 0 and fuse_blocks(model) > 0
+    assert not stack or fuse_stacks(model) == 1
     plain = Harness(model).run(requests(), every=2)
     h = Harness(model)
     h.scheduler.config.speculative = "on"
