@@ -37,13 +37,15 @@ LEARN_WEIGHT = 0.05
 SKIP_DECAY = 0.9
 RETRY_RATE = 0.75
 RETRY_STEPS = 256
-# A verify pass's cost in units of c, one row-position's: a one-position step of B rows costs
-# STEP_BASE + B, a pass of width W adds VERIFY_FIXED (the layers' own sequence, not the fused
-# one-position block) + B * W. Measured on the CPU kernels (SmolLM2 Q4_1, one thread, CPU time,
-# 2026-11-30): 12.9 / 19.4 / 22.5 / 29.0 / 41.6 ms for 1 row at W = 0 / 1 / 2 / 4 / 8, 17.7 /
-# 27.7 / 86.1 for 2 rows at W = 0 / 1 / 8, 23.7 / 42.4 / 152.1 for 4: c ~ 3.2-4.2 ms.
-STEP_BASE = 3.0
-VERIFY_FIXED = 1.0
+# A pass's cost in units of c, one row-position's: a one-position step of B rows costs
+# STEP_BASE + B, and a verify pass of width W (1 + W positions a row) B * W more: the fused
+# stack runs it as one op (models/fused_stack.py), with no fixed cost of its own. Measured on
+# the CPU kernels (SmolLM2 Q4_1, 1/2/4 left-padded rows at ~300 positions, 1 + W = 1..9, the
+# server's two threads, wall clock, in-process interleaved medians, load ~2, 2026-11-30): 9.1 /
+# 11.7 / 14.3 / 16.8 / 18.5 / 20.6 / 24.2 / 25.5 / 29.8 ms for one row; a least-squares fit over
+# all gives c ~ 2.5-2.7 ms, STEP_BASE ~ 2.2-2.7 and no fixed verify cost (-0.1 to 0). On one
+# thread (CPU time) c ~ 3.7-4.1 ms, STEP_BASE ~ 1.7.
+STEP_BASE = 2.5
 
 
 def speculates(mode: str, running: int) -> bool:
@@ -59,10 +61,9 @@ def fit_width(
     the rows of the decode batch. Every row computes as many positions as the widest draft
     (filler where it drafted less). The width that yields most tokens per unit of time wins,
     the narrowest on a tie: B rows yield B + their expected accepted drafts in STEP_BASE + B
-    (+ VERIFY_FIXED + B * W when W > 0). A row alone drafts from a = 0.5 a token (a 2-token
-    draft from 0.53, 4 from 0.6; at 0.9 all 8), 2 rows both drafting from ~0.7, 4 rows only
-    copying (0.9 and up). `positions` (0: none) caps B (1 + W), the runner's bound for exact
-    verification."""
+    + B * W. A row alone drafts from a = 0.29 a token (2 tokens from 0.6, 4 from 0.84, all 8
+    from 0.95), 2 rows both drafting from 0.45, 4 rows from 0.62. `positions` (0: none) caps
+    B (1 + W), the runner's bound for exact verification."""
     top = max(drafts, default=0)
     if positions:
         top = max(0, min(top, positions // max(1, rows) - 1))
@@ -70,7 +71,7 @@ def fit_width(
 
     def tokens_per_cost(width: int) -> float:
         accepted = sum(expected(r, min(d, width)) for d, r in zip(drafts, rates))
-        cost = STEP_BASE + rows + (VERIFY_FIXED + rows * width if width else 0.0)
+        cost = STEP_BASE + rows * (1 + width)
         return (rows + accepted) / cost
 
     return max(range(top + 1), key=lambda w: (tokens_per_cost(w), -w))
