@@ -60,12 +60,26 @@ class BatchKVCache(mlx_cache.BatchKVCache):
     def decode_slot(self, n: int = 1) -> tuple[mx.array, mx.array, mx.array, int] | None:
         """For an op that writes `n` positions a row itself (a decode step's one, a verify
         pass's token and drafts: models/fused_block.py, fused_stack.py): the buffers, offset
-        and first position (keys, values, offset, idx) to write at; None where there is no room
-        (mlx-lm's update grows the buffers). The cache then takes the op's results with
-        `adopt_slot`."""
-        if self.keys is None or self._idx + n > self.keys.shape[2]:
+        and first position (keys, values, offset, idx) to write at, the buffers grown first
+        where there is no room (as mlx-lm's update grows them); None before the first update.
+        The cache then takes the op's results with `adopt_slot`."""
+        if self.keys is None:
             return None
+        if self._idx + n > self.keys.shape[2]:
+            self._grow(n)
         return self.keys, self.values, self.offset, self._idx
+
+    def _grow(self, n: int) -> None:
+        # mlx-lm's update_and_fetch's growth: whole steps of zeros past what is written.
+        held: tuple[mx.array, mx.array] = (self.keys, self.values)  # type: ignore[assignment]
+        idx, steps = self._idx, (self.step + n - 1) // self.step * self.step
+        grown = []
+        for buf in held:
+            B, H, _, D = buf.shape
+            grown.append(
+                mx.concatenate([buf[..., :idx, :], mx.zeros((B, H, steps, D), buf.dtype)], 2)
+            )
+        self.keys, self.values = grown  # type: ignore[assignment]  # mlx-lm's None-typed
 
     def adopt_slot(self, keys: mx.array, values: mx.array, offset: mx.array, n: int = 1) -> None:
         """The buffers with the `n` positions `decode_slot` gave written, and the offset after

@@ -129,9 +129,9 @@ def _run(model, cls, widths: list[int], stream: list[list[int]]) -> list[mx.arra
 
 @pytest.mark.parametrize("kind,bits,fmt", [("llama", 4, "as_stored"), ("qwen3", 4, "as_stored")])
 def test_verify_passes_give_one_token_steps_bits(kind, bits, fmt, monkeypatch) -> None:
-    """Passes of 1 to 5 positions over 80 tokens a row (the buffers grow past 64 on the way:
-    a pass without room runs the layers' own sequence): each position's logits are the
-    one-token steps', bit for bit, and the unfused layers' too; the stack ran the wide ones."""
+    """Passes of 1 to 5 positions over 80 tokens a row (the buffers grow past 64 on the way,
+    in the slot a pass without room asks for): each position's logits are the one-token
+    steps', bit for bit, and the unfused layers' too; the stack ran every pass."""
     widths_seen = []
     ext = qkernels._ext
 
@@ -151,9 +151,25 @@ def test_verify_passes_give_one_token_steps_bits(kind, bits, fmt, monkeypatch) -
     stream = mx.random.randint(0, 250, (len(PROMPTS), 80)).tolist()
     widths = [1, 3, 5, 2, 4] * 5 + [1] * 5
     ref = mx.concatenate(_run(model, BatchKVCache, [1] * sum(widths), stream), axis=1)
-    assert set(widths_seen) == {1}
+    assert widths_seen == [1] * sum(widths)
     got = mx.concatenate(_run(model, BatchKVCache, widths, stream), axis=1)
-    assert {3, 5, 2, 4} <= set(widths_seen)
+    assert widths_seen[sum(widths) :] == widths  # every pass one op, growing ones too
     assert mx.array_equal(ref, got).item()
     unfused = mx.concatenate(_run(model, _Unfused, widths, stream), axis=1)
     assert mx.array_equal(unfused, got).item()
+
+
+@pytest.mark.parametrize("held,n", [(5, 60), (64, 1), (60, 70)])
+def test_a_slot_without_room_grows_the_buffers_as_mlx_lms_update(held, n) -> None:
+    mx.random.seed(held + n)
+    k, v = mx.random.normal((2, 3, held, 8)), mx.random.normal((2, 3, held, 4))
+    mlx_lms = type("Steps", (mlx_cache.BatchKVCache,), {"step": BatchKVCache.step})
+    ours, theirs = BatchKVCache([1, 0]), mlx_lms([1, 0])
+    for c in (ours, theirs):
+        c.update_and_fetch(k, v)
+    slot = ours.decode_slot(n)
+    assert slot is not None and slot[3] == held
+    theirs.update_and_fetch(mx.zeros((2, 3, n, 8)), mx.zeros((2, 3, n, 4)))
+    for a, b in ((slot[0], theirs.keys), (slot[1], theirs.values)):
+        assert a.shape == b.shape and mx.array_equal(a, b).item()
+    assert mx.array_equal(slot[2], ours.offset).item() and ours.offset.tolist() == [held - 1, held]
