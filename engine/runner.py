@@ -68,7 +68,8 @@ class ModelRunner:
         self.trimmable = trimmable(make_cache())
         # Whether verifying drafts is cheap: on a GPU a decode step reads the weights once for
         # every position; on the CPU when attention runs them on mlxd's kernel (SmolLM2 Q4_1,
-        # 2 cores: 4 drafts add ~0.5 of a step; on MLX's SDPA each added nearly a whole step).
+        # 2 cores, fused stack: 4 drafts add ~1 step to a one-token step's ~9 ms; on MLX's SDPA
+        # each added nearly a whole step).
         # `speculative = "auto"` leaves speculation off elsewhere.
         self.cheap_positions = mx.default_device() == mx.gpu or verifies_cheaply(model)
         # A verify pass computes each position as a decode step would only while mlxd's CPU
