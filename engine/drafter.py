@@ -46,6 +46,11 @@ RETRY_STEPS = 256
 # all gives c ~ 2.5-2.7 ms, STEP_BASE ~ 2.2-2.7 and no fixed verify cost (-0.1 to 0). On one
 # thread (CPU time) c ~ 3.7-4.1 ms, STEP_BASE ~ 1.7.
 STEP_BASE = 2.5
+# A step drafts only where the cost model promises this much more speed than not drafting: the
+# constants are wall-clock fits on an idle machine, and on a busy one an extra position costs
+# more (the one-thread fit above). A sampled chat's ~0.3 a token, at break-even by the fit,
+# measured 0.92-1.19x of not drafting (make bench-spec, load 1.5-6): it no longer drafts.
+MIN_GAIN = 0.05
 
 
 def speculates(mode: str, running: int) -> bool:
@@ -61,9 +66,9 @@ def fit_width(
     the rows of the decode batch. Every row computes as many positions as the widest draft
     (filler where it drafted less). The width that yields most tokens per unit of time wins,
     the narrowest on a tie: B rows yield B + their expected accepted drafts in STEP_BASE + B
-    + B * W. A row alone drafts from a = 0.29 a token (2 tokens from 0.6, 4 from 0.84, all 8
-    from 0.95), 2 rows both drafting from 0.45, 4 rows from 0.62. `positions` (0: none) caps
-    B (1 + W), the runner's bound for exact verification."""
+    + B * W, if that beats not drafting by MIN_GAIN. A row alone drafts from a = 0.35 a token
+    (2 tokens from 0.6, 4 from 0.83, all 8 from 0.95), 2 rows both drafting from 0.52, 4 rows
+    from 0.7. `positions` (0: none) caps B (1 + W), the runner's bound for exact verification."""
     top = max(drafts, default=0)
     if positions:
         top = max(0, min(top, positions // max(1, rows) - 1))
@@ -74,7 +79,8 @@ def fit_width(
         cost = STEP_BASE + rows * (1 + width)
         return (rows + accepted) / cost
 
-    return max(range(top + 1), key=lambda w: (tokens_per_cost(w), -w))
+    best = max(range(top + 1), key=lambda w: (tokens_per_cost(w), -w))
+    return best if tokens_per_cost(best) >= (1 + MIN_GAIN) * tokens_per_cost(0) else 0
 
 
 def expected(rate: float, drafted: int) -> float:
