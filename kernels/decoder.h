@@ -22,7 +22,12 @@ namespace mx = mlx::core;
 // A layer's weights (evaluated, row-contiguous: MLX arrays never change, so the plan reads them
 // as graph inputs would be read) and settings, checked once. The op holds the plan while it
 // runs; its graph nodes carry only what changes from step to step.
-struct LayerPlan {
+// enable_shared_from_this: the plans a step's op holds then share C++ ownership with the Python
+// objects. Without it nanobind hands C++ a shared_ptr whose deleter takes the GIL, and MLX's
+// stream thread dropped the op's plans one GIL acquisition each (waiting up to the switch
+// interval behind any Python thread every time, and deadlocking with a thread that holds the GIL
+// while it synchronizes the streams, as mx.clear_cache() does).
+struct LayerPlan : std::enable_shared_from_this<LayerPlan> {
   std::vector<mx::array> arrays; // the 23 weight arrays, then the q/k norm weights and biases
   QWeight W[7]; // q, k, v, o, gate, up, down
   const float *n1, *n2, *qn, *kn, *bias[3];

@@ -227,3 +227,27 @@ def test_batched_equals_single_with_fused_blocks(kind, bits: int | None, fmt: st
     assert fuse_blocks(model) == 2
     alone, batched = alone_and_batched(model, prompts(5, seed=4))
     assert batched == alone
+
+
+def test_a_stack_op_holds_its_plans_without_python_references() -> None:
+    """The decoder stack's op shares its layers' plans with their Python objects in C++ only: a
+    Python reference held by the op would be dropped by MLX's stream thread when the op is freed,
+    each one taking the GIL there (waiting behind any thread that holds it: a model load's, or
+    one synchronizing the streams with it held, a deadlock)."""
+    import sys
+
+    model = _on_kernels(_tiny(4), "as_stored")
+    fuse_blocks(model)
+    plans = [layer._plan() for layer in model.layers]
+    assert None not in plans
+    attn = model.layers[0].self_attn
+    hk, d = attn.n_kv_heads, model.args.hidden_size // model.args.num_attention_heads
+    keys = [mx.zeros((1, hk, 8, d)) for _ in plans]
+    values = [mx.zeros((1, hk, 8, d)) for _ in plans]
+    x = mx.random.normal((1, 1, model.args.hidden_size))
+    before = [sys.getrefcount(p) for p in plans]
+    out = qkernels.decoder_stack(plans, x, keys, values, mx.array([0], dtype=mx.int32), 0, None)
+    assert out is not None
+    assert [sys.getrefcount(p) for p in plans] == before  # the lazy op holds no Python reference
+    mx.eval(out)
+    assert out[0].shape == x.shape
