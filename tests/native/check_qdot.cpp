@@ -223,7 +223,8 @@ void qdot_checks() {
   int i = 0;
   for (int bits : {4, 8}) {
     for (int K : {32, 96, 128, 256, 288, 576, 800}) {
-      for (int M : {1, 2, 5, 9}) {
+      // 19 rows: three tiles of 7, 6 and 6 where a tile holds up to 9 (qdot_i8.cpp)
+      for (int M : {1, 2, 5, 9, 19}) {
         check_qdot(M, 1 + (K + M) % 7 + (M == 9 ? 6 : 0), K, bits, types[i++ % 3]);
       }
     }
