@@ -1,6 +1,6 @@
 // Attention: per (row, kv head, query position), the keys the mask (and for a causal prefill
 // chunk, the position) lets through are gathered in cache order, scored for the head's R query
-// heads at once (each key row is loaded once for the GQA group), and folded into an online
+// heads (each key row loaded once for up to 4 heads of the GQA group), and folded into an online
 // softmax block by block (running max, rescaled sums), with the vectorized exp of vexp.h. Blocks
 // count attended keys only, so a row's sums run in the same order whatever padding the batch
 // gives it: a row gets the same bits alone or in a batch, and a position verified among a few
@@ -66,30 +66,39 @@ inline void scale_axpy(float* y, float a, float p, const float* x, int n) {
 }
 
 // ---- the kernel ------------------------------------------------------------------------------
-// Scores of one query head (q, scaled) against a block of keys. ND: vectors per head row, the
-// row held in registers; 0: any head size.
-template <int ND>
+// Scores of one query head (q, scaled) against a block of keys, for any head size.
 void block_scores(const Job& j, int b, int g, const int* keys, int nb, const float* q, float* s) {
-  if constexpr (ND == 0) {
-    for (int jj = 0; jj < nb; ++jj) {
-      s[jj] = dot(q, j.k.at(b, g, keys[jj]), j.D);
-    }
-  } else {
+  for (int jj = 0; jj < nb; ++jj) {
+    s[jj] = dot(q, j.k.at(b, g, keys[jj]), j.D);
+  }
+}
+
+// Scores of R query heads (qs [R, D], scaled) against a block of keys, into s [R, kBlock]. ND:
+// vectors per head row; each key row is loaded once for up to 4 heads of its group (the key
+// streamed from L2 once, not once a head), each head's sum in one order.
+template <int ND>
+void group_scores(
+    const Job& j, int b, int g, const int* keys, int nb, const float* qs, int R, float* s) {
 #if defined(MLXD_SIMD)
-    vec qv[ND];
-    for (int i = 0; i < ND; ++i) {
-      qv[i] = vload(q + i * kLanes);
-    }
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    const int rn = std::min(4, R - r0);
     for (int jj = 0; jj < nb; ++jj) {
       const float* kt = j.k.at(b, g, keys[jj]);
-      vec a = vzero();
+      vec kv[ND];
       for (int i = 0; i < ND; ++i) {
-        a = vfma(qv[i], vload(kt + i * kLanes), a);
+        kv[i] = vload(kt + i * kLanes);
       }
-      s[jj] = vsum(a);
+      for (int r = 0; r < rn; ++r) {
+        const float* q = qs + (r0 + r) * j.D;
+        vec a = vzero();
+        for (int i = 0; i < ND; ++i) {
+          a = vfma(vload(q + i * kLanes), kv[i], a);
+        }
+        s[(r0 + r) * kBlock + jj] = vsum(a);
+      }
     }
-#endif
   }
+#endif
 }
 
 // acc = acc * alpha + sum_jj p[jj] * v[keys[jj]] for one query head (same operations either way).
@@ -160,12 +169,17 @@ void attend(const Job& j, int b, int g, int pos) {
   for (int j0 = 0; j0 < n; j0 += kBlock) {
     const int nb = std::min(kBlock, n - j0);
     const int* kb = keys.data() + j0;
+    if constexpr (ND > 0) {
+      if (!uniform) {
+        group_scores<ND>(j, b, g, kb, nb, qs.data(), R, sc.data());
+      }
+    }
     for (int r = 0; r < R; ++r) {
       float* s = sc.data() + r * kBlock;
       if (uniform) {
         std::fill(s, s + nb, 0.f);
-      } else {
-        block_scores<ND>(j, b, g, kb, nb, qs.data() + r * D, s);
+      } else if constexpr (ND == 0) {
+        block_scores(j, b, g, kb, nb, qs.data() + r * D, s);
       }
       const float mn = std::max(m[r], *std::max_element(s, s + nb));
       const float alpha = j0 == 0 ? 1.f : vexp::exp1(m[r] - mn);

@@ -138,7 +138,7 @@ void attention_checks() {
       {2, 4, 4, 1, 19, 48, false, false}, {3, 8, 2, 3, 41, 32, true, true},
       {3, 9, 3, 5, 133, 64, true, true},  {2, 6, 2, 70, 90, 64, true, false},
       {3, 4, 2, 66, 150, 32, true, true}, {1, 2, 1, 1, 5, 4, false, false},
-      {2, 2, 1, 2, 9, 12, true, true},
+      {2, 2, 1, 2, 9, 12, true, true},    {2, 12, 2, 3, 70, 64, true, true}, // 6 heads a key: 4 + 2
   };
   for (const Case& c : cases) {
     check_case(c);
