@@ -168,6 +168,7 @@ class ModelManager:
         )
         self._step_bytes[loaded.name] = step_bytes, decode_bytes
         self._limit_cache()
+        self.memory.trim_heap()  # what the load freed (its tokenizer's parse, MLX's cache)
         return core
 
     def memory_in_use(self) -> tuple[int, int]:
