@@ -24,6 +24,7 @@ from engine.grammar import MaskFiller
 from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
+from engine.kv_memory import fit_to_prompt, settle
 from engine.sampling import RowState
 from engine.sequence import Sequence
 from engine.speculative import (
@@ -85,6 +86,7 @@ class ModelRunner:
         # kv_bytes() as of the caches' last change, for /metrics on its own thread: kept
         # current within a step too, as a long step's prefills add KV one batch at a time.
         self.kv_in_use = 0
+        self._rewritten = False  # the batch's caches were copied lazily (kv_memory.settle)
 
     # --- the step ---------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -138,6 +140,9 @@ class ModelRunner:
             inputs = draft_inputs(next_tokens, row_drafts)
         else:
             inputs = mx.concatenate(next_tokens)[:, None]
+        if self._rewritten:  # rows joined or left: one layer's copy at a time
+            settle(self.batch or [])
+            self._rewritten = False
         all_logits = self.model(inputs, cache=self.batch)
         logits = all_logits[:, 0, :]
         states = [self.states[sid] for sid in self.rows]
@@ -174,6 +179,7 @@ class ModelRunner:
         rejected, self._verified = self._verified.rejected(), None
         for c in self.batch or []:
             c.trim_rows(rejected)
+        self._rewritten = self._rewritten or any(rejected)
 
     @staticmethod
     def _full_mask(masks: np.ndarray, rows: list[int], batch: int) -> mx.array:
@@ -214,7 +220,7 @@ class ModelRunner:
             if sched.cached and self.prefix_cache is not None:
                 caches = self.prefix_cache.restore(seq.prefill_ids, sched.cached)
             if caches is None:
-                caches = self.make_cache()
+                caches = fit_to_prompt(self.make_cache())
                 if sched.start:  # an entry gone since admission: compute the prefix again
                     seq.num_cached = seq.metrics.cached_tokens = 0
                     prefix = mx.array([seq.prefill_ids[: sched.start]], dtype=mx.int32)
@@ -224,7 +230,7 @@ class ModelRunner:
             self._forget(seq.id)
             step.failed[seq.id] = row_failure(e)
             return
-        self.prefilling[seq.id] = caches
+        self.prefilling[seq.id] = fit_to_prompt(caches)  # restored ones too
 
     def _prefill(self, sched: ScheduledSeq, step: PendingStep) -> None:
         # KV only, never logits: the lm_head over every prompt position would be the largest
@@ -242,6 +248,7 @@ class ModelRunner:
                 if b < end:  # computed now (KV counted first): pieces never hold their
                     self._count_kv()  # transients at once
                     mx.async_eval([c.state[0] for c in caches if not c.empty()])
+            self._count_kv()  # the last piece's KV, computed as it joins (or next)
         except Exception as e:  # this sequence's own caches: the batch is untouched
             log.exception("prefill failed for request %s", seq.id)
             self._forget(seq.id)
@@ -333,6 +340,7 @@ class ModelRunner:
         else:
             for b, m in zip(self.batch, batch):
                 b.extend(m)
+        self._rewritten = True  # a copy of the joining rows' own caches, or of the whole batch
 
     def _score_prompt(self, seq: Sequence, start: int, logits: mx.array, step: PendingStep) -> None:
         # Position i predicts token i+1; the chunk's last position may predict past the prompt.
@@ -352,7 +360,7 @@ class ModelRunner:
     # --- leaving ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Drop every row and cache (after a failed shared pass left them in an unknown state)."""
-        self.rows, self.batch, self._verified = [], None, None
+        self.rows, self.batch, self._verified, self._rewritten = [], None, None, False
         self.prefilling, self.states, self.next_input = {}, {}, {}
         self.kv_in_use = 0
 
@@ -391,6 +399,7 @@ class ModelRunner:
             idx = mx.array(keep, dtype=mx.int32)
             for c in self.batch:
                 c.filter(idx)
+            self._rewritten = True
         return kept
 
     @property
