@@ -36,6 +36,8 @@ def settle(caches: list) -> None:
     """Compute a batch's per-layer caches one layer at a time, each layer's old arrays freed
     before the next layer's copy is made."""
     for c in caches:
-        arrays = [a for a in (getattr(c, "keys", None), getattr(c, "values", None)) if a is not None]
+        arrays = [
+            a for a in (getattr(c, "keys", None), getattr(c, "values", None)) if a is not None
+        ]
         if arrays:
             mx.eval(arrays)

@@ -21,10 +21,10 @@ import numpy as np
 
 from engine import prefill_plan
 from engine.grammar import MaskFiller
+from engine.kv_memory import fit_to_prompt, settle
 from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
-from engine.kv_memory import fit_to_prompt, settle
 from engine.sampling import RowState
 from engine.sequence import Sequence
 from engine.speculative import (

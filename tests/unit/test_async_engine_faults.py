@@ -230,3 +230,17 @@ async def test_after_startup_full_collections_walk_only_the_models_objects(tmp_p
     finally:
         gc.unfreeze()
         await engine.shutdown(drain_timeout=1.0)
+
+
+async def test_a_load_gives_the_heaps_free_pages_back_once(tmp_path):
+    make_tiny_model(tmp_path / "t")
+    engine = AsyncEngine(config(tmp_path, "t"))
+    trims: list[int] = []
+    engine.memory._trim = lambda: trims.append(1)  # glibc's malloc_trim, counted
+    engine._thread.start()
+    try:
+        for _ in range(3):
+            await engine.get_model("t")
+        assert trims == [1]  # after the load (its tokenizer's parse), not at every request
+    finally:
+        await engine.shutdown(drain_timeout=1.0)

@@ -1,12 +1,15 @@
-"""The KV the runner reports: its arrays' real sizes, kept current within a step."""
+"""The KV the runner reports: its arrays' real sizes, kept current within a step; prompt caches
+sized to their tokens; a batch's copies computed one layer at a time."""
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from engine import runner as runner_module
+from engine.kv_memory import PROMPT_STEP, fit_to_prompt, settle
 from engine.speculative import BatchKVCache
 from engine.types import GenerateRequest, SamplingParams
-from tests.unit.engine_harness import Harness, tiny_llama
+from tests.unit.engine_harness import Harness, tiny_gemma3, tiny_llama
 
 
 def test_kv_in_use_follows_the_caches_within_a_step():
@@ -55,3 +58,85 @@ def test_the_batch_cache_grows_in_small_steps_and_reports_its_capacity():
         room = batch.keys.shape[2] - batch.size()
         assert 0 <= room < BatchKVCache.step
         assert batch.nbytes == 2 * batch.keys.size * 4  # keys and values, float32
+
+
+def test_a_prefilling_sequences_own_caches_hold_its_tokens_and_no_more():
+    plain = fit_to_prompt(make_prompt_cache(tiny_llama()))
+    for n, total in ((5, 5), (3, 8)):  # a prompt in two pieces
+        for c in plain:
+            c.update_and_fetch(mx.ones((1, 2, n, 16)), mx.ones((1, 2, n, 16)))
+            assert c.keys.shape[2] == total and c.nbytes == 2 * total * 2 * 16 * 4
+    # Sliding-window layers keep mlx-lm's rotating caches as they are.
+    mixed = fit_to_prompt(make_prompt_cache(tiny_gemma3()))
+    rotating = [c for c in mixed if type(c) is not KVCache]
+    assert rotating and all(c.step == type(c).step for c in rotating)
+    assert all(c.step == PROMPT_STEP for c in mixed if type(c) is KVCache)
+
+
+def test_a_joining_prompts_kv_is_counted_before_it_is_computed():
+    h = Harness(tiny_llama(), budget=64)
+    counted: list[tuple[int, int]] = []
+    join = h.runner._join
+
+    def spy(seq, caches):
+        # The prefill is still lazy here: the caches' sizes are known, their values not yet.
+        counted.append((h.runner.kv_in_use, sum(c.nbytes for c in caches)))
+        join(seq, caches)
+
+    h.runner._join = spy  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    h.run(
+        [GenerateRequest(f"r{i}", "m", list(range(5, 30 + 7 * i)), params) for i in range(3)],
+        every=3,
+    )
+    assert len(counted) == 3
+    for in_use, own in counted:
+        assert own > 0 and in_use >= own
+
+
+def _settles(monkeypatch, h: Harness) -> list[tuple[tuple[str, ...], bool]]:
+    """(rows, whether the batch was settled first) of each decode step."""
+    log: list[tuple[tuple[str, ...], bool]] = []
+    calls: list[int] = []
+    monkeypatch.setattr(runner_module, "settle", lambda caches: (calls.append(1), settle(caches)))
+    decode = h.runner._decode
+
+    def spy(scheduled, step):
+        before = len(calls)
+        decode(scheduled, step)
+        log.append((tuple(h.runner.rows), len(calls) > before))
+
+    h.runner._decode = spy  # type: ignore[method-assign]
+    return log
+
+
+def test_the_batch_is_settled_before_a_decode_only_when_rows_joined_or_left(monkeypatch):
+    h = Harness(tiny_llama(), budget=64)
+    log = _settles(monkeypatch, h)
+    reqs = [
+        GenerateRequest(
+            f"r{i}",
+            "m",
+            list(range(5, 12 + i)),
+            SamplingParams(max_tokens=3 + 2 * i, temperature=0),
+        )
+        for i in range(5)
+    ]
+    h.run(reqs, every=2)
+    assert any(settled for _, settled in log) and not all(settled for _, settled in log)
+    previous: tuple[str, ...] = ()
+    for rows, settled in log:
+        assert settled == (rows != previous)
+        previous = rows
+
+
+def test_settling_changes_no_output(monkeypatch):
+    def outputs(settling: bool) -> dict[str, list[int]]:
+        if not settling:
+            monkeypatch.setattr(runner_module, "settle", lambda caches: None)
+        h = Harness(tiny_llama(), budget=64)
+        params = SamplingParams(max_tokens=8, temperature=0)
+        reqs = [GenerateRequest(f"r{i}", "m", list(range(5, 14 + 3 * i)), params) for i in range(6)]
+        return h.run(reqs, every=2)
+
+    assert outputs(True) == outputs(False)
