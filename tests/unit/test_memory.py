@@ -146,3 +146,36 @@ def test_the_cache_holds_no_more_than_a_share_of_what_the_models_hold() -> None:
     fixed.set_step_bytes(5 << 30)
     fixed.prefilling(True, held=100 << 20)
     assert fixed.cache_limit == 123 << 20  # the user's limit stands
+
+
+def test_steps_get_what_the_processs_own_memory_leaves_of_the_margin() -> None:
+    from engine.memory import MEMORY_MARGIN, MIN_TRANSIENT_CACHE, TRANSIENT_SHARE
+
+    g = MemoryGovernor(cache_limit=0, idle_release=1.0, ceiling=1 << 30)
+    g.set_step_bytes(300 << 20, 40 << 20)
+    held = 100 << 20
+    share = int(TRANSIENT_SHARE * held)
+    for own, budget in (
+        (0, share),  # within its share of the margin: the step keeps its own
+        (int((MEMORY_MARGIN - 2 * TRANSIENT_SHARE) * held), share),
+        (14 << 20, (int(MEMORY_MARGIN * held) - (14 << 20)) // 2),  # a tokenizer's 14 MB
+        (25 << 20, 0),  # the margin taken: prompts prefill in the smallest pieces
+    ):
+        g.own_bytes = own
+        assert g.transient_budget(held) == budget
+    assert budget == 0
+    g.prefilling(True, held)  # not started: nothing measured, the last figure stands
+    assert g.cache_limit == MIN_TRANSIENT_CACHE
+
+
+def test_the_processs_own_memory_leaves_out_mlxs_arrays_and_cache() -> None:
+    g = MemoryGovernor(cache_limit=0, idle_release=1.0, ceiling=1 << 30)
+    g.start()
+    weights = mx.ones((16 << 20,))  # 64 MB of MLX arrays: a model's, not the process's own
+    mx.eval(weights)
+    g.prefilling(True, held=1 << 30)
+    assert g.own_bytes < 32 << 20
+    tokenizer = b"x" * (64 << 20)  # 64 MB outside MLX, resident
+    g.prefilling(True, held=1 << 30)
+    assert g.own_bytes >= 60 << 20
+    del weights, tokenizer
