@@ -140,3 +140,20 @@ def test_settling_changes_no_output(monkeypatch):
         return h.run(reqs, every=2)
 
     assert outputs(True) == outputs(False)
+
+
+def test_a_settled_batch_holds_its_rows_only():
+    def filled(n: int) -> KVCache:
+        c = KVCache()
+        c.update_and_fetch(mx.ones((1, 2, n, 64)), mx.ones((1, 2, n, 64)))
+        return c
+
+    before = mx.get_active_memory()
+    batch = BatchKVCache.merge([filled(400), filled(10), filled(20)])
+    mx.eval(batch.keys, batch.values)
+    batch.filter(mx.array([1, 2]))  # the longest row leaves: the padding before the rest goes
+    settle([batch])
+    kv = batch.keys.nbytes + batch.values.nbytes
+    assert batch.keys.shape[2] == 20
+    # The rows' 20 positions are all that is held, not a view of the 400 the filter sliced.
+    assert mx.get_active_memory() - before < 2 * kv  # a view of 400 would hold 20x it
