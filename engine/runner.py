@@ -391,6 +391,8 @@ class ModelRunner:
                 caches = [c.extract(self.rows.index(seq.id)) for c in self.batch]
                 tokens = seq.all_token_ids()
                 kept.append((tokens[: min(len(tokens), min(c.offset for c in caches))], caches))
+            # Copied now (a row's KV), so the batch's old arrays go when it is settled below.
+            mx.eval([a for _, caches in kept for c in caches for a in (c.keys, c.values)])
         keep = [i for i, sid in enumerate(self.rows) if sid not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
@@ -399,7 +401,9 @@ class ModelRunner:
             idx = mx.array(keep, dtype=mx.int32)
             for c in self.batch:
                 c.filter(idx)
-            self._rewritten = True
+            # Now, not at the decode: the KV counted is the smaller batch's from here on,
+            # while this step's prefills may take seconds.
+            settle(self.batch)
         return kept
 
     @property

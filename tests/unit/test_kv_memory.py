@@ -95,38 +95,33 @@ def test_a_joining_prompts_kv_is_counted_before_it_is_computed():
 
 
 def _settles(monkeypatch, h: Harness) -> list[tuple[tuple[str, ...], bool]]:
-    """(rows, whether the batch was settled first) of each decode step."""
+    """(rows after the step, whether the batch was settled in it) of each step."""
     log: list[tuple[tuple[str, ...], bool]] = []
     calls: list[int] = []
     monkeypatch.setattr(runner_module, "settle", lambda caches: (calls.append(1), settle(caches)))
-    decode = h.runner._decode
+    step = h.core.step
 
-    def spy(scheduled, step):
+    def stepped():
         before = len(calls)
-        decode(scheduled, step)
+        step()
         log.append((tuple(h.runner.rows), len(calls) > before))
 
-    h.runner._decode = spy  # type: ignore[method-assign]
+    h.core.step = stepped  # type: ignore[method-assign]
     return log
 
 
-def test_the_batch_is_settled_before_a_decode_only_when_rows_joined_or_left(monkeypatch):
+def test_the_batch_is_settled_in_a_step_only_when_rows_joined_or_left(monkeypatch):
     h = Harness(tiny_llama(), budget=64)
     log = _settles(monkeypatch, h)
-    reqs = [
-        GenerateRequest(
-            f"r{i}",
-            "m",
-            list(range(5, 12 + i)),
-            SamplingParams(max_tokens=3 + 2 * i, temperature=0),
-        )
-        for i in range(5)
-    ]
-    h.run(reqs, every=2)
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0) for i in range(5)]
+    h.run(
+        [GenerateRequest(f"r{i}", "m", list(range(5, 12 + i)), params[i]) for i in range(5)],
+        every=2,
+    )
     assert any(settled for _, settled in log) and not all(settled for _, settled in log)
     previous: tuple[str, ...] = ()
     for rows, settled in log:
-        assert settled == (rows != previous)
+        assert settled == (rows != previous and bool(rows))
         previous = rows
 
 
