@@ -42,3 +42,17 @@ def settle(caches: list) -> None:
             continue
         c.keys, c.values = mx.contiguous(c.keys), mx.contiguous(c.values)
         mx.eval(c.keys, c.values)
+
+
+def keep_rows(batch: list, keep: list[int]) -> list | None:
+    """The batch's per-layer caches with rows `keep` only (mlx-lm's filter), settled now, not
+    at the step's decode: the KV counted is the smaller batch's from here on, while the old
+    one lived on through the step's prefills (seconds; 150 MB over the soak's bound). None
+    when no row is left."""
+    if not keep:
+        return None
+    idx = mx.array(keep, dtype=mx.int32)
+    for c in batch:
+        c.filter(idx)
+    settle(batch)
+    return batch

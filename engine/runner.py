@@ -21,7 +21,7 @@ import numpy as np
 
 from engine import prefill_plan
 from engine.grammar import MaskFiller
-from engine.kv_memory import fit_to_prompt, settle
+from engine.kv_memory import fit_to_prompt, keep_rows, settle
 from engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, row_failure
 from engine.pending import PendingStep, PromptScores, RowSample, sample_rows
 from engine.prefix_cache import PrefixCache
@@ -395,15 +395,7 @@ class ModelRunner:
             mx.eval([a for _, caches in kept for c in caches for a in (c.keys, c.values)])
         keep = [i for i, sid in enumerate(self.rows) if sid not in gone]
         self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.batch = None
-        else:
-            idx = mx.array(keep, dtype=mx.int32)
-            for c in self.batch:
-                c.filter(idx)
-            # Now, not at the decode: the KV counted is the smaller batch's from here on,
-            # while this step's prefills may take seconds.
-            settle(self.batch)
+        self.batch = keep_rows(self.batch, keep)
         return kept
 
     @property

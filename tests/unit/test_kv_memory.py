@@ -5,6 +5,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from engine import kv_memory
 from engine import runner as runner_module
 from engine.kv_memory import PROMPT_STEP, fit_to_prompt, settle
 from engine.speculative import BatchKVCache
@@ -98,7 +99,8 @@ def _settles(monkeypatch, h: Harness) -> list[tuple[tuple[str, ...], bool]]:
     """(rows after the step, whether the batch was settled in it) of each step."""
     log: list[tuple[tuple[str, ...], bool]] = []
     calls: list[int] = []
-    monkeypatch.setattr(runner_module, "settle", lambda caches: (calls.append(1), settle(caches)))
+    for module in (runner_module, kv_memory):  # at the decode, and as rows leave
+        monkeypatch.setattr(module, "settle", lambda caches: (calls.append(1), settle(caches)))
     step = h.core.step
 
     def stepped():
@@ -128,7 +130,8 @@ def test_the_batch_is_settled_in_a_step_only_when_rows_joined_or_left(monkeypatc
 def test_settling_changes_no_output(monkeypatch):
     def outputs(settling: bool) -> dict[str, list[int]]:
         if not settling:
-            monkeypatch.setattr(runner_module, "settle", lambda caches: None)
+            for module in (runner_module, kv_memory):
+                monkeypatch.setattr(module, "settle", lambda caches: None)
         h = Harness(tiny_llama(), budget=64)
         params = SamplingParams(max_tokens=8, temperature=0)
         reqs = [GenerateRequest(f"r{i}", "m", list(range(5, 14 + 3 * i)), params) for i in range(6)]
