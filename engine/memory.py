@@ -38,10 +38,8 @@ MEMORY_MARGIN = 0.2
 # again in MLX's cache of their freed buffers. The rest of the margin is the process's own
 # (tokenizers, Python objects, the C heap); where that takes more, steps get what it leaves.
 TRANSIENT_SHARE = 0.07
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
-M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD = 128 << 10
-ARENA_MAX = 2
 
 
 def _libc_function(name: str) -> Any:
@@ -63,25 +61,16 @@ def _heap_trim() -> Callable[[], None]:
 
 
 def map_large_allocations() -> None:
-    """Have glibc keep at most ARENA_MAX heaps, and map buffers of MMAP_THRESHOLD bytes and
-    more on their own.
-
-    glibc gives threads allocating at once heaps of their own (up to 8 a core: the engine
-    thread, the event loop, load and embedding workers, MLX's); each keeps its freed chunks
-    resident. Two held 4 MB of free heap in the first step after a load, against 8-12 MB (the
-    server's first second, SmolLM2, `MALLOC_ARENA_MAX` 2 against glibc's default).
-
-    Large buffers mapped on their own, freeing one returns it to the OS at once. By default
-    the threshold rises to 32 MB as such buffers are freed, after which KV arrays and
-    activations come from the heap and a freed one stays resident (its neighbours pin it)
-    until a trim. 128 KB, not 1 MB: a prefilling sequence's own caches are ~200 KB a layer
-    (SmolLM2, 256 tokens), freed when it joins the batch; from the heap they left up to
-    ~170 MB resident outside MLX in the soak's admission bursts."""
+    """Have glibc map buffers of MMAP_THRESHOLD bytes and more on their own, so freeing one
+    returns it to the OS at once. By default the threshold rises to 32 MB as such buffers are
+    freed, after which KV arrays and activations come from the heap and a freed one stays
+    resident (its neighbours pin it) until a trim. 128 KB, not 1 MB: a prefilling sequence's
+    own caches are ~200 KB a layer (SmolLM2, 256 tokens), freed when it joins the batch; from
+    the heap they left up to ~170 MB resident outside MLX in the soak's admission bursts."""
     mallopt = _libc_function("mallopt")
     if mallopt is not None:
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        mallopt(M_ARENA_MAX, ARENA_MAX)
 
 
 @dataclass
@@ -115,8 +104,8 @@ class MemoryGovernor:
         self.own_bytes = 0  # the process's own memory beyond that, as of the last steps
 
     def start(self) -> None:
-        """Before the first model: the smallest cache; glibc's heaps set up (see
-        map_large_allocations); the process's memory noted (what its own is counted from)."""
+        """Before the first model: the smallest cache; large buffers mapped on their own; the
+        process's memory noted (what its own is counted from)."""
         map_large_allocations()
         self._start_rss = self._process.memory_info().rss
         self.set_step_bytes(0)
