@@ -37,14 +37,15 @@ def settle(caches: list) -> None:
     few ops ahead, so each layer's old arrays go as its copy is made), each made contiguous:
     rows leaving cut the left padding all rows share with a slice (mlx-lm's filter), a view
     the decode op cannot write in place, so it copied every layer at once (720 MB over a
-    607 MB KV in the soak). One evaluation: one per layer cost a single stream ~30 ms."""
+    607 MB KV in the soak). Queued, not waited for (a wait per layer cost a single stream's
+    cached-prompt TTFT ~9 ms): what comes after runs after it."""
     arrays = []
     for c in caches:
         if getattr(c, "keys", None) is None or getattr(c, "values", None) is None:
             continue
         c.keys, c.values = mx.contiguous(c.keys), mx.contiguous(c.values)
         arrays += [c.keys, c.values]
-    mx.eval(arrays)
+    mx.async_eval(arrays)
 
 
 def keep_rows(batch: list, keep: list[int]) -> list | None:

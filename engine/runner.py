@@ -392,7 +392,7 @@ class ModelRunner:
                 tokens = seq.all_token_ids()
                 kept.append((tokens[: min(len(tokens), min(c.offset for c in caches))], caches))
             # Copied now (a row's KV), so the batch's old arrays go when it is settled below.
-            mx.eval([a for _, caches in kept for c in caches for a in (c.keys, c.values)])
+            mx.async_eval([a for _, caches in kept for c in caches for a in (c.keys, c.values)])
         keep = [i for i, sid in enumerate(self.rows) if sid not in gone]
         self.rows = [self.rows[i] for i in keep]
         self.batch = keep_rows(self.batch, keep)

@@ -151,6 +151,7 @@ def test_a_settled_batch_holds_its_rows_only():
     mx.eval(batch.keys, batch.values)
     batch.filter(mx.array([1, 2]))  # the longest row leaves: the padding before the rest goes
     settle([batch])
+    mx.synchronize()  # settle queues the copies
     kv = batch.keys.nbytes + batch.values.nbytes
     assert batch.keys.shape[2] == 20
     # The rows' 20 positions are all that is held, not a view of the 400 the filter sliced.
