@@ -115,15 +115,21 @@ class _FourOps(BatchKVCache):
     decode_slot = None  # FusedBlock's four-op path with the same cache otherwise
 
 
-def _decode(model, cls, prompts, steps: int, first: int = 1) -> list[mx.array]:
-    """Each prompt prefilled alone, merged into a batch cache of `cls`, then greedy steps from
-    tokens first, first + 1, ..."""
+def merged_batch(model, cls, prompts) -> list:
+    """Each prompt prefilled alone into caches of its own, merged layer by layer into one
+    batch cache of `cls`."""
     per_row = []
     for p in prompts:
         c = [mlx_cache.KVCache() for _ in model.layers]
         model(mx.array([p]), cache=c)
         per_row.append(c)
-    batch = [cls.merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    return [cls.merge(list(layer)) for layer in zip(*per_row, strict=True)]
+
+
+def _decode(model, cls, prompts, steps: int, first: int = 1) -> list[mx.array]:
+    """Each prompt prefilled alone, merged into a batch cache of `cls`, then greedy steps from
+    tokens first, first + 1, ..."""
+    batch = merged_batch(model, cls, prompts)
     x, out = mx.arange(first, first + len(prompts))[:, None], []
     for _ in range(steps):
         logits = model(x, cache=batch)[:, -1]

@@ -13,7 +13,7 @@ from engine.speculative import BatchKVCache
 from models import qkernels
 from models.fused_block import fuse_blocks
 from models.fused_stack import fuse_stacks
-from tests.unit.test_decoder_layer import PROMPTS
+from tests.unit.test_decoder_layer import PROMPTS, merged_batch
 from tests.unit.test_fused_block import _on_kernels, _tiny, _weight
 
 pytestmark = pytest.mark.skipif(
@@ -111,12 +111,7 @@ class _Unfused(BatchKVCache):
 def _run(model, cls, widths: list[int], stream: list[list[int]]) -> list[mx.array]:
     """PROMPTS prefilled alone, merged into a batch cache of `cls`, then `stream`'s tokens fed
     in passes of `widths` positions; each pass's logits [B, W, V]."""
-    per_row = []
-    for p in PROMPTS:
-        c = [mlx_cache.KVCache() for _ in model.layers]
-        model(mx.array([p]), cache=c)
-        per_row.append(c)
-    batch = [cls.merge(list(layer)) for layer in zip(*per_row, strict=True)]
+    batch = merged_batch(model, cls, PROMPTS)
     out, at = [], 0
     for w in widths:
         x = mx.array([row[at : at + w] for row in stream], dtype=mx.int32)
