@@ -1,4 +1,5 @@
 #include "decoder.h"
+#include "kv_cache.h"
 #include "packed.h"
 #include "qmm.h"
 
@@ -224,16 +225,8 @@ std::vector<mx::array> decoder_stack(
 }
 
 void DecoderStack::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  encode_donatable_inputs(stream(), inputs, outputs); // the KV buffers may then be donated
   auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    enc.set_input_array(a);
-  }
-  // As kv_update: the other outputs' copies of the inputs go, so MLX may donate the buffers.
-  for (auto& o : outputs) {
-    if (&o.inputs() != &inputs) {
-      o.inputs().clear();
-    }
-  }
   const size_t first = mask_ ? 3 : 2; // the first layer's keys
   std::vector<char> copy(outputs.size() - 2);
   for (size_t i = 0; i < copy.size(); ++i) {

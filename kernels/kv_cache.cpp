@@ -91,19 +91,24 @@ std::vector<mx::array> kv_update(
       {keys, values, offset, k, v});
 }
 
-void KvUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
+void encode_donatable_inputs(
+    mx::Stream s,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = mx::cpu::get_command_encoder(s);
   for (const auto& a : inputs) {
     enc.set_input_array(a);
   }
-  // Every output of a multi-output primitive holds its own copy of the inputs, and MLX's
-  // is_donatable counts them: the copies other than `inputs` (the evaluated output's) go, so a
-  // buffer nothing else holds can be written in place.
   for (auto& o : outputs) {
-    if (&o.inputs() != &inputs) {
+    if (&o.inputs() != &inputs) { // `inputs` is the evaluated output's own copy: it stays
       o.inputs().clear();
     }
   }
+}
+
+void KvUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  encode_donatable_inputs(stream(), inputs, outputs);
+  auto& enc = mx::cpu::get_command_encoder(stream());
   // A buffer nothing else holds is written in place (as MLX's slice update donates it).
   bool copy[2];
   for (int i = 0; i < 2; ++i) {

@@ -25,6 +25,15 @@ std::vector<mx::array> kv_update(
     const mx::array& v,
     int idx);
 
+// The start of a multi-output op's eval_cpu that writes input buffers in place: registers the
+// inputs with the CPU encoder and drops the other outputs' copies of them (every output of a
+// multi-output primitive holds its own, and MLX's is_donatable counts them), so a buffer
+// nothing else holds can be donated.
+void encode_donatable_inputs(
+    mx::Stream s,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs);
+
 class KvUpdate : public mx::Primitive {
  public:
   KvUpdate(mx::Stream s, int idx) : mx::Primitive(s), idx_(idx) {}
