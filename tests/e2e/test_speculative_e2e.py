@@ -48,17 +48,21 @@ def test_greedy_text_is_the_same_with_and_without_speculation(smollm2_dir: Path,
     assert counter(off, "mlxd_spec_drafted_tokens") == 0
 
 
+def sampled_copy(seed: int) -> dict:
+    """A seeded T=0.7 request to copy the text."""
+    return {
+        "model": "smollm2:135m",
+        "messages": [{"role": "user", "content": ASKS[0]}],
+        "max_tokens": 80,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "seed": seed,
+    }
+
+
 def stream_text(client, seed: int) -> tuple[str, list[str]]:
     """A seeded T=0.7 copy of the text, streamed: its text and its pieces."""
-    stream = client.chat.completions.create(
-        model="smollm2:135m",
-        messages=[{"role": "user", "content": ASKS[0]}],
-        max_tokens=80,
-        temperature=0.7,
-        top_p=0.95,
-        seed=seed,
-        stream=True,
-    )
+    stream = client.chat.completions.create(**sampled_copy(seed), stream=True)
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     return "".join(pieces), pieces
 
@@ -78,14 +82,7 @@ def test_a_sampled_stream_drafts_and_streams_what_it_samples(smollm2_dir: Path, 
     text, pieces = stream_text(client, seed=7)
     assert counter(on, "mlxd_spec_accepted_tokens") > before + 10
     assert len([p for p in pieces if p]) > 10 and "lighthouse" in text  # a copy, streamed
-    full = client.chat.completions.create(
-        model="smollm2:135m",
-        messages=[{"role": "user", "content": ASKS[0]}],
-        max_tokens=80,
-        temperature=0.7,
-        top_p=0.95,
-        seed=7,
-    )
+    full = client.chat.completions.create(**sampled_copy(7))
     assert full.choices[0].message.content == text  # the same seed: the same text
     plain = openai.OpenAI(base_url=off + "/v1", api_key="none", timeout=300)
     assert stream_text(plain, seed=7)[0] == text
