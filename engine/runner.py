@@ -179,7 +179,8 @@ class ModelRunner:
         rejected, self._verified = self._verified.rejected(), None
         for c in self.batch or []:
             c.trim_rows(rejected)
-        self._rewritten = self._rewritten or any(rejected)
+        # Only rows trimmed by different counts are shifted (a copy a layer); one count moves the end.
+        self._rewritten = self._rewritten or len(set(rejected)) > 1
 
     @staticmethod
     def _full_mask(masks: np.ndarray, rows: list[int], batch: int) -> mx.array:
