@@ -222,4 +222,10 @@ NB_MODULE(_kernels, m) {
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");
+  m.def(
+      "background_stream",
+      &mlxd::background_stream,
+      "stream"_a,
+      "Run CPU stream `stream`'s thread in the background: its kernel calls never take the pool's"
+      " workers, and on Linux it gets only the cores no other thread wants.");
 }

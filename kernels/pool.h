@@ -15,6 +15,10 @@
 
 namespace mlxd {
 
+// True on a thread that mark_background() marked: a stream's thread doing a model load's work.
+bool background_thread();
+void mark_background();
+
 // MLX's CPU stream runs tasks on one thread; a decode step issues ~200 matmuls of 20-500 us each,
 // so workers spin briefly between calls (a futex wake per call would cost as much as the work).
 // Work is claimed in chunks: on a busy machine a worker that is not scheduled in time leaves its
@@ -43,8 +47,12 @@ class Pool {
 
   // Runs f(c) for every chunk c in [0, chunks) on the caller and the workers.
   void run(int chunks, bool parallel, const std::function<void(int)>& f) {
-    // One call at a time uses the workers (a second CPU stream's thread runs its call alone).
-    std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);
+    // One call at a time uses the workers (a second CPU stream's thread runs its call alone);
+    // a background thread never does, so it cannot hold them while the OS leaves it waiting.
+    std::unique_lock<std::mutex> lock(busy_, std::defer_lock);
+    if (parallel && !background_thread()) {
+      lock.try_lock();
+    }
     if (!parallel || workers_.empty() || chunks < 2 || !lock.owns_lock()) {
       for (int c = 0; c < chunks; ++c) {
         f(c);

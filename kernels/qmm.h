@@ -55,6 +55,9 @@ QWeight weight_of(const mx::array& w, const mx::array& scales, int bits);
 // The worker-thread count.
 int num_threads();
 void set_num_threads(int n);
+// Makes CPU stream `s`'s thread a background one (its next task does it): its kernel calls run
+// on it alone, and on Linux the OS runs it only where no other thread wants the core.
+void background_stream(mx::Stream s);
 
 class QMatmul : public mx::UnaryPrimitive {
  public:

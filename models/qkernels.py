@@ -84,6 +84,16 @@ def num_threads() -> int:
     return int(_ext.num_threads()) if available() and _ext is not None else 0
 
 
+def background_stream(stream: mx.Stream) -> bool:
+    """Run CPU `stream`'s thread in the background (from its next task on): its kernel calls
+    never take the shared worker threads, and on Linux it gets only the cores no other thread
+    wants. False when the kernels are not built (the stream is left as it is)."""
+    if not available() or _ext is None:
+        return False
+    _ext.background_stream(stream)
+    return True
+
+
 def supports(bits: int, group_size: int, mode: str = "affine") -> bool:
     """Whether `qmm` runs a layer quantized this way on the fast path."""
     return mode == "affine" and group_size == GROUP_SIZE and bits in BITS
