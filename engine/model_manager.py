@@ -1,9 +1,9 @@
 """Models as the engine serves them: the registry (on disk, loaded), one EngineCore per loaded
 model, and each loaded model's metadata, read once per load.
 
-Loads run on the caller's worker thread, never on the engine thread, so a load does not stall the
-streams of models already loaded; the cores (cheap) are made and dropped on the engine thread,
-between steps.
+Loads run on the registry's load thread in the background (models/load_thread.py), never on the
+engine thread, so a load does not stall the streams of models already loaded; the cores (cheap)
+are made and dropped on the engine thread, between steps.
 """
 
 from __future__ import annotations

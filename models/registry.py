@@ -32,6 +32,7 @@ from models.errors import (
     ModelNotFoundError,
 )
 from models.gguf_process import import_gguf_isolated
+from models.load_thread import run_load
 from models.loader import LoadedModel, cpu_weight_format, load_model
 from models.memory import backend, default_memory_limit
 from models.names import model_dir, normalize_name
@@ -187,7 +188,9 @@ class ModelRegistry:
                 self._make_room(key, self.estimate_bytes(entry))
                 t0 = time.monotonic()
                 try:
-                    lm = load_model(entry.path, key, self.weights_on_cpu, self.prepare_model)
+                    lm = run_load(
+                        lambda: load_model(entry.path, key, self.weights_on_cpu, self.prepare_model)
+                    )
                 except ModelLoadError as e:
                     self._errors[key] = str(e)
                     raise
