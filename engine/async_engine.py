@@ -69,6 +69,7 @@ class AsyncEngine(EngineAPI):
         self.models = ModelManager(
             config, self.registry, self.kv, self.memory, self._thread, self.streams.emit
         )
+        self.registry.generating_fn = self.models.generating
         self._accepting = True
         self._shutdown: asyncio.Future[None] | None = None
         self._snapshot = EngineStats(kv_budget_bytes=self.kv.budget_bytes)

@@ -198,6 +198,10 @@ class ModelManager:
         steps = self._step_bytes.values()
         self.memory.set_step_bytes(sum(s for s, _ in steps), sum(d for _, d in steps))
 
+    def generating(self) -> bool:
+        """Some model has requests running or waiting (any thread: a snapshot of the cores)."""
+        return any(core.has_work for core in list(self.cores.values()))
+
     def prefilling(self) -> bool:
         """Some model has prompts left to prefill (waiting, or running in chunks)."""
         return any(

@@ -89,6 +89,8 @@ class ModelRegistry:
         self.pinned = {self._canonical(p) for p in pinned}
         self.clock = clock
         self.kv_bytes_fn: Callable[[], int] = lambda: 0  # set by the engine: live KV bytes
+        # Set by the engine: some model is generating (a load then runs in the background).
+        self.generating_fn: Callable[[], bool] = lambda: False
         # Set by a rank of a distributed group: applied to each model as built, before its
         # weights are read (load_model's `prepare`: a pipeline rank keeps its own layers).
         self.prepare_model: Callable[[Any], None] | None = None
@@ -189,7 +191,10 @@ class ModelRegistry:
                 t0 = time.monotonic()
                 try:
                     lm = run_load(
-                        lambda: load_model(entry.path, key, self.weights_on_cpu, self.prepare_model)
+                        lambda: load_model(
+                            entry.path, key, self.weights_on_cpu, self.prepare_model
+                        ),
+                        background=self.generating_fn(),
                     )
                 except ModelLoadError as e:
                     self._errors[key] = str(e)

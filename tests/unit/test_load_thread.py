@@ -45,18 +45,21 @@ def _fail() -> None:
     raise ValueError("a bad weights file")
 
 
-def test_loads_run_on_one_kept_thread_and_their_errors_reach_the_caller() -> None:
-    idents = {run_load(threading.get_ident) for _ in range(3)}
+@pytest.mark.parametrize("background", [True, False])
+def test_loads_run_on_one_kept_thread_and_their_errors_reach_the_caller(background: bool) -> None:
+    idents = {run_load(threading.get_ident, background) for _ in range(3)}
     assert len(idents) == 1 and threading.get_ident() not in idents
-    assert run_load(lambda: threading.current_thread().name).startswith("mlxd-load")
+    name = run_load(lambda: threading.current_thread().name, background)
+    assert name == ("mlxd-load-bg" if background else "mlxd-load")
     with pytest.raises(ValueError, match="bad weights"):
-        run_load(_fail)
-    assert run_load(lambda: 42) == 42  # the thread serves on after a failure
+        run_load(_fail, background)
+    assert run_load(lambda: 42, background) == 42  # the thread serves on after a failure
 
 
 @pytest.mark.skipif(IDLE is None or not _idle_allowed(), reason="no idle scheduling class here")
-def test_the_load_thread_runs_in_the_idle_class() -> None:
-    assert run_load(lambda: os.sched_getscheduler(0)) == IDLE
+def test_a_background_load_runs_in_the_idle_class_and_only_it() -> None:
+    assert run_load(lambda: os.sched_getscheduler(0), background=True) == IDLE
+    assert run_load(lambda: os.sched_getscheduler(0), background=False) != IDLE
     assert os.sched_getscheduler(0) != IDLE  # the caller keeps its own
 
 

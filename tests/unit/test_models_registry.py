@@ -240,3 +240,24 @@ def test_copy_and_delete(tmp_path: Path) -> None:
     reg.delete("b:v2")
     assert not (tmp_path / "b--v2").exists() and not reg.status("b:v2").loaded
     assert [e.name for e in reg.list_models()] == ["a:latest"]
+
+
+def test_loads_run_in_the_background_only_while_a_model_generates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.load_thread as load_thread
+
+    threads: list[str] = []
+    real = load_thread.run_load
+
+    def recording(fn, background):  # type: ignore[no-untyped-def]
+        threads.append(real(lambda: threading.current_thread().name, background))
+        return real(fn, background)
+
+    monkeypatch.setattr("models.registry.run_load", recording)
+    _models(tmp_path, "a", "b")
+    reg = ModelRegistry(tmp_path, memory_limit=1 << 30)
+    reg.acquire("a")  # nothing generates: an ordinary thread
+    reg.generating_fn = lambda: True
+    reg.acquire("b")
+    assert threads == ["mlxd-load", "mlxd-load-bg"]
