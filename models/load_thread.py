@@ -59,7 +59,10 @@ def _serve(
     jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]], background: bool
 ) -> None:
     if background:
-        _to_background()
+        try:
+            _to_background()
+        except Exception:  # never a thread that takes loads and runs none: they run as before
+            log.warning("the background load thread keeps its priority", exc_info=True)
     while True:
         fn, done = jobs.get()
         try:
@@ -71,7 +74,8 @@ def _serve(
 
 def _to_background() -> None:
     """Put the calling (new) thread and its MLX stream in the background where the OS allows.
-    The stream first: threads started from this one after it is idle inherit its class."""
+    The stream first: its thread and the kernels' workers, which that call may start, would
+    inherit this thread's class if it were idle already."""
     if backend() == "cpu":
         qkernels.background_stream(mx.default_stream(mx.cpu))
     idle = getattr(os, "SCHED_IDLE", None)

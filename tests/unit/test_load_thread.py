@@ -112,3 +112,20 @@ def test_a_background_stream_computes_the_same_bits_alone_in_the_idle_class() ->
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # The stream's thread alone is idle: the kernels' workers, started by the same call, are not.
     assert result == {"same": True, "idle": 1}
+
+
+def test_a_background_thread_that_cannot_go_idle_still_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import models.load_thread as load_thread
+
+    def refused() -> None:
+        raise RuntimeError("no kernels here")
+
+    monkeypatch.setattr(load_thread, "_to_background", refused)
+    monkeypatch.setattr(load_thread, "_threads", {})  # a new background thread, made below
+    got: list[int] = []
+    asking = threading.Thread(target=lambda: got.append(run_load(lambda: 7, background=True)))
+    asking.start()
+    asking.join(30)  # a thread that died at its start would leave the load waiting for ever
+    assert got == [7]
