@@ -12,6 +12,7 @@
 #include "layer.h"
 #include "mlp.h"
 #include "qmm.h"
+#include "quantize.h"
 #include "sample.h"
 
 namespace nb = nanobind;
@@ -219,6 +220,12 @@ NB_MODULE(_kernels, m) {
       "mask"_a.none(),
       "Decoder layers' step over T positions a row in one op: [y, offset + T, then each layer's"
       " keys and values with the new k, v written from idx] (CPU; see kernels/decoder.h).");
+  m.def(
+      "quantize8",
+      &mlxd::quantize8,
+      "w"_a,
+      "[uint32 [..., K / 4], float32 scales, float32 biases [..., K / 32]]: mx.quantize("
+      "w.astype(float32), group_size=32, bits=8), bit for bit, in one multithreaded pass (CPU).");
   m.def("simd_path", &mlxd::simd_path, "The SIMD code path compiled in.");
   m.def("num_threads", &mlxd::num_threads, "Threads a matmul splits its rows over.");
   m.def("set_num_threads", &mlxd::set_num_threads, "n"_a, "Resize the kernels' thread pool.");
