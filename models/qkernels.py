@@ -262,6 +262,18 @@ def decoder_stack(
     return _ext.decoder_stack(plans, x, keys, values, offset, idx, mask)
 
 
+def quantize8(w: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(uint32 weights, float32 scales, float32 biases): `mx.quantize(w.astype(float32), 32, 8)`,
+    bit for bit; one multithreaded pass on the CPU (MLX's is a scalar loop after a float32
+    cast: gemma3's 262144 x 640 float16 embedding took 1.4 s, 0.22 s here)."""
+    ext = _cpu_ext()
+    if ext is None or w.dtype not in (mx.float32, mx.float16, mx.bfloat16) or w.shape[-1] % 32:
+        q, scales, biases = mx.quantize(w.astype(mx.float32), GROUP_SIZE, 8)
+        return q, scales, biases
+    q, scales, biases = ext.quantize8(w)
+    return q, scales, biases
+
+
 def embed_rows(
     ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int
 ) -> mx.array | None:

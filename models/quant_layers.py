@@ -85,7 +85,7 @@ def _cpu_layer(m: nn.Module, fmt: str) -> nn.Module | None:
             w = m.weight
         if w.shape[-1] % GROUP:
             return None
-        arrays, bits = _half_scales(mx.quantize(w.astype(mx.float32), GROUP, 8)), 8
+        arrays, bits = _half_scales(qkernels.quantize8(w)), 8
         mx.eval(arrays)
     if isinstance(m, nn.Embedding | nn.QuantizedEmbedding):
         return CpuQuantizedEmbedding(*arrays, bits)
