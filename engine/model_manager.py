@@ -111,11 +111,15 @@ class ModelManager:
     async def get_model(self, name: str, keep_alive: float | None = None) -> ModelHandle:
         t0, loads = time.monotonic(), self.registry.load_count
         loaded = await asyncio.to_thread(self.acquire, name, keep_alive)
-        load_time = time.monotonic() - t0 if self.registry.load_count != loads else 0.0
+        did_load = self.registry.load_count != loads
+        load_time = time.monotonic() - t0 if did_load else 0.0
         try:
             await self._thread.call(lambda: self.core_for(loaded))
         finally:
             self.registry.release(loaded.name, keep_alive)
+        if did_load:  # what the load freed (its tokenizer's parse, MLX's cache as its limit fell),
+            # given back off the engine thread: the first trim after a load takes ~8 ms
+            await asyncio.to_thread(self.memory.trim_heap)
         status = self.model_status(loaded.name)
         return ModelHandle(loaded.name, status, loaded.tokenizer, load_time)
 
@@ -168,7 +172,6 @@ class ModelManager:
         )
         self._step_bytes[loaded.name] = step_bytes, decode_bytes
         self._limit_cache()
-        self.memory.trim_heap()  # what the load freed (its tokenizer's parse, MLX's cache)
         return core
 
     def memory_in_use(self) -> tuple[int, int]:
