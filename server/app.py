@@ -31,8 +31,10 @@ from server.webui import router as webui_router
 
 log = logging.getLogger("mlxd.server")
 
-# CPython's GIL switch interval in the server. In-process, SmolLM2 decoding one row beside a
-# thread running pure Python (2 cores): steps of 17.8 ms (median) at the default 5 ms, 13.1 ms
+# CPython's GIL switch interval in the server: the engine thread, the event loop and a model
+# load share the GIL, and after each ~8 ms step the engine thread waits up to this long for it
+# while another thread runs Python (CPython's default: 5 ms). In-process, SmolLM2 decoding one
+# row beside a thread running pure Python (2 cores): steps of 17.8 ms (median) at 5 ms, 13.1 ms
 # at 1 ms, 14.0 ms at 0.2 ms (8.1-8.6 alone). `mlxd bench` side by side at 1/4/16 streams,
 # greedy and T=0.7, both orders: within each order's noise of 5 ms.
 GIL_SWITCH_SECONDS = 0.001
@@ -163,10 +165,7 @@ def serve(settings: Settings, engine: EngineAPI) -> int:
                 file=sys.stderr,
             )
         return 1
-    # The engine thread, the event loop and a model load share the GIL. After each step the
-    # engine thread waits for it; at CPython's default switch interval that is up to 5 ms of an
-    # ~8 ms step whenever another thread runs Python (see GIL_SWITCH_SECONDS).
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)  # the engine thread's wait for the GIL per step
     app = create_app(settings, engine)
     config = uvicorn.Config(
         app, log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=15
